@@ -1,0 +1,1 @@
+"""Prefect flows that orchestrate the polyinr pipeline (DVC runs the stages)."""

@@ -1,0 +1,277 @@
+"""Poly-INR generator: a mapping network and a per-pixel polynomial MLP (SPEC.md section 2)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorConfig:
+    """Shape of the generator; the paper's is hidden=1024, w_dim=512, levels=10."""
+
+    conditional: bool
+    num_classes: int
+    z_dim: int
+    w_dim: int
+    embed_dim: int
+    cond_dim: int
+    mapping_lr_mult: float
+    hidden: int
+    levels: int
+    clamp: float
+    w_avg_beta: float
+
+    def __post_init__(self):
+        for name in ("num_classes", "z_dim", "w_dim", "embed_dim", "cond_dim", "hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.levels < 1:
+            raise ValueError(f"levels must be >= 1, got {self.levels}")
+        if not 0.0 <= self.w_avg_beta < 1.0:
+            raise ValueError(f"w_avg_beta must be in [0, 1), got {self.w_avg_beta}")
+
+
+def coordinate_grid(resolution: int, device=None) -> torch.Tensor:
+    """The default pixel coordinates of an R x R image: (R, R, 2), (row, col) in [0, 1]."""
+    a = torch.arange(resolution, dtype=torch.float32, device=device) / max(resolution - 1, 1)
+    return torch.stack(torch.meshgrid(a, a, indexing="ij"), dim=-1)  # (R, R, 2)
+
+
+def _lrelu(x: torch.Tensor) -> torch.Tensor:
+    return F.leaky_relu(x, 0.2)
+
+
+class EqualizedLinear(nn.Module):
+    """StyleGAN's fully connected layer with an equalised learning rate."""
+
+    def __init__(self, in_features, out_features, lr_mult=1.0, activation=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_mult)
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        self.weight_gain = lr_mult / math.sqrt(in_features)
+        self.lr_mult = lr_mult
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., out)."""
+        x = F.linear(x, self.weight * self.weight_gain, self.bias * self.lr_mult)
+        return _lrelu(x) * math.sqrt(2) if self.activation else x
+
+
+def _normalize_2nd_moment(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + 1e-8)
+
+
+class MappingNetwork(nn.Module):
+    """z (and a class) -> one w per level, with a per-class running average for truncation."""
+
+    def __init__(self, cfg: GeneratorConfig):
+        super().__init__()
+        self.levels = cfg.levels
+        self.w_avg_beta = cfg.w_avg_beta
+        if cfg.conditional:
+            self.embed = nn.Embedding(cfg.num_classes, cfg.embed_dim)
+            self.embed_fc = EqualizedLinear(cfg.embed_dim, cfg.cond_dim)
+            in_dim = cfg.z_dim + cfg.cond_dim
+        else:
+            self.embed = None
+            in_dim = cfg.z_dim
+        self.fc = nn.ModuleList(
+            [
+                EqualizedLinear(in_dim, cfg.w_dim, cfg.mapping_lr_mult, activation=True),
+                EqualizedLinear(cfg.w_dim, cfg.w_dim, cfg.mapping_lr_mult, activation=True),
+            ]
+        )
+        rows = cfg.num_classes if cfg.conditional else 1
+        self.register_buffer("w_avg", torch.zeros(rows, cfg.w_dim))
+
+    def forward(self, z, c=None, psi=1.0, update_w_avg=False):
+        """z (B, z_dim), c (B,) int64 or None -> ws (B, levels, w_dim)."""
+        x = _normalize_2nd_moment(z)
+        if self.embed is not None:
+            if c is None:
+                raise ValueError("a conditional generator needs class labels c")
+            y = _normalize_2nd_moment(self.embed_fc(self.embed(c)))
+            x = torch.cat([x, y], dim=1)  # (B, z_dim + cond_dim)
+        for layer in self.fc:
+            x = layer(x)  # (B, w_dim)
+        rows = (
+            c if self.embed is not None else torch.zeros(len(z), dtype=torch.long, device=z.device)
+        )
+        if update_w_avg:
+            self._update_w_avg(x.detach(), rows)
+        if psi != 1.0:
+            # Truncation towards the class average: w = lerp(w_avg[c], w, psi).
+            x = torch.lerp(self.w_avg[rows], x, psi)
+        return x.unsqueeze(1).repeat(1, self.levels, 1)  # (B, L, w_dim)
+
+    @torch.no_grad()
+    def _update_w_avg(self, w: torch.Tensor, rows: torch.Tensor) -> None:
+        classes, inverse = torch.unique(rows, return_inverse=True)
+        sums = torch.zeros(len(classes), w.shape[1], device=w.device).index_add_(0, inverse, w)
+        counts = torch.bincount(inverse, minlength=len(classes)).unsqueeze(1)
+        means = sums / counts
+        self.w_avg[classes] = torch.lerp(means, self.w_avg[classes], self.w_avg_beta)
+
+
+class PolyLevel(nn.Module):
+    """One level: warp the coordinates, lift them to C channels, multiply in, mix channels."""
+
+    def __init__(self, w_dim: int, hidden: int, first: bool, clamp: float):
+        super().__init__()
+        self.hidden = hidden
+        self.clamp = clamp
+        # Level 0 reads w directly; later levels read u = FC_lrelu(w_i) (C wide).
+        self.style = None if first else EqualizedLinear(w_dim, hidden, activation=True)
+        head_in = w_dim if first else hidden
+        # The four heads of SPEC (warp M 2x2, shift b 2, lift A 2xC, lift bias a C) fused
+        # into one linear layer: identical parameters, one matmul.
+        self.affine = nn.Linear(head_in, 4 + 2 + 2 * hidden + hidden)
+        self.linear = nn.Linear(hidden, hidden)
+
+    def forward(self, x, h, w):
+        """x (B, P, 2), h (B, P, C) or None, w (B, w_dim) -> x (B, P, 2), h (B, P, C)."""
+        B, C = w.shape[0], self.hidden
+        u = w if self.style is None else self.style(w)
+        params = self.affine(u)  # (B, 6 + 3C)
+        warp = params[:, :4].view(B, 2, 2)
+        shift = params[:, 4:6].view(B, 1, 2)
+        lift = params[:, 6 : 6 + 2 * C].view(B, 2, C)
+        lift_bias = params[:, 6 + 2 * C :].view(B, 1, C)
+        # Cumulative affine warp of the coordinates: x <- x M_i + b_i.
+        x = torch.baddbmm(shift, x, warp)  # (B, P, 2)
+        # Lift to C channels: g = x A_i + a_i.
+        g = torch.baddbmm(lift_bias, x, lift)  # (B, P, C)
+        # Level 0 starts the polynomial; later levels raise its order: h <- h * lrelu(g).
+        h = g if h is None else h * _lrelu(g)
+        h = _lrelu(self.linear(h)).clamp(-self.clamp, self.clamp)  # (B, P, C)
+        return x, h
+
+
+class Synthesis(nn.Module):
+    """Per-pixel MLP: coordinates and one w per level -> RGB at those coordinates."""
+
+    def __init__(self, cfg: GeneratorConfig, resolution: int):
+        super().__init__()
+        self.levels = nn.ModuleList(
+            [PolyLevel(cfg.w_dim, cfg.hidden, i == 0, cfg.clamp) for i in range(cfg.levels)]
+        )
+        self.to_rgb = nn.Linear(cfg.hidden, 3)
+        self.set_resolution(resolution)
+
+    def set_resolution(self, resolution: int) -> None:
+        """Swap the default coordinate grid (a fixed input, never a trained parameter)."""
+        self.resolution = resolution
+        device = self.to_rgb.weight.device
+        self.register_buffer("grid", coordinate_grid(resolution, device), persistent=False)
+
+    def forward(self, ws, coords=None):
+        """ws (B, L, w_dim), coords (..., 2) shared by the batch -> RGB (B, 3, ...).
+
+        With coords=None the default grid (R, R, 2) gives images (B, 3, R, R). The output
+        has no activation: real images live in [-1, 1].
+        """
+        B = ws.shape[0]
+        coords = self.grid if coords is None else coords.to(ws.device, ws.dtype)
+        x = coords.reshape(1, -1, 2).expand(B, -1, -1)  # (B, P, 2)
+        h = None
+        for i, level in enumerate(self.levels):
+            x, h = level(x, h, ws[:, i])
+        rgb = self.to_rgb(h)  # (B, P, 3)
+        return rgb.transpose(1, 2).reshape(B, 3, *coords.shape[:-1])
+
+
+class Generator(nn.Module):
+    """Class-conditional Poly-INR: (z, c) -> image; any resolution or coordinate set."""
+
+    def __init__(self, cfg: GeneratorConfig, resolution: int):
+        super().__init__()
+        self.cfg = cfg
+        self.mapping = MappingNetwork(cfg)
+        self.synthesis = Synthesis(cfg, resolution)
+
+    @property
+    def resolution(self) -> int:
+        return self.synthesis.resolution
+
+    def forward(self, z, c=None, psi=1.0, coords=None, update_w_avg=False):
+        """z (B, z_dim), c (B,) -> images (B, 3, R, R) in about [-1, 1] (or (B, 3, ...))."""
+        ws = self.mapping(z, c, psi=psi, update_w_avg=update_w_avg)
+        return self.synthesis(ws, coords)
+
+
+def parameter_counts(g: Generator) -> dict:
+    """Trainable parameters per part, as `polyinr summary` reports them."""
+
+    def n(m: nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    levels = [n(level) for level in g.synthesis.levels]
+    counts = {"mapping": n(g.mapping), "levels": levels, "to_rgb": n(g.synthesis.to_rgb)}
+    counts["total"] = counts["mapping"] + sum(levels) + counts["to_rgb"]
+    return counts
+
+
+def macs_per_image(cfg: GeneratorConfig, resolution: int) -> int:
+    """Multiply-adds of one synthesis pass (the per-pixel MLP dominates; mapping excluded)."""
+    C, P = cfg.hidden, resolution * resolution
+    per_pixel = cfg.levels * (2 * 2 + 2 * C + C * C) + 3 * C
+    per_image_heads = cfg.w_dim * (6 + 3 * C) + (cfg.levels - 1) * (cfg.w_dim * C + C * (6 + 3 * C))
+    return P * per_pixel + per_image_heads
+
+
+def seed_latents(seeds, z_dim: int, device=None) -> torch.Tensor:
+    """One z per integer seed, independent of batch composition: (N, z_dim)."""
+    z = np.stack([np.random.RandomState(s).randn(z_dim) for s in seeds])
+    return torch.from_numpy(z).float().to(device)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 via (x + 1) * 127.5, as samples are exported."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def render_grid(g: Generator, classes, seeds, psi: float, rows: int, resolution=None) -> np.ndarray:
+    """Samples for paired (class, seed) lists as one uint8 (H, W, 3) grid of `rows` rows."""
+    device = next(g.parameters()).device
+    c = torch.as_tensor(classes, dtype=torch.long, device=device)
+    z = seed_latents(seeds, g.cfg.z_dim, device)
+    coords = None if resolution is None else coordinate_grid(resolution, device)
+    images = to_uint8(g(z, c if g.cfg.conditional else None, psi=psi, coords=coords)).cpu()
+    n, _, h, w = images.shape
+    cols = -(-n // rows)
+    canvas = torch.zeros(3, rows * h, cols * w, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        r, k = divmod(i, cols)
+        canvas[:, r * h : (r + 1) * h, k * w : (k + 1) * w] = image
+    return canvas.permute(1, 2, 0).numpy()
+
+
+def save_generator(g: Generator, path: str | Path, meta: dict) -> None:
+    """The exported (EMA) generator: weights, its config and metadata, loadable safely."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"config": dataclasses.asdict(g.cfg), "g_ema": g.state_dict(), "meta": dict(meta)}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_generator(path: str | Path, device=None) -> tuple[Generator, dict]:
+    """Load an exported generator (weights only, never pickled code) -> (G in eval mode, meta)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `polyinr train` first")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = GeneratorConfig(**state["config"])
+    g = Generator(cfg, state["meta"]["resolution"])
+    g.load_state_dict(state["g_ema"])
+    return g.to(device).eval().requires_grad_(False), state["meta"]

@@ -1,0 +1,228 @@
+"""Tests for polyinr.data: demo data, ImageNet-folder -> FFCV conversion, loaders."""
+
+import dataclasses
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from polyinr import data
+
+CLASSES, PER_CLASS, SIZE = 4, 8, 16
+
+
+def config(source, out_dir, **overrides) -> data.DataConfig:
+    base = data.DataConfig(
+        source=str(source),
+        out_dir=str(out_dir),
+        encoding="raw",
+        jpeg_quality=90,
+        strict=False,
+        workers=2,
+        demo_classes=CLASSES,
+        demo_per_class=PER_CLASS,
+        demo_size=SIZE,
+        demo_seed=0,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.JPEG"))}
+
+
+def odd_source(root: Path) -> tuple[list[str], list[str]]:
+    """Two demo classes plus odd-but-valid and broken files; returns (odd, bad) paths."""
+    data.make_demo_dataset(root, classes=2, per_class=2, size=SIZE, seed=1)
+    folder = root / "train" / "n00000000"
+    rgb = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("L").save(folder / "gray.JPEG")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.JPEG")
+    Image.fromarray(rgb).convert("P").save(folder / "png.JPEG", format="PNG")
+    # Wide image: red | green | blue thirds; the centre crop must keep only the green.
+    wide = np.zeros((40, 120, 3), np.uint8)
+    wide[:, :40, 0], wide[:, 40:80, 1], wide[:, 80:, 2] = 255, 255, 255
+    Image.fromarray(wide).save(root / "train" / "n00000001" / "wide.png")
+    (folder / "empty.JPEG").write_bytes(b"")
+    full = (folder / "gray.JPEG").read_bytes()
+    (folder / "truncated.JPEG").write_bytes(full[: len(full) // 2])
+    (folder / "text.JPEG").write_text("not an image\n")
+    odd = [str(folder / f"{n}.JPEG") for n in ("gray", "cmyk", "png")]
+    bad = [str(folder / f"{n}.JPEG") for n in ("empty", "truncated", "text")]
+    return odd, bad
+
+
+def test_demo_dataset_is_deterministic_with_sorted_class_folders(tmp_path):
+    """Same seed -> identical bytes (even when overwriting); another seed -> other bytes."""
+    n = data.make_demo_dataset(tmp_path / "a", CLASSES, 3, SIZE, seed=0)
+    first = tree_bytes(tmp_path / "a")
+    assert n == len(first) == CLASSES * 3
+    (tmp_path / "a" / "train" / "n00000000" / "stale.JPEG").write_bytes(b"x")
+    data.make_demo_dataset(tmp_path / "a", CLASSES, 3, SIZE, seed=0)
+    assert tree_bytes(tmp_path / "a") == first
+    data.make_demo_dataset(tmp_path / "b", CLASSES, 3, SIZE, seed=1)
+    assert tree_bytes(tmp_path / "b").keys() == first.keys()
+    assert tree_bytes(tmp_path / "b") != first
+    items, classes = data.scan_source(tmp_path / "a")
+    assert classes == [f"n{c:08d}" for c in range(CLASSES)]
+    assert [label for _, label in items] == sorted(label for _, label in items)
+
+
+def test_demo_classes_differ_in_colour(tmp_path):
+    """The mean colour of each demo class is far from every other class's."""
+    data.make_demo_dataset(tmp_path, 6, 4, SIZE, seed=0)
+    items, _ = data.scan_source(tmp_path)
+    means = np.zeros((6, 3))
+    for path, label in items:
+        means[label] += np.asarray(Image.open(path), np.float64).mean((0, 1)) / 4
+    gaps = np.linalg.norm(means[:, None] - means[None], axis=-1) + np.eye(6) * 1e9
+    assert gaps.min() > 10
+
+
+def test_scan_source_explains_the_expected_layout(tmp_path):
+    """A missing or empty train folder raises DataError naming the expected layout."""
+    with pytest.raises(data.DataError, match="<wnid>"):
+        data.scan_source(tmp_path)
+    (tmp_path / "train").mkdir()
+    with pytest.raises(data.DataError, match="no class folders"):
+        data.scan_source(tmp_path)
+    with pytest.raises(data.DataError, match="polyinr prepare"):
+        data.read_manifest(tmp_path, 32)
+
+
+def test_prepare_converts_odd_modes_and_skips_unreadable_files(tmp_path, capsys):
+    """Grayscale/CMYK/PNG-as-JPEG are written; empty/truncated/text files are listed."""
+    odd, bad = odd_source(tmp_path / "src")
+    cfg = config(tmp_path / "src", tmp_path / "out")
+    [manifest] = data.prepare(cfg, [8], progress=False)
+    assert manifest == data.read_manifest(tmp_path / "out", 8)
+    assert manifest["written"] == 4 + len(odd) + 1
+    assert sorted(s["path"] for s in manifest["skipped"]) == sorted(bad)
+    assert all(s["reason"] for s in manifest["skipped"])
+    assert manifest["classes"] == ["n00000000", "n00000001"]
+    assert manifest["per_class"] == [2 + len(odd), 3]
+    assert "skipped 3 unreadable" in capsys.readouterr().err
+
+    batches = list(data.read_all(data.beton_path(tmp_path / "out", 8), batch_size=4, workers=1))
+    images = torch.cat([x for x, _ in batches])
+    labels = torch.cat([y for _, y in batches])
+    assert images.shape == (manifest["written"], 3, 8, 8) and images.dtype == torch.uint8
+    assert labels.tolist() == [0] * 5 + [1] * 3
+    # wide.png sorts last in class 1: its centre crop is green without red or blue bands.
+    centre = images[-1, :, 2:6, 2:6].float()
+    assert centre[1].min() > 200 and centre[[0, 2]].max() < 40
+
+
+def test_strict_prepare_raises_naming_the_bad_files(tmp_path):
+    """With strict=True, unreadable files raise DataError naming each, and nothing is written."""
+    _, bad = odd_source(tmp_path / "src")
+    with pytest.raises(data.DataError) as error:
+        data.prepare(config(tmp_path / "src", tmp_path / "out", strict=True), [8], progress=False)
+    for path in bad:
+        assert path in str(error.value)
+    assert not data.beton_path(tmp_path / "out", 8).exists()
+    assert not data.manifest_path(tmp_path / "out", 8).exists()
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    """A failure inside ffcv's writer workers raises, keeps the old file and leaves no temp."""
+    data.make_demo_dataset(tmp_path / "src", 2, 3, SIZE, seed=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    data.beton_path(out, 8).write_bytes(b"previous")
+
+    def broken(image, resolution):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(data, "_square", broken)  # writer processes are forked: they see it
+    with pytest.raises(data.DataError, match="disk on fire"):
+        data.prepare(config(tmp_path / "src", out), [8], progress=False)
+    assert data.beton_path(out, 8).read_bytes() == b"previous"
+    assert sorted(p.name for p in out.iterdir()) == ["train_8.beton"]
+
+
+@pytest.fixture(scope="module")
+def demo_beton(tmp_path_factory) -> tuple[Path, dict]:
+    """One small prepared demo file shared by the loader tests (numba compiles once)."""
+    root = tmp_path_factory.mktemp("demo")
+    data.make_demo_dataset(root / "src", CLASSES, PER_CLASS, SIZE, seed=0)
+    cfg = config(root / "src", root / "out", encoding="jpg")
+    [manifest] = data.prepare(cfg, [SIZE], progress=False)
+    return data.beton_path(root / "out", SIZE), manifest
+
+
+def test_loader_yields_scaled_images_and_labels_every_epoch(demo_beton):
+    """Batches are float (B, 3, R, R) in [-1, 1] with int64 labels, a new order each epoch."""
+    path, manifest = demo_beton
+    loader = data.make_loader(path, batch_size=8, seed=0, device=torch.device("cpu"))
+    assert len(loader) == CLASSES * PER_CLASS // 8
+    epochs = []
+    for _ in range(2):
+        labels = []
+        for images, y in loader:
+            assert images.shape == (8, 3, SIZE, SIZE) and images.dtype == torch.float32
+            assert y.shape == (8,) and y.dtype == torch.int64
+            assert images.min() >= -1 and images.max() <= 1
+            assert images.min() < -0.5 and images.max() > 0.5  # uses the whole range
+            labels += y.tolist()
+        assert np.bincount(labels).tolist() == manifest["per_class"]
+        epochs.append(labels)
+    assert epochs[0] != epochs[1] and epochs[0] != sorted(epochs[0])
+
+
+def test_read_all_matches_the_loader_without_augmentation(demo_beton):
+    """read_all gives every image in file order; the unmirrored loader gives the same pixels."""
+    path, manifest = demo_beton
+    batches = list(data.read_all(path, batch_size=5))
+    images = torch.cat([x for x, _ in batches])
+    labels = torch.cat([y for _, y in batches])
+    assert [len(y) for _, y in batches][-1] == manifest["written"] % 5
+    assert labels.tolist() == sorted(labels.tolist())
+    assert np.bincount(labels.numpy()).tolist() == manifest["per_class"]
+    # Class 0 of the demo data is red, class 1 green.
+    red, green = (
+        images[labels == 0].float().mean((0, 2, 3)),
+        images[labels == 1].float().mean((0, 2, 3)),
+    )
+    assert red[0] > red[1] + 20 and green[1] > green[0] + 20
+
+    loader = data.make_loader(path, 32, seed=3, device="cpu", mirror=False, drop_last=False)
+    got = {}
+    for x, _ in loader:
+        for image in x:
+            got[image.numpy().tobytes()] = True
+    expected = images.float().div(127.5).sub(1)
+    assert all(image.numpy().tobytes() in got for image in expected)
+
+
+def _rank_order(rank: int, path: str, store: str, queue) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=2
+    )
+    loader = data.make_loader(path, 4, seed=0, device="cpu", distributed=True)
+    queue.put((rank, sorted(loader.ffcv.first_traversal_order.tolist()), len(loader)))
+    torch.distributed.destroy_process_group()
+
+
+def test_distributed_ranks_get_disjoint_shares(demo_beton, tmp_path):
+    """Two gloo ranks each get half of the file, together all of it, with no overlap."""
+    path, manifest = demo_beton
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_rank_order, args=(r, str(path), str(tmp_path / "store"), queue))
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    results = dict((rank, (order, n)) for rank, order, n in (queue.get(timeout=60) for _ in procs))
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    a, b = results[0][0], results[1][0]
+    assert not set(a) & set(b)
+    assert sorted(a + b) == list(range(manifest["written"]))
+    assert results[0][1] == results[1][1] == manifest["written"] // 2 // 4
