@@ -1,0 +1,202 @@
+"""Tests for polyinr.config: loading, overrides, errors that name the key, the frozen surface."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from polyinr import config
+from polyinr.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params.yaml"
+IMAGENET = ROOT / "configs" / "imagenet-256.yaml"
+SECTIONS = ["data", "generator", "discriminator", "train", "eval", "storage", "tracking"]
+GENERATOR_KEYS = [
+    "conditional",
+    "num_classes",
+    "z_dim",
+    "w_dim",
+    "embed_dim",
+    "cond_dim",
+    "mapping_lr_mult",
+    "hidden",
+    "levels",
+    "clamp",
+    "w_avg_beta",
+]
+
+
+def raw_params() -> dict:
+    return yaml.safe_load(PARAMS.read_text())
+
+
+@pytest.mark.parametrize("path", [PARAMS, IMAGENET], ids=["params", "imagenet-256"])
+def test_shipped_params_files_load(path):
+    """params.yaml and the paper's configs/imagenet-256.yaml both validate into a Config."""
+    cfg = config.load(path)
+    assert isinstance(cfg, config.Config)
+    assert cfg.train.stages[0].resolution == 32
+
+
+def test_imagenet_config_is_the_papers_generator():
+    """configs/imagenet-256.yaml holds the SPEC generator (C 1024, w 512, 10 levels, 1000)."""
+    g = config.load(IMAGENET).generator
+    assert (g.hidden, g.w_dim, g.z_dim, g.levels, g.num_classes) == (1024, 512, 64, 10, 1000)
+    assert (g.embed_dim, g.cond_dim, g.conditional) == (320, 64, True)
+
+
+@pytest.mark.parametrize("path", [PARAMS, IMAGENET], ids=["params", "imagenet-256"])
+def test_to_dict_from_dict_round_trip(path):
+    """from_dict(to_dict(cfg)) == cfg, and to_dict gives plain YAML-dumpable types."""
+    cfg = config.load(path)
+    raw = config.to_dict(cfg)
+    assert config.from_dict(raw) == cfg
+    assert yaml.safe_load(yaml.safe_dump(raw)) == raw
+
+
+def test_override_applies_with_its_type():
+    """`train.batch=16` sets an int; float overrides parse; the rest is unchanged."""
+    base = config.load(PARAMS)
+    cfg = config.load(PARAMS, ["train.batch=16", "train.lr_g=3.0e-4", "storage.keep=5"])
+    assert cfg.train.batch == 16 and isinstance(cfg.train.batch, int)
+    assert cfg.train.lr_g == pytest.approx(3.0e-4) and isinstance(cfg.train.lr_g, float)
+    assert cfg.storage.keep == 5
+    assert cfg.generator == base.generator and cfg.train.seed == base.train.seed
+
+
+def test_override_of_nested_list_builds_stages():
+    """A flow-style YAML list override replaces train.stages with typed Stage entries."""
+    cfg = config.load(PARAMS, ["train.stages=[{resolution: 16, kimg: 1}, {resolution: 32, kimg: 2}]"])
+    assert [(s.resolution, s.kimg) for s in cfg.train.stages] == [(16, 1.0), (32, 2.0)]
+    assert isinstance(cfg.train.stages[1].kimg, float)
+
+
+def test_int_given_for_float_is_widened():
+    """An int where a float is expected (`train.lr_d=1`) becomes a float, not an error."""
+    cfg = config.load(PARAMS, ["train.lr_d=1"])
+    assert cfg.train.lr_d == 1.0 and isinstance(cfg.train.lr_d, float)
+
+
+def test_unknown_section_names_it_and_lists_sections():
+    """An unknown top-level section is an error naming it and every valid section."""
+    raw = raw_params()
+    raw["optimizer"] = {"lr": 1.0}
+    with pytest.raises(ConfigError) as e:
+        config.from_dict(raw)
+    assert "optimizer" in str(e.value)
+    assert all(s in str(e.value) for s in SECTIONS)
+
+
+def test_unknown_section_in_override_is_an_error():
+    """`optimizer.lr=1` names the unknown section and lists the valid ones."""
+    with pytest.raises(ConfigError) as e:
+        config.load(PARAMS, ["optimizer.lr=1"])
+    assert "optimizer" in str(e.value)
+    assert all(s in str(e.value) for s in SECTIONS)
+
+
+def test_unknown_key_names_it_and_lists_valid_keys():
+    """An unknown key in a section names `section.key` and lists that section's keys."""
+    raw = raw_params()
+    raw["generator"]["width"] = 64
+    with pytest.raises(ConfigError) as e:
+        config.from_dict(raw)
+    assert "generator.width" in str(e.value)
+    assert all(k in str(e.value) for k in GENERATOR_KEYS)
+
+
+def test_unknown_key_in_override_names_it_and_lists_valid_keys():
+    """`generator.width=64` is refused (not silently added), naming the valid keys."""
+    with pytest.raises(ConfigError) as e:
+        config.load(PARAMS, ["generator.width=64"])
+    assert "generator.width" in str(e.value)
+    assert all(k in str(e.value) for k in GENERATOR_KEYS)
+
+
+def test_missing_key_names_it_and_lists_valid_keys():
+    """A section without one of its keys names the missing key; there are no defaults."""
+    raw = raw_params()
+    del raw["generator"]["hidden"]
+    with pytest.raises(ConfigError) as e:
+        config.from_dict(raw)
+    assert "generator.hidden" in str(e.value)
+    assert all(k in str(e.value) for k in GENERATOR_KEYS)
+
+
+def test_missing_section_names_it():
+    """A params mapping without a section names the missing section."""
+    raw = raw_params()
+    del raw["tracking"]
+    with pytest.raises(ConfigError, match="tracking"):
+        config.from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        ("generator.hidden=abc", "generator.hidden", "int"),
+        ("train.lr_g=2e-4", "train.lr_g", "float"),
+        ("train.mirror=1", "train.mirror", "true or false"),
+        ("generator.hidden=true", "generator.hidden", "int"),
+        ("train.betas=0.5", "train.betas", "list"),
+    ],
+)
+def test_wrong_type_names_the_key_and_the_expected_type(override, key, expected):
+    """A value of the wrong type is an error naming the key and the type it needs."""
+    with pytest.raises(ConfigError) as e:
+        config.load(PARAMS, [override])
+    assert key in str(e.value)
+    assert expected in str(e.value)
+
+
+def test_float_written_2e_4_hints_at_the_yaml_pitfall():
+    """PyYAML reads `2e-4` as a string: the error says to write 2.0e-4."""
+    raw = raw_params()
+    raw["train"]["lr_d"] = "2e-4"
+    with pytest.raises(ConfigError, match="2.0e-4"):
+        config.from_dict(raw)
+
+
+def test_dataclass_validation_surfaces_as_config_error():
+    """A value the component itself rejects (keep=0) is a ConfigError naming the section."""
+    with pytest.raises(ConfigError, match="storage"):
+        config.load(PARAMS, ["storage.keep=0"])
+
+
+@pytest.mark.parametrize("bad", ["noequals", "train=16", "=16", "train..batch=1"])
+def test_malformed_override_is_an_error(bad):
+    """An override not of the form section.key=value is refused."""
+    with pytest.raises(ConfigError, match="section.key=value"):
+        config.load(PARAMS, [bad])
+
+
+def test_missing_params_file_is_a_config_error(tmp_path):
+    """A params path that does not exist says so."""
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "nope.yaml")
+
+
+def test_flatten_gives_section_dot_key():
+    """flatten maps `section.key` to leaf values, lists (train.stages) kept whole."""
+    cfg = config.load(PARAMS)
+    flat = config.flatten(cfg)
+    assert flat["train.batch"] == cfg.train.batch
+    assert flat["generator.hidden"] == cfg.generator.hidden
+    assert flat["train.stages"] == [{"resolution": 32, "kimg": 12.0}]
+    assert flat["storage.endpoint_url"] is None
+    assert all(k.split(".")[0] in SECTIONS and k.count(".") == 1 for k in flat)
+
+
+def test_config_sections_snapshot():
+    """The section names of Config are frozen: changing them is a deliberate act."""
+    assert [f for f in config.Config.__dataclass_fields__] == SECTIONS
+
+
+def test_both_params_files_cover_the_same_surface():
+    """params.yaml and configs/imagenet-256.yaml set exactly the same keys (both complete)."""
+    demo = set(config.flatten(config.load(PARAMS)))
+    paper = set(config.flatten(config.load(IMAGENET)))
+    assert demo == paper
+    raw_demo = {f"{s}.{k}" for s, sec in raw_params().items() for k in sec}
+    assert raw_demo == demo  # the YAML itself lists every key (no key comes from a default)
