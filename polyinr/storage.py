@@ -129,8 +129,16 @@ class CheckpointStore:
 
     def load_latest(self) -> tuple[dict, str] | None:
         """The newest checkpoint that loads and matches its checksum, and its URI; or None."""
+        pointer = None
         pointer_raw = self._get(LATEST)
-        pointer = json.loads(pointer_raw) if pointer_raw else None
+        if pointer_raw:
+            try:
+                pointer = json.loads(pointer_raw)
+                if not {"name", "sha256"} <= set(pointer):
+                    raise ValueError("no name or sha256")
+            except ValueError as e:  # JSONDecodeError too: fall back to listing snapshots
+                print(f"warning: {self.uri}/{LATEST} is unreadable ({e})", file=sys.stderr)
+                pointer = None
         candidates = self._names()[::-1]
         if pointer and pointer["name"] in candidates:
             candidates.remove(pointer["name"])

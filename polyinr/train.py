@@ -100,6 +100,45 @@ def _update_ema(g_ema: Generator, g: Generator, beta: float) -> None:
         b_ema.copy_(b)
 
 
+def training_step(g, d, opt_g, opt_d, reals, sigma: float, world: int = 1):
+    """One G step then one D step over `reals`, a list of (images, labels) accumulation rounds.
+
+    Returns the hinge losses (G, D) of this rank. The D step updates the generator's
+    per-class running average of w, as the reference does.
+    """
+    rounds, z_dim = len(reals), g.cfg.z_dim
+    g_params = list(g.parameters())
+    d_params = [p for p in d.parameters() if p.requires_grad]
+
+    # G step: hinge loss of D on blurred fakes; D's parameters get no gradient.
+    d.requires_grad_(False)
+    opt_g.zero_grad(set_to_none=True)
+    loss_g = 0.0
+    for _, c in reals:
+        z = torch.randn(len(c), z_dim, device=c.device)
+        lg = loss.g_hinge(d(augment.blur(g(z, c), sigma), c)) / rounds
+        lg.backward()
+        loss_g += lg.item()
+    _all_reduce_grads(g_params, world)
+    opt_g.step()
+
+    # D step: hinge loss on blurred reals and fakes.
+    for p in d_params:
+        p.requires_grad_(True)
+    opt_d.zero_grad(set_to_none=True)
+    loss_d = 0.0
+    for x, c in reals:
+        z = torch.randn(len(c), z_dim, device=c.device)
+        with torch.no_grad():
+            fake = augment.blur(g(z, c, update_w_avg=True), sigma)
+        ld = loss.d_hinge(d(augment.blur(x, sigma), c), d(fake, c)) / rounds
+        ld.backward()
+        loss_d += ld.item()
+    _all_reduce_grads(d_params, world)
+    opt_d.step()
+    return loss_g, loss_d
+
+
 def _batches(loader):
     """Endless (images, labels) batches, epoch after epoch."""
     while True:
@@ -111,7 +150,7 @@ def _stage_models(cfg, stage: Stage, num_classes: int, device, g_ema_prev):
     if g_ema_prev is None:
         g = Generator(cfg.generator, stage.resolution).to(device)
     else:
-        g = copy.deepcopy(g_ema_prev)
+        g = copy.deepcopy(g_ema_prev).train().requires_grad_(True)
         g.synthesis.set_resolution(stage.resolution)
     g_ema = copy.deepcopy(g).eval().requires_grad_(False)
     # Frozen random parts of D (random-weight feature networks, projections) are rebuilt
@@ -156,7 +195,7 @@ def train(cfg, device: torch.device, progress: bool = True) -> dict:
     cur_nimg = state["cur_nimg"] if state else 0
     history = list(state["history"]) if state else []
 
-    num_classes = cfg.generator.num_classes
+    num_classes = cfg.generator.num_classes if cfg.generator.conditional else 0
     run_id = state["mlflow_run_id"] if state else None
     if rank == 0:
         run = tracking.start_run(cfg.tracking, run_id=run_id, params=flatten(cfg))
@@ -165,7 +204,7 @@ def train(cfg, device: torch.device, progress: bool = True) -> dict:
 
     ends = np.cumsum([int(s.kimg * 1000) for s in t.stages]).tolist()
     starts = [0] + ends[:-1]
-    grid_classes = torch.arange(min(num_classes, 8)).repeat_interleave(8)
+    grid_classes = torch.arange(min(max(num_classes, 1), 8)).repeat_interleave(8)
     g_ema = None
     for index, stage in enumerate(t.stages):
         if cur_nimg >= ends[index] and not (state and state["stage"] == index):
@@ -195,15 +234,14 @@ def train(cfg, device: torch.device, progress: bool = True) -> dict:
         )
         batches = _batches(loader)
         ema_nimg_full = (t.ema_kimg if t.ema_kimg >= 0 else t.batch * 10 / 32) * 1000
-        g_params = list(g.parameters())
-        d_params = [p for p in d.parameters() if p.requires_grad]
         bar = tqdm(
-            total=round((ends[index] - starts[index]) / 1000, 3),
-            initial=round((cur_nimg - starts[index]) / 1000, 3),
+            total=ends[index] - starts[index],
+            initial=cur_nimg - starts[index],
             unit="kimg",
+            unit_scale=1 / 1000,
             desc=f"stage {index} ({stage.resolution}px)",
             disable=not progress or rank > 0,
-            bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}]",
+            bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}{postfix}]",
         )
         sums, count, next_snapshot = np.zeros(2), 0, _next_tick(cur_nimg, t.snapshot_kimg)
         next_sample = _next_tick(cur_nimg, t.sample_kimg)
@@ -214,35 +252,7 @@ def train(cfg, device: torch.device, progress: bool = True) -> dict:
                 stage_nimg, cfg.discriminator.blur_sigma, cfg.discriminator.blur_kimg
             )
             reals = [next(batches) for _ in range(rounds)]
-
-            # G step: hinge loss of D on blurred fakes; D's parameters get no gradient.
-            d.requires_grad_(False)
-            opt_g.zero_grad(set_to_none=True)
-            loss_g = 0.0
-            for _, c in reals:
-                z = torch.randn(len(c), cfg.generator.z_dim, device=device)
-                fake = augment.blur(g(z, c), sigma)
-                lg = loss.g_hinge(d(fake, c)) / rounds
-                lg.backward()
-                loss_g += lg.item()
-            _all_reduce_grads(g_params, world)
-            opt_g.step()
-
-            # D step: hinge loss on blurred reals and fakes; w_avg tracks the class means here.
-            for p in d_params:
-                p.requires_grad_(True)
-            opt_d.zero_grad(set_to_none=True)
-            loss_d = 0.0
-            for x, c in reals:
-                z = torch.randn(len(c), cfg.generator.z_dim, device=device)
-                with torch.no_grad():
-                    fake = augment.blur(g(z, c, update_w_avg=True), sigma)
-                ld = loss.d_hinge(d(augment.blur(x, sigma), c), d(fake, c)) / rounds
-                ld.backward()
-                loss_d += ld.item()
-            _all_reduce_grads(d_params, world)
-            opt_d.step()
-
+            loss_g, loss_d = training_step(g, d, opt_g, opt_d, reals, sigma, world)
             cur_nimg += t.batch
             # EMA with half-life ema_kimg, ramped up as ema_rampup x images seen this stage.
             ema_nimg = ema_nimg_full
@@ -252,7 +262,7 @@ def train(cfg, device: torch.device, progress: bool = True) -> dict:
 
             sums += (loss_g, loss_d)
             count += 1
-            bar.update(round(t.batch / 1000, 3))
+            bar.update(t.batch)
             bar.set_postfix(loss_g=f"{loss_g:.3f}", loss_d=f"{loss_d:.3f}")
             done = cur_nimg >= ends[index]
             if rank == 0 and (cur_nimg >= next_sample or done):

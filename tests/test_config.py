@@ -67,7 +67,9 @@ def test_override_applies_with_its_type():
 
 def test_override_of_nested_list_builds_stages():
     """A flow-style YAML list override replaces train.stages with typed Stage entries."""
-    cfg = config.load(PARAMS, ["train.stages=[{resolution: 16, kimg: 1}, {resolution: 32, kimg: 2}]"])
+    cfg = config.load(
+        PARAMS, ["train.stages=[{resolution: 16, kimg: 1}, {resolution: 32, kimg: 2}]"]
+    )
     assert [(s.resolution, s.kimg) for s in cfg.train.stages] == [(16, 1.0), (32, 2.0)]
     assert isinstance(cfg.train.stages[1].kimg, float)
 

@@ -1,0 +1,281 @@
+"""Tests for polyinr.generator: shapes, pixel/batch independence, counts, truncation, I/O."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from polyinr import generator
+from polyinr.generator import Generator, GeneratorConfig, coordinate_grid
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+R = 8
+TINY = GeneratorConfig(
+    conditional=True,
+    num_classes=3,
+    z_dim=8,
+    w_dim=16,
+    embed_dim=12,
+    cond_dim=8,
+    mapping_lr_mult=0.1,
+    hidden=16,
+    levels=4,
+    clamp=256.0,
+    w_avg_beta=0.9,
+)
+PAPER = GeneratorConfig(
+    conditional=True,
+    num_classes=1000,
+    z_dim=64,
+    w_dim=512,
+    embed_dim=320,
+    cond_dim=64,
+    mapping_lr_mult=0.1,
+    hidden=1024,
+    levels=10,
+    clamp=256.0,
+    w_avg_beta=0.998,
+)
+
+
+class Payload:
+    """An arbitrary pickled object: loading it would run code, so it must be refused."""
+
+
+@pytest.fixture
+def g():
+    torch.manual_seed(0)
+    return Generator(TINY, R).eval()
+
+
+def latents(n=4, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, TINY.z_dim, generator=gen)
+    c = torch.arange(n) % TINY.num_classes
+    return z, c
+
+
+@pytest.fixture(scope="module")
+def paper_counts():
+    torch.manual_seed(0)
+    cond = generator.parameter_counts(Generator(PAPER, 4))
+    uncond = generator.parameter_counts(Generator(dataclasses.replace(PAPER, conditional=False), 4))
+    return cond, uncond
+
+
+def test_output_shape(g):
+    """(z, c) gives images (B, 3, R, R), finite and not constant."""
+    z, c = latents()
+    with torch.no_grad():
+        x = g(z, c)
+    assert x.shape == (4, 3, R, R)
+    assert torch.isfinite(x).all() and x.std() > 0
+
+
+def test_pixel_independence(g):
+    """Rendering a subset of coordinates equals the same pixels of the full render."""
+    z, c = latents()
+    grid = coordinate_grid(R)
+    with torch.no_grad():
+        full = g(z, c)
+        part = g(z, c, coords=grid[::2, 1::3])
+    assert part.shape == (4, 3, R // 2, len(range(1, R, 3)))
+    torch.testing.assert_close(part, full[:, :, ::2, 1::3], atol=1e-5, rtol=1e-5)
+
+
+def test_arbitrary_coordinate_set_shape(g):
+    """Any (..., 2) coordinate set, even outside [0, 1], gives RGB (B, 3, ...)."""
+    z, c = latents()
+    coords = torch.rand(5, 2) * 3 - 1  # (P, 2) points outside the frame too
+    with torch.no_grad():
+        x = g(z, c, coords=coords)
+    assert x.shape == (4, 3, 5)
+    full = g(z, c, coords=coords[2:3]).detach()
+    torch.testing.assert_close(x[:, :, 2:3], full, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_independence(g):
+    """Sample i rendered alone equals sample i rendered in a batch."""
+    z, c = latents(n=5)
+    with torch.no_grad():
+        batch = g(z, c)
+        alone = torch.cat([g(z[i : i + 1], c[i : i + 1]) for i in range(5)])
+    torch.testing.assert_close(alone, batch, atol=1e-5, rtol=1e-5)
+
+
+def test_class_condition_changes_the_image(g):
+    """The same z with a different class gives a different image."""
+    z, _ = latents(n=1)
+    with torch.no_grad():
+        a = g(z, torch.tensor([0]))
+        b = g(z, torch.tensor([1]))
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_conditional_generator_requires_classes(g):
+    """A conditional generator refuses to run without labels."""
+    z, _ = latents()
+    with pytest.raises(ValueError, match="class labels"):
+        g(z)
+
+
+def test_paper_parameter_counts(paper_counts):
+    """The paper configuration has SPEC's exact per-part counts (45,869,695 in all)."""
+    cond, _ = paper_counts
+    assert cond["mapping"] == 669_248
+    assert cond["levels"][0] == 2_628_614
+    assert cond["levels"][1:] == [4_729_862] * 9
+    assert cond["to_rgb"] == 3_075
+    assert cond["total"] == 45_869_695
+
+
+def test_paper_unconditional_parameter_count(paper_counts):
+    """The unconditional paper generator has 45,496,383 parameters."""
+    _, uncond = paper_counts
+    assert uncond["total"] == 45_496_383
+
+
+def test_parameter_counts_add_up(g):
+    """parameter_counts' total equals every parameter of the module."""
+    counts = generator.parameter_counts(g)
+    assert counts["total"] == sum(p.numel() for p in g.parameters())
+
+
+def test_coordinate_grid_is_a_non_persistent_buffer(g):
+    """The grid is a fixed input: not a parameter, not in the state_dict."""
+    assert not any("grid" in name for name, _ in g.named_parameters())
+    assert not any("grid" in k for k in g.state_dict())
+    assert any(name.endswith("grid") for name, _ in g.named_buffers())
+    assert g.synthesis.grid.shape == (R, R, 2)
+
+
+def test_coordinate_grid_values():
+    """coordinate_grid(R) is arange(R)/(R-1) meshed with 'ij' indexing: (row, col)."""
+    a = torch.arange(5, dtype=torch.float32) / 4
+    expected = torch.stack(torch.meshgrid(a, a, indexing="ij"), dim=-1)
+    grid = coordinate_grid(5)
+    torch.testing.assert_close(grid, expected, rtol=0, atol=0)
+    assert grid[0, 4].tolist() == [0.0, 1.0]  # row 0, last column
+
+
+def test_set_resolution_swaps_the_grid(g):
+    """set_resolution changes the default output size and leaves the state_dict alone."""
+    keys = set(g.state_dict())
+    g.synthesis.set_resolution(12)
+    z, c = latents()
+    with torch.no_grad():
+        assert g(z, c).shape == (4, 3, 12, 12)
+    assert g.resolution == 12 and set(g.state_dict()) == keys
+
+
+def test_psi_zero_gives_the_class_average(g):
+    """psi=0 returns w_avg[c] on every level; psi=1 leaves w unchanged."""
+    torch.manual_seed(3)
+    g.mapping.w_avg.copy_(torch.randn_like(g.mapping.w_avg))
+    z, c = latents(n=6)
+    with torch.no_grad():
+        w0 = g.mapping(z, c, psi=0.0)
+        w1 = g.mapping(z, c, psi=1.0)
+        w_half = g.mapping(z, c, psi=0.5)
+    expected = g.mapping.w_avg[c].unsqueeze(1).expand(-1, TINY.levels, -1)
+    torch.testing.assert_close(w0, expected)
+    assert w1.shape == (6, TINY.levels, TINY.w_dim)
+    assert (w1 - expected).abs().max() > 1e-3
+    torch.testing.assert_close(w_half, (w0 + w1) / 2)
+
+
+def test_w_avg_update_moves_only_present_classes(g):
+    """update_w_avg moves the rows of the classes in the batch towards their mean w."""
+    torch.manual_seed(5)
+    g.mapping.w_avg.normal_()
+    before = g.mapping.w_avg.clone()
+    z, _ = latents(n=4)
+    c = torch.tensor([2, 0, 2, 0])
+    with torch.no_grad():
+        w = g.mapping(z, c, update_w_avg=True)[:, 0]
+    after = g.mapping.w_avg
+    assert torch.equal(after[1], before[1])
+    beta = TINY.w_avg_beta
+    for k in (0, 2):
+        mean = w[c == k].mean(dim=0)
+        torch.testing.assert_close(after[k], beta * before[k] + (1 - beta) * mean)
+
+
+def test_w_avg_not_updated_by_default(g):
+    """A plain forward pass leaves w_avg alone."""
+    before = g.mapping.w_avg.clone()
+    z, c = latents()
+    with torch.no_grad():
+        g(z, c)
+    assert torch.equal(g.mapping.w_avg, before)
+
+
+def test_finer_grid_contains_the_coarse_render(g):
+    """Rendering 2R-1 points per side at the even coordinates equals the R render."""
+    fine = coordinate_grid(2 * R - 1)
+    torch.testing.assert_close(fine[::2, ::2], coordinate_grid(R), atol=1e-6, rtol=0)
+    z, c = latents()
+    with torch.no_grad():
+        coarse = g(z, c)
+        upsampled = g(z, c, coords=fine)
+    assert upsampled.shape == (4, 3, 2 * R - 1, 2 * R - 1)
+    torch.testing.assert_close(upsampled[:, :, ::2, ::2], coarse, atol=1e-5, rtol=1e-5)
+
+
+def test_unconditional_generator_runs():
+    """The unconditional variant renders from z alone with one w_avg row."""
+    torch.manual_seed(0)
+    g = Generator(dataclasses.replace(TINY, conditional=False), R)
+    z, _ = latents()
+    with torch.no_grad():
+        assert g(z).shape == (4, 3, R, R)
+        g(z, update_w_avg=True)
+    assert g.mapping.w_avg.shape == (1, TINY.w_dim)
+    assert g.mapping.w_avg.abs().sum() > 0
+
+
+def test_save_load_round_trip(g, tmp_path):
+    """save_generator then load_generator gives identical samples and the metadata."""
+    path = tmp_path / "g.pt"
+    g.mapping.w_avg.normal_()
+    generator.save_generator(g, path, {"resolution": R, "kimg": 1.5})
+    loaded, meta = generator.load_generator(path)
+    assert meta == {"resolution": R, "kimg": 1.5}
+    assert loaded.cfg == TINY and not loaded.training
+    z, c = latents()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(z, c, psi=0.7), g(z, c, psi=0.7), rtol=0, atol=0)
+
+
+def test_load_refuses_pickled_objects(g, tmp_path):
+    """A generator file carrying an arbitrary pickled object fails to load (weights_only)."""
+    path = tmp_path / "evil.pt"
+    state = {
+        "config": dataclasses.asdict(TINY),
+        "g_ema": g.state_dict(),
+        "meta": {"resolution": R, "payload": Payload()},
+    }
+    torch.save(state, path)
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
+        generator.load_generator(path)
+
+
+def test_load_missing_file_says_so(tmp_path):
+    """Loading a generator that was never trained names the path."""
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        generator.load_generator(tmp_path / "nope.pt")
+
+
+def test_seed_latents_independent_of_batch():
+    """seed_latents gives each seed the same z whatever else is in the batch."""
+    a = generator.seed_latents([3, 7], 8)
+    b = generator.seed_latents([7], 8)
+    torch.testing.assert_close(a[1:], b)
+    assert not torch.equal(a[0], a[1])
+
+
+def test_to_uint8_maps_minus_one_one_to_0_255():
+    """to_uint8 maps -1 -> 0, 1 -> 255 and clamps outside."""
+    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0])
+    assert generator.to_uint8(x).tolist() == [0, 0, 128, 255, 255]
