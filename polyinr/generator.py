@@ -131,10 +131,11 @@ class PolyLevel(nn.Module):
         # Level 0 reads w directly; later levels read u = FC_lrelu(w_i) (C wide).
         self.style = None if first else EqualizedLinear(w_dim, hidden, activation=True)
         head_in = w_dim if first else hidden
-        # The four heads of SPEC (warp M 2x2, shift b 2, lift A 2xC, lift bias a C) fused
-        # into one linear layer: identical parameters, one matmul.
+        # The four plain linear heads of SPEC (warp M 2x2, shift b 2, lift A 2xC, lift bias
+        # a C) fused into one nn.Linear: identical parameters and init, one matmul.
         self.affine = nn.Linear(head_in, 4 + 2 + 2 * hidden + hidden)
-        self.linear = nn.Linear(hidden, hidden)
+        # Channel mixing: StyleGAN's bias_act (lrelu with gain sqrt(2), then the clamp).
+        self.linear = EqualizedLinear(hidden, hidden, activation=True)
 
     def forward(self, x, h, w):
         """x (B, P, 2), h (B, P, C) or None, w (B, w_dim) -> x (B, P, 2), h (B, P, C)."""
@@ -151,7 +152,7 @@ class PolyLevel(nn.Module):
         g = torch.baddbmm(lift_bias, x, lift)  # (B, P, C)
         # Level 0 starts the polynomial; later levels raise its order: h <- h * lrelu(g).
         h = g if h is None else h * _lrelu(g)
-        h = _lrelu(self.linear(h)).clamp(-self.clamp, self.clamp)  # (B, P, C)
+        h = self.linear(h).clamp(-self.clamp, self.clamp)  # (B, P, C)
         return x, h
 
 
@@ -163,7 +164,7 @@ class Synthesis(nn.Module):
         self.levels = nn.ModuleList(
             [PolyLevel(cfg.w_dim, cfg.hidden, i == 0, cfg.clamp) for i in range(cfg.levels)]
         )
-        self.to_rgb = nn.Linear(cfg.hidden, 3)
+        self.to_rgb = nn.Linear(cfg.hidden, 3)  # a 1x1 conv with bias
         self.set_resolution(resolution)
 
     def set_resolution(self, resolution: int) -> None:
