@@ -241,7 +241,6 @@ def train(cfg, device: torch.device, progress: bool = True) -> dict:
             unit_scale=1 / 1000,
             desc=f"stage {index} ({stage.resolution}px)",
             disable=not progress or rank > 0,
-            bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}{postfix}]",
         )
         sums, count, next_snapshot = np.zeros(2), 0, _next_tick(cur_nimg, t.snapshot_kimg)
         next_sample = _next_tick(cur_nimg, t.sample_kimg)
