@@ -185,7 +185,10 @@ def test_flatten_gives_section_dot_key():
     flat = config.flatten(cfg)
     assert flat["train.batch"] == cfg.train.batch
     assert flat["generator.hidden"] == cfg.generator.hidden
-    assert flat["train.stages"] == [{"resolution": 32, "kimg": 12.0}]
+    assert flat["train.stages"] == [
+        {"resolution": s.resolution, "kimg": s.kimg} for s in cfg.train.stages
+    ]
+    assert len(cfg.train.stages) == 2  # the demo is progressive: 32 -> 64
     assert flat["storage.endpoint_url"] is None
     assert all(k.split(".")[0] in SECTIONS and k.count(".") == 1 for k in flat)
 

@@ -42,9 +42,10 @@ def test_apply_overrides_validates_and_keeps_comments(train_flow, tmp_path):
         train_flow.apply_overrides.fn(["train.no_such_key=1"], params=params)
     assert params.read_text() == before
 
-    train_flow.apply_overrides.fn(TINY[:2], params=params)
+    overrides = ["train.batch=16", "data.demo_per_class=8"]
+    train_flow.apply_overrides.fn(overrides, params=params)
     after = params.read_text()
-    assert load(params) == load(ROOT / "params.yaml", TINY[:2])
+    assert load(params) == load(ROOT / "params.yaml", overrides)
     assert _comments(after) == _comments(before)
     assert len(after.splitlines()) == len(before.splitlines())
     changed = [a for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TINY = [
     "data.demo_per_class=8",
-    "train.stages=[{resolution: 16, kimg: 0.064}]",
+    "train.stages=[{resolution: 16, kimg: 0.064}, {resolution: 32, kimg: 0.032}]",
     "train.snapshot_kimg=0.032",
     "eval.num_samples=16",
 ]
@@ -40,8 +40,8 @@ def _run(cmd, cwd):
 
 @pytest.mark.slow
 def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(tmp_path):
-    """dvc repro: FFCV file + manifest, checkpoint, eval.json, grid, one complete MLflow run;
-    a second dvc repro reruns nothing and `polyinr train` resumes."""
+    """dvc repro of a 16 -> 32 schedule: FFCV files + manifests, checkpoint, eval.json, grid
+    and one complete MLflow run; then nothing is out of date and `polyinr train` resumes."""
     import mlflow
 
     repo = tmp_path / "repo"
@@ -56,17 +56,19 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(tmp_path):
 
     _run([BIN / "dvc", "repro"], repo)
 
-    manifest = json.loads((repo / "data/ffcv/train_16.json").read_text())
-    assert manifest["written"] == 4 * 8 and manifest["skipped"] == []
-    assert (repo / "data/ffcv/train_16.beton").stat().st_size > 0
+    for resolution in (16, 32):  # one FFCV file per stage of the progressive schedule
+        manifest = json.loads((repo / f"data/ffcv/train_{resolution}.json").read_text())
+        assert manifest["written"] == 4 * 8 and manifest["skipped"] == []
+        assert manifest["resolution"] == resolution
     latest = json.loads((repo / "checkpoints/demo/latest.json").read_text())
     assert (repo / "checkpoints/demo" / latest["name"]).is_file()
     metrics = json.loads((repo / "metrics/eval.json").read_text())
     assert metrics["num_samples"] == 16 and metrics["protocol"] == "stylegan-xl"
+    assert metrics["resolution"] == 32 and metrics["kimg"] == 0.096
     assert metrics["inception_weights"].startswith("random") and "RANDOM" in metrics["label"]
     assert metrics["fid"] > 0 and metrics["is_mean"] >= 1.0
     with Image.open(repo / "samples/grid.png") as grid:
-        assert grid.size == (16 * 8, 16 * 4)  # 8 seeds x 4 classes
+        assert grid.size == (32 * 8, 32 * 4)  # 8 seeds x 4 classes, at the last stage's size
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["polyinr-demo"], output_format="list")
