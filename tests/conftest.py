@@ -1,7 +1,31 @@
-"""Shared fixtures: one CPU thread for tiny models, and a real S3 server (moto) on loopback."""
+"""Shared fixtures: one CPU thread for tiny models, a real S3 server (moto) on loopback, and a
+copy of the repository for the pipeline's integration tests."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def repo_copy(tmp_path) -> Path:
+    """The files git would commit (tracked, or untracked and not ignored), copied to
+    tmp_path/repo, with DVC told there is no git there."""
+    dst = tmp_path / "repo"
+    ls = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    names = subprocess.run(ls, cwd=ROOT, capture_output=True, check=True).stdout.decode()
+    for name in filter(None, names.split("\0")):
+        if (ROOT / name).is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dst / name)
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run([dvc, "config", "core.no_scm", "true"], cwd=dst, check=True)
+    return dst
 
 
 @pytest.fixture(scope="module")

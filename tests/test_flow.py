@@ -53,28 +53,15 @@ def test_apply_overrides_validates_and_keeps_comments(train_flow, tmp_path):
     assert list(tmp_path.iterdir()) == [params]  # no temporary file left behind
 
 
-def _copy_repo(dst: Path) -> None:
-    """Copy the files git would commit (tracked, or untracked and not ignored)."""
-    ls = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
-    names = subprocess.run(ls, cwd=ROOT, capture_output=True, check=True).stdout.decode()
-    for name in filter(None, names.split("\0")):
-        if (ROOT / name).is_file():
-            (dst / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dst / name)
-    init = ["config", "core.no_scm", "true"] if (dst / ".dvc").is_dir() else ["init", "--no-scm"]
-    subprocess.run([DVC, *init], cwd=dst, check=True)
-
-
 @pytest.mark.slow
-def test_flow_runs_every_stage_as_a_task(tmp_path):
+def test_flow_runs_every_stage_as_a_task(tmp_path, repo_copy):
     """`python flows/train_flow.py OVERRIDES...` runs each DVC stage as a completed Prefect
     task, writes metrics/eval.json and publishes it as a markdown artifact."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    repo = tmp_path / "repo"
-    _copy_repo(repo)
+    repo = repo_copy
     stages = subprocess.run(
         [DVC, "stage", "list", "--name-only"], cwd=repo, capture_output=True, text=True, check=True
     ).stdout.split()

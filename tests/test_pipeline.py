@@ -3,7 +3,6 @@ and one MLflow run holding params, losses, samples and metrics."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,16 +20,6 @@ TINY = [
 ]
 
 
-def _copy_repo(dst: Path) -> None:
-    ls = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
-    names = subprocess.run(ls, cwd=ROOT, capture_output=True, check=True).stdout.decode()
-    for name in filter(None, names.split("\0")):
-        if (ROOT / name).is_file():
-            (dst / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dst / name)
-    subprocess.run([BIN / "dvc", "config", "core.no_scm", "true"], cwd=dst, check=True)
-
-
 def _run(cmd, cwd):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
@@ -39,13 +28,12 @@ def _run(cmd, cwd):
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(tmp_path):
+def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
     """dvc repro of a 16 -> 32 schedule: FFCV files + manifests, checkpoint, eval.json, grid
     and one complete MLflow run; then nothing is out of date and `polyinr train` resumes."""
     import mlflow
 
-    repo = tmp_path / "repo"
-    _copy_repo(repo)
+    repo = repo_copy
     # Same effect as `dvc exp run -S` (which needs git): the flow's override writer.
     sys.path.insert(0, str(ROOT))
     try:
