@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from polyinr.generator import to_uint8  # samples are scored exactly as they are exported
+
 PROTOCOLS = ("stylegan-xl", "adm")
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
@@ -158,11 +160,6 @@ def extract(model: nn.Module, images_uint8: torch.Tensor) -> dict[str, np.ndarra
     with no_tf32(), torch.no_grad():
         feats = model(images_uint8.to(device))
     return {k: v.detach().cpu().numpy().astype(np.float64) for k, v in feats.items()}
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] -> uint8 in [0, 255], rounded and clamped."""
-    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
