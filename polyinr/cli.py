@@ -15,6 +15,7 @@ examples:
   polyinr train train.batch=16                # train (rerun the same command to resume)
   polyinr evaluate                            # metrics/eval.json + samples/grid.png
   polyinr generate --classes 0 1 --seeds 0-7 --psi 0.6 --out grid.png
+  polyinr class-embeddings                    # SPEC 2: class embeddings, pretrained init
   polyinr summary --params configs/imagenet-256.yaml
 
 Every command reads params.yaml (or --params FILE); trailing section.key=value arguments
@@ -143,6 +144,40 @@ def cmd_generate(args) -> None:
     print(f"wrote {args.out}: {len(args.classes)} classes x {len(seeds)} seeds, psi {args.psi}")
 
 
+def cmd_class_embeddings(args) -> None:
+    from polyinr import embedding
+
+    cfg = _config(args)
+    if not cfg.generator.conditional:
+        raise ValueError("class embeddings are for a conditional generator")
+    if not cfg.discriminator.pretrained and not args.allow_random_weights:
+        raise ValueError(
+            "class embeddings come from the pretrained "
+            f"{embedding.NETWORK}; set discriminator.pretrained=true and put its weights in "
+            f"{cfg.discriminator.weights_dir} (--allow-random-weights only for tests)"
+        )
+    out = args.out or cfg.train.embed_init or "weights/class_embeddings.pt"
+    resolution = max(s.resolution for s in cfg.train.stages)
+    table = embedding.compute(
+        cfg.data,
+        resolution,
+        cfg.generator.num_classes,
+        cfg.discriminator.weights_dir,
+        pretrained=cfg.discriminator.pretrained,
+        device=_device(args.device),
+        progress=not args.quiet,
+    )
+    meta = {
+        "network": embedding.NETWORK,
+        "pretrained": cfg.discriminator.pretrained,
+        "resolution": resolution,
+        "data": str(cfg.data.out_dir),
+    }
+    embedding.save(table, out, meta)
+    label = "" if cfg.discriminator.pretrained else " (RANDOM feature weights: test only)"
+    print(f"wrote {out}: {tuple(table.shape)} class embeddings from {embedding.NETWORK}{label}")
+
+
 def cmd_summary(args) -> None:
     import torch
 
@@ -204,6 +239,18 @@ def main(argv=None) -> int:
         "--resolution", type=int, default=None, help="render size (any; default: trained)"
     )
     p.add_argument("--out", default="samples/generate.png")
+    p = command(
+        "class-embeddings",
+        cmd_class_embeddings,
+        "Initial class embeddings (num_classes x 320) from the pretrained "
+        "tf_efficientnet_lite0: each class's mean pooled last-stage feature over the "
+        "prepared training data. Set train.embed_init to the output to use it.",
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="output file (default: train.embed_init)")
+    p.add_argument(
+        "--allow-random-weights", action="store_true", help="tests only: random feature weights"
+    )
     p = command("summary", cmd_summary, "Parameter counts and multiply-adds as JSON.")
     p.add_argument("--skip-discriminator", action="store_true", help="generator only (fast)")
 

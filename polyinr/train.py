@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from polyinr import augment, data, loss, tracking
+from polyinr import augment, data, embedding, loss, tracking
 from polyinr.discriminator import ProjectedDiscriminator
 from polyinr.generator import Generator, render_grid, save_generator
 from polyinr.storage import CheckpointStore
@@ -59,6 +59,7 @@ class TrainConfig:
     sample_kimg: float
     sample_psi: float
     workers: int
+    embed_init: str | None
 
     def __post_init__(self):
         if not self.stages:
@@ -149,6 +150,13 @@ def _stage_models(cfg, stage: Stage, num_classes: int, device, g_ema_prev):
     """G, G_ema, D and their optimisers for a stage; later stages start from the last EMA."""
     if g_ema_prev is None:
         g = Generator(cfg.generator, stage.resolution).to(device)
+        if cfg.train.embed_init:
+            # SPEC 2: the class embedding starts from a pretrained classifier, then trains.
+            table = embedding.load(
+                cfg.train.embed_init, cfg.generator.num_classes, cfg.generator.embed_dim
+            )
+            with torch.no_grad():
+                g.mapping.embed.weight.copy_(table)
     else:
         g = copy.deepcopy(g_ema_prev).train().requires_grad_(True)
         g.synthesis.set_resolution(stage.resolution)
@@ -183,6 +191,10 @@ def train(cfg, device: torch.device, progress: bool = True) -> dict:
         store.check()
     resumed = store.load_latest()
     state = resumed[0] if resumed else None
+    if state is None and t.embed_init:
+        if not cfg.generator.conditional:
+            raise ValueError("train.embed_init needs generator.conditional=true")
+        embedding.load(t.embed_init, cfg.generator.num_classes, cfg.generator.embed_dim)
     if state is not None:
         saved = state["config"]
         for section in ("generator", "discriminator"):

@@ -1,0 +1,104 @@
+"""Class embeddings for the mapping network, taken from a pretrained classifier (SPEC.md 2).
+
+The reference initialises its 1000 x 320 class-embedding table from a pretrained
+classifier and keeps it trainable. 320 is the width of tf_efficientnet_lite0's last
+feature stage (the projected discriminator's deepest tap), so polyinr builds the table as
+each class's mean pooled feature of that stage over the training set, each row scaled to
+unit second moment (the scale of nn.Embedding's N(0, 1) default). SPEC does not say how
+the reference derived its table; this is our reading, and the README says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from polyinr import data
+from polyinr.discriminator import FeatureNetwork
+
+NETWORK = "tf_efficientnet_lite0"
+INPUT_SIZE = 224  # the classifier's native resolution
+
+
+class EmbeddingError(ValueError):
+    """A class-embedding file that is missing or does not fit the generator."""
+
+
+@torch.no_grad()
+def compute(
+    data_cfg: data.DataConfig,
+    resolution: int,
+    num_classes: int,
+    weights_dir: str,
+    pretrained: bool = True,
+    device=None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Per-class mean of the classifier's pooled last-stage features: (num_classes, 320).
+
+    Reads every image of the FFCV file at `resolution`. Random features would give
+    meaningless embeddings, so `pretrained=False` is only for tests and is never the default.
+    """
+    device = torch.device(device or "cpu")
+    net = FeatureNetwork(NETWORK, pretrained, weights_dir).to(device)
+    sums = torch.zeros(num_classes, 0, dtype=torch.float64)
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    path = data.beton_path(data_cfg.out_dir, resolution)
+    total = data.read_manifest(data_cfg.out_dir, resolution).get("written")
+    bar = tqdm(total=total, unit="img", desc="class embeddings", disable=not progress)
+    for images, labels in data.read_all(path, workers=data_cfg.workers):
+        if labels.max() >= num_classes:
+            raise EmbeddingError(
+                f"{path} has label {int(labels.max())} but generator.num_classes={num_classes}"
+            )
+        x = images.to(device).float() / 127.5 - 1  # (B, 3, R, R) in [-1, 1]
+        if x.shape[-1] != INPUT_SIZE:
+            x = F.interpolate(x, size=INPUT_SIZE, mode="bilinear", align_corners=False)
+        feats = net(x)[-1].mean(dim=(2, 3)).double().cpu()  # (B, 320)
+        if sums.shape[1] == 0:
+            sums = torch.zeros(num_classes, feats.shape[1], dtype=torch.float64)
+        sums.index_add_(0, labels, feats)
+        counts += torch.bincount(labels, minlength=num_classes).double()
+        bar.update(len(labels))
+    bar.close()
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        raise EmbeddingError(f"no training images for classes {empty[:10]} in {path}")
+    means = sums / counts.unsqueeze(1)
+    means = means * torch.rsqrt(means.square().mean(dim=1, keepdim=True) + 1e-8)
+    return means.float()
+
+
+def save(table: torch.Tensor, path, meta: dict) -> None:
+    """Write the table and how it was made, atomically, loadable with weights_only."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"embed": table.contiguous(), "meta": dict(meta)}, tmp)
+    tmp.replace(path)
+
+
+def load(path, num_classes: int, embed_dim: int) -> torch.Tensor:
+    """The (num_classes, embed_dim) table of `path`, checked against the generator."""
+    path = Path(path)
+    if not path.is_file():
+        raise EmbeddingError(
+            f"class embeddings not found at {path}: make them with `polyinr class-embeddings` "
+            "(needs the pretrained feature network) or set train.embed_init=null"
+        )
+    table = torch.load(path, map_location="cpu", weights_only=True)["embed"]
+    if tuple(table.shape) != (num_classes, embed_dim):
+        raise EmbeddingError(
+            f"{path} holds a {tuple(table.shape)} table; the generator needs "
+            f"({num_classes}, {embed_dim}) (generator.num_classes, generator.embed_dim)"
+        )
+    return table
+
+
+def fingerprint(path) -> str:
+    """sha256 of an embedding file, recorded with the run that used it."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -1,0 +1,116 @@
+"""Pretrained inputs: timm weights from a local file, and class embeddings made from them."""
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from polyinr import cli, config, data, embedding, train
+from polyinr.discriminator import FeatureNetwork, MissingWeightsError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+    """A stand-in for the pretrained tf_efficientnet_lite0: seeded weights in timm's file
+    format at <weights_dir>/<network>.safetensors, where a user puts the real ones."""
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(123)
+    net = timm.create_model(embedding.NETWORK, pretrained=False)
+    with torch.no_grad():  # BatchNorm statistics unlike the defaults, so loading them shows
+        for name, buf in net.named_buffers():
+            if name.endswith("running_var"):
+                buf.uniform_(0.5, 2.0)
+    save_file(net.state_dict(), str(folder / f"{embedding.NETWORK}.safetensors"))
+    return folder, net.state_dict()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Three demo classes at 16 px."""
+    root = tmp_path_factory.mktemp("embed")
+    data.make_demo_dataset(root / "demo", 3, 4, 16, 0)
+    cfg = config.load(
+        REPO / "params.yaml",
+        [f"data.source={root / 'demo'}", f"data.out_dir={root / 'ffcv'}", "data.workers=1"],
+    )
+    data.prepare(cfg.data, [16], progress=False)
+    return root
+
+
+def test_feature_network_loads_the_local_pretrained_file(weights_dir):
+    """pretrained=true reads <weights_dir>/<name>.safetensors: every tensor as saved."""
+    folder, saved = weights_dir
+    net = FeatureNetwork(embedding.NETWORK, pretrained=True, weights_dir=str(folder))
+    stem = net.taps[0][0].weight
+    assert torch.equal(stem, saved["conv_stem.weight"])
+    bn = net.taps[3][-1][-1].bn3  # the last block's last BatchNorm
+    assert torch.equal(bn.running_var, saved["blocks.6.0.bn3.running_var"])
+    random = FeatureNetwork(embedding.NETWORK, pretrained=False, weights_dir=str(folder))
+    assert not torch.equal(random.taps[0][0].weight, stem)
+
+
+def test_missing_pretrained_file_names_it(tmp_path):
+    with pytest.raises(MissingWeightsError, match=r"tf_efficientnet_lite0\.safetensors"):
+        FeatureNetwork(embedding.NETWORK, pretrained=True, weights_dir=str(tmp_path))
+
+
+def test_class_embeddings_are_per_class_feature_means(weights_dir, prepared, single_thread):
+    """One unit-RMS 320-d row per class, the mean of that class's pooled features."""
+    folder, _ = weights_dir
+    cfg = config.load(
+        REPO / "params.yaml",
+        [f"data.source={prepared / 'demo'}", f"data.out_dir={prepared / 'ffcv'}"],
+    )
+    table = embedding.compute(cfg.data, 16, 3, str(folder), progress=False)
+    assert table.shape == (3, 320)
+    torch.testing.assert_close(table.square().mean(dim=1), torch.ones(3), rtol=1e-4, atol=1e-4)
+    assert torch.cdist(table, table)[~torch.eye(3, dtype=torch.bool)].min() > 1e-3
+    # The same computation by hand for class 1.
+    net = FeatureNetwork(embedding.NETWORK, pretrained=True, weights_dir=str(folder))
+    batches = data.read_all(data.beton_path(prepared / "ffcv", 16), workers=1)
+    pairs = [(x.clone(), y.clone()) for x, y in batches]  # ffcv reuses its buffers
+    images = torch.cat([x for x, _ in pairs])
+    labels = torch.cat([y for _, y in pairs])
+    x = images[labels == 1].float() / 127.5 - 1
+    x = torch.nn.functional.interpolate(x, size=224, mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        mean = net(x)[-1].mean(dim=(2, 3)).double().mean(dim=0)
+    expect = (mean * torch.rsqrt(mean.square().mean())).float()
+    torch.testing.assert_close(table[1], expect, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_writes_embeddings_and_training_starts_from_them(
+    weights_dir, prepared, tmp_path, single_thread, capsys
+):
+    """`polyinr class-embeddings` writes the table; train.embed_init copies it into G."""
+    folder, _ = weights_dir
+    out = tmp_path / "embed.pt"
+    common = [
+        f"data.source={prepared / 'demo'}",
+        f"data.out_dir={prepared / 'ffcv'}",
+        "data.workers=1",
+        "generator.num_classes=3",
+        "train.stages=[{resolution: 16, kimg: 1}]",
+    ]
+    # Without pretrained weights the command refuses rather than writing meaningless rows.
+    assert cli.main(["class-embeddings", "--quiet", "--out", str(out), *common]) == 2
+    assert "pretrained" in capsys.readouterr().err
+    pretrained = ["discriminator.pretrained=true", f"discriminator.weights_dir={folder}"]
+    assert cli.main(["class-embeddings", "--quiet", "--out", str(out), *common, *pretrained]) == 0
+    table = embedding.load(out, 3, 320)
+    cfg = config.load(REPO / "params.yaml", [*common, f"train.embed_init={out}"])
+    g, *_ = train._stage_models(cfg, cfg.train.stages[0], 3, torch.device("cpu"), None)
+    assert torch.equal(g.mapping.embed.weight.detach(), table)
+    assert g.mapping.embed.weight.requires_grad  # it stays trainable
+
+
+def test_wrong_or_missing_embedding_file_is_a_clear_error(tmp_path):
+    with pytest.raises(embedding.EmbeddingError, match="polyinr class-embeddings"):
+        embedding.load(tmp_path / "none.pt", 4, 320)
+    embedding.save(torch.zeros(5, 320), tmp_path / "e.pt", {})
+    with pytest.raises(embedding.EmbeddingError, match=r"\(5, 320\).*\(4, 320\)"):
+        embedding.load(tmp_path / "e.pt", 4, 320)
