@@ -7,7 +7,7 @@ export PATH := $(BIN):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup demo test test-fast lint format clean
+.PHONY: setup demo test test-fast lint format clean stack-up stack-down stack-status
 
 setup:
 	VENV=$(VENV) bash scripts/install.sh
@@ -28,6 +28,16 @@ lint: setup
 format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# The local stack (S3, MLflow, Prefect server + a worker for the `local` pool): scripts/stack.sh.
+stack-up: setup
+	VENV=$(VENV) bash scripts/stack.sh up
+
+stack-down:
+	VENV=$(VENV) bash scripts/stack.sh down
+
+stack-status:
+	VENV=$(VENV) bash scripts/stack.sh status
 
 # Caches and pipeline outputs (DVC restores or rebuilds them); keeps .venv and MLflow runs.
 clean:

@@ -1,7 +1,10 @@
-"""Prefect flow that runs the DVC pipeline stage by stage, with retries and logs per stage.
+"""Prefect flow `train-poly-inr`: the DVC pipeline's stages as tasks, then publish the result.
 
-DVC owns the DAG and the caching; this flow only asks DVC for the stage order and runs
-`dvc repro --single-item <stage>` for each. Overrides use DVC's grammar, `section.key=value`.
+DVC owns the DAG and decides what is up to date: a stage whose `dvc status` is clean is
+reported as `Skipped`, any other runs `dvc repro --single-item <stage>`. Training resumes
+from its latest checkpoint by itself, so rerunning a failed flow run redoes only what is
+missing. Overrides use DVC's grammar, `section.key=value`; `POLYINR_OVERRIDES` (a JSON list)
+adds deployment-wide ones from the environment, e.g. production's `storage.uri`.
 """
 
 from __future__ import annotations
@@ -16,31 +19,68 @@ import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+from prefect.tasks import exponential_backoff
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin: dvc here, and `polyinr` for stage commands
 DVC = str(BIN / "dvc")
+ENV_OVERRIDES = "POLYINR_OVERRIDES"  # JSON list of section.key=value, before the run's own
+ENV_DVC_REMOTE = "POLYINR_DVC_REMOTE"  # s3://bucket/prefix for `dvc push`; else .dvc/config's
+USAGE_ERROR = 2  # polyinr's exit status for a bad config or a missing file: retrying can't help
+# Lines of `polyinr train` that name checkpoints (see polyinr/train.py).
+RESUMED = re.compile(r"resuming from (\S+/snapshot-(\d+)\.pt)")
+SAVED = re.compile(r"-> (\S+/snapshot-\d+\.pt)\s*$")
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage that exited non-zero; the message ends with its last output lines."""
+
+    def __init__(self, stage: str, returncode: int, tail: list[str]):
+        self.stage, self.returncode = stage, returncode
+        super().__init__(f"stage {stage} exited with {returncode}:\n" + "\n".join(tail))
 
 
 def _env() -> dict[str, str]:
-    """The environment for DVC: the venv's bin first so stage commands find `polyinr`."""
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    """The environment for DVC: the venv's bin first so stage commands find `polyinr`; progress
+    bars refresh every few seconds, not every batch, in the Prefect log."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.setdefault("TQDM_MININTERVAL", "5")
+    return env
+
+
+def _dvc(*args: str, root: Path = ROOT) -> str:
+    """Run a quick DVC command; its stdout, or RuntimeError with its output."""
+    proc = subprocess.run([DVC, *args], cwd=root, env=_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
 
 
 def stage_order(root: Path = ROOT) -> list[str]:
     """The pipeline's stage names in an order DVC can run them, read from `dvc dag --dot`."""
-    dag = subprocess.run(
-        [DVC, "dag", "--dot"], cwd=root, env=_env(), capture_output=True, text=True
-    )
-    if dag.returncode != 0:
-        raise RuntimeError(f"dvc dag failed:\n{dag.stdout}{dag.stderr}")
-    dot = dag.stdout
+    dot = _dvc("dag", "--dot", root=root)
     graph: dict[str, set[str]] = {n: set() for n in re.findall(r'^"([^"]+)";$', dot, re.M)}
     for upstream, downstream in re.findall(r'^"([^"]+)" -> "([^"]+)";$', dot, re.M):
         graph.setdefault(downstream, set()).add(upstream)
     return list(graphlib.TopologicalSorter(graph).static_order())
+
+
+def env_overrides() -> list[str]:
+    """Overrides from $POLYINR_OVERRIDES, a JSON list of `section.key=value` strings."""
+    raw = os.environ.get(ENV_OVERRIDES, "").strip()
+    if not raw:
+        return []
+    value = json.loads(raw)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"${ENV_OVERRIDES} must be a JSON list of strings, got {raw!r}")
+    return value
 
 
 @task(cache_policy=NO_CACHE)
@@ -84,27 +124,61 @@ def apply_overrides(overrides: list[str], params: str | Path = ROOT / "params.ya
         tmp.unlink(missing_ok=True)
 
 
+def _transient(task, task_run, state) -> bool:
+    """Retry a failed stage unless polyinr said the inputs are wrong (a retry can't fix it)."""
+    try:
+        state.result()
+    except StageFailed as e:
+        return e.returncode != USAGE_ERROR
+    except Exception:
+        return True
+    return True
+
+
 @task(
-    task_run_name="dvc-repro-{stage}",
+    task_run_name="{stage}",
     retries=2,
-    retry_delay_seconds=[10, 60],
+    retry_delay_seconds=exponential_backoff(backoff_factor=10),  # 10 s, then 20 s
+    retry_jitter_factor=0.5,
+    retry_condition_fn=_transient,
     cache_policy=NO_CACHE,  # DVC decides what is up to date
 )
-def repro(stage: str, force: bool = False) -> None:
-    """Run one DVC stage, streaming its output into the Prefect log."""
+def run_stage(stage: str, force: bool = False):
+    """One DVC stage: `Skipped` when `dvc status` says it is up to date, else `dvc repro
+    --single-item`, its output streamed into the Prefect log. Returns what it did, with the
+    checkpoints training resumed from and wrote."""
     logger = get_run_logger()
+    if not force:
+        changes = json.loads(_dvc("status", "--json", stage) or "{}")
+        if not changes:
+            logger.info("%s is up to date (dvc status): skipped", stage)
+            return Completed(
+                name="Skipped",
+                message=f"dvc: {stage} is up to date",
+                data={"stage": stage, "ran": False},
+            )
+        logger.info("%s changed: %s", stage, json.dumps(changes)[:2000])
     cmd = [DVC, "repro", "--single-item", stage] + (["--force"] if force else [])
     logger.info("$ %s", " ".join(cmd))
+    result = {"stage": stage, "ran": True, "resumed_from": None, "checkpoints": []}
     tail: collections.deque[str] = collections.deque(maxlen=40)
     with subprocess.Popen(
         cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as proc:
         for line in proc.stdout:
             line = line.rstrip()
+            if not line:
+                continue
             tail.append(line)
             logger.info(line)
+            if match := RESUMED.search(line):
+                result["resumed_from"] = match[1]
+                result["resumed_nimg"] = int(match[2])
+            elif match := SAVED.search(line):
+                result["checkpoints"].append(match[1])
     if proc.returncode != 0:
-        raise RuntimeError(f"stage {stage} exited with {proc.returncode}:\n" + "\n".join(tail))
+        raise StageFailed(stage, proc.returncode, list(tail))
+    return result
 
 
 def _metrics_table(path: Path) -> str:
@@ -121,22 +195,99 @@ def _metrics_table(path: Path) -> str:
     return f"## Evaluation ({path.name})\n\n" + "\n".join(lines)
 
 
+def _push(logger) -> None:
+    """`dvc push`: FFCV files, the final generator and every other cached output, to the
+    default remote, or to $POLYINR_DVC_REMOTE (written to .dvc/config.local) when set."""
+    url = os.environ.get(ENV_DVC_REMOTE)
+    if url:
+        _dvc("remote", "add", "--local", "--force", "--default", "env", url)
+    logger.info("$ dvc push (remote %s)", url or "default")
+    logger.info(_dvc("push").strip() or "dvc push: nothing to push")
+
+
+@task(
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=10),
+    retry_jitter_factor=0.5,
+    cache_policy=NO_CACHE,
+)
+def publish(trained: dict | None, register_as: str | None, push: bool) -> dict:
+    """Register the final generator in MLflow with its metrics, `dvc push` the outputs, and
+    leave Prefect artifacts: the metrics table, the MLflow run link, the checkpoint URIs."""
+    import torch
+
+    from polyinr import tracking
+    from polyinr.config import load
+    from polyinr.storage import CheckpointStore
+    from polyinr.train import GENERATOR_PATH
+
+    logger = get_run_logger()
+    cfg = load(ROOT / "params.yaml")
+    metrics_path = ROOT / "metrics" / "eval.json"
+    metrics = json.loads(metrics_path.read_text())
+    generator = ROOT / GENERATOR_PATH
+    meta = torch.load(generator, map_location="cpu", weights_only=True, mmap=True)["meta"]
+    run_id = meta["mlflow_run_id"]
+    create_markdown_artifact(_metrics_table(metrics_path), key="poly-inr-eval")
+
+    url = tracking.run_url(cfg.tracking, run_id)
+    out = {"mlflow_run_id": run_id, "mlflow_run": url}
+    if url.startswith("http"):
+        create_link_artifact(url, link_text=f"MLflow run {run_id}", key="mlflow-run")
+    else:
+        create_markdown_artifact(f"MLflow run: {url}", key="mlflow-run")
+
+    store_uri = CheckpointStore(cfg.storage, cfg.tracking.run_name).uri
+    written = (trained or {}).get("checkpoints", [])
+    resumed = (trained or {}).get("resumed_from")
+    rows = [{"checkpoint": uri, "event": "written by this run"} for uri in written]
+    if resumed:
+        rows.insert(0, {"checkpoint": resumed, "event": "training resumed from it"})
+    if not rows:
+        rows = [{"checkpoint": store_uri, "event": "folder (training was up to date)"}]
+    create_table_artifact(rows, key="checkpoints", description=f"Checkpoints in {store_uri}")
+    out["checkpoints"] = [r["checkpoint"] for r in rows]
+
+    if register_as:
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        tags = {f"eval.{k}": str(v) for k, v in numbers.items()}
+        tags.update({k: str(metrics[k]) for k in ("protocol", "label") if k in metrics})
+        version = tracking.register_model(cfg.tracking, run_id, generator, register_as, tags)
+        logger.info("registered %s version %s from run %s", register_as, version, run_id)
+        out["model_version"] = f"{register_as}/{version}"
+    if push:
+        _push(logger)
+    return out
+
+
 @flow(name="train-poly-inr")
 def train_poly_inr(
-    overrides: list[str] | None = None, stages: list[str] | None = None, force: bool = False
-) -> None:
-    """Apply params overrides, then run the DVC pipeline's stages (all, or the named ones)."""
-    apply_overrides(overrides or [])
+    overrides: list[str] | None = None,
+    stages: list[str] | None = None,
+    force: bool = False,
+    push: bool = False,
+    register_as: str | None = "polyinr-generator",
+) -> dict | None:
+    """Apply params overrides, run the DVC stages (all, or the named ones), then publish.
+
+    overrides: `section.key=value` strings, after those of $POLYINR_OVERRIDES.
+    stages: run only these DVC stages (no publish unless `evaluate` is among them).
+    force: rerun the stages even when DVC says they are up to date.
+    push: `dvc push` the outputs (FFCV files, final generator) to the DVC remote.
+    register_as: the MLflow registered model to add the final generator to; null: don't.
+    """
+    apply_overrides(env_overrides() + list(overrides or []))
     order = stage_order()
     unknown = sorted(set(stages or []) - set(order))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; the pipeline has {order}")
+    results = {}
     for stage in order:
         if stages is None or stage in stages:
-            repro(stage, force=force)
-    metrics = ROOT / "metrics" / "eval.json"
-    if metrics.is_file():
-        create_markdown_artifact(_metrics_table(metrics), key="poly-inr-eval")
+            results[stage] = run_stage(stage, force=force, return_state=True).result()
+    if stages is not None and "evaluate" not in stages:
+        return None
+    return publish(results.get("train"), register_as, push)
 
 
 if __name__ == "__main__":

@@ -79,3 +79,35 @@ def end_run() -> None:
     import mlflow
 
     mlflow.end_run()
+
+
+def run_url(cfg: TrackingConfig, run_id: str) -> str:
+    """Where a person looks at the run: the UI page on a server, else the store and run id."""
+    import mlflow
+
+    _connect(cfg)
+    experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    if cfg.uri.startswith(("http://", "https://")):
+        return f"{cfg.uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{cfg.uri} experiment {experiment_id} run {run_id} (`mlflow ui --backend-store-uri`)"
+
+
+def register_model(
+    cfg: TrackingConfig, run_id: str, path: str | Path, name: str, tags: dict[str, str]
+) -> str:
+    """Attach the file at `path` to the run (under `model/`) and register it as a new version
+    of the registered model `name`, tagged with `tags` (metrics, labels); -> the version."""
+    import mlflow
+
+    _connect(cfg)
+    client = mlflow.MlflowClient()
+    client.log_artifact(run_id, str(path), artifact_path="model")
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(
+        name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags
+    )
+    return version.version

@@ -53,6 +53,34 @@ def test_apply_overrides_validates_and_keeps_comments(train_flow, tmp_path):
     assert list(tmp_path.iterdir()) == [params]  # no temporary file left behind
 
 
+def test_env_overrides_reads_a_json_list(train_flow, monkeypatch):
+    """$POLYINR_OVERRIDES is a JSON list of overrides; anything else is refused by name."""
+    monkeypatch.delenv(train_flow.ENV_OVERRIDES, raising=False)
+    assert train_flow.env_overrides() == []
+    monkeypatch.setenv(train_flow.ENV_OVERRIDES, '["storage.uri=s3://b/c", "train.batch=8"]')
+    assert train_flow.env_overrides() == ["storage.uri=s3://b/c", "train.batch=8"]
+    monkeypatch.setenv(train_flow.ENV_OVERRIDES, '"storage.uri=s3://b/c"')
+    with pytest.raises(ValueError, match="POLYINR_OVERRIDES"):
+        train_flow.env_overrides()
+
+
+def test_stage_failures_retry_unless_the_inputs_are_wrong(train_flow):
+    """A stage that polyinr rejects (exit 2: bad config, missing file) is not retried; a crash
+    or a killed stage (any other status, any other error) is."""
+    from prefect.states import Failed
+
+    def failed(exc):
+        return Failed(data=exc)
+
+    usage = train_flow.StageFailed("train", train_flow.USAGE_ERROR, ["polyinr train: error"])
+    assert train_flow._transient(None, None, failed(usage)) is False
+    assert train_flow._transient(None, None, failed(train_flow.StageFailed("train", 1, []))) is True
+    assert (
+        train_flow._transient(None, None, failed(train_flow.StageFailed("train", -9, []))) is True
+    )
+    assert train_flow._transient(None, None, failed(OSError("connection reset"))) is True
+
+
 @pytest.mark.slow
 def test_flow_runs_every_stage_as_a_task(tmp_path, repo_copy):
     """`python flows/train_flow.py OVERRIDES...` runs each DVC stage as a completed Prefect
@@ -67,6 +95,7 @@ def test_flow_runs_every_stage_as_a_task(tmp_path, repo_copy):
     ).stdout.split()
     with prefect_test_harness(server_startup_timeout=120):
         env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+        env.pop("POLYINR_OVERRIDES", None)
         cmd = [sys.executable, str(repo / "flows" / "train_flow.py"), *TINY]
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -75,8 +104,169 @@ def test_flow_runs_every_stage_as_a_task(tmp_path, repo_copy):
             task_runs = client.read_task_runs()
             artifacts = client.read_artifacts()
     assert flow_run.name and flow_run.state.is_completed()
-    repros = {t.name: t.state.is_completed() for t in task_runs if t.name.startswith("dvc-")}
-    assert repros == {f"dvc-repro-{stage}": True for stage in stages}
+    states = {t.name: t.state.name for t in task_runs if t.name in stages}
+    assert states == {stage: "Completed" for stage in stages}
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
     (artifact,) = [a for a in artifacts if a.key == "poly-inr-eval"]
     assert all(name in artifact.data for name in metrics)
+    (link,) = [a for a in artifacts if a.key == "mlflow-run"]
+    assert "sqlite:///mlflow.db" in link.data  # a local store: the run id, not a URL
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything below it, as a machine that dies would."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    for p in [*proc.children(recursive=True), proc]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _wait_state(client, run_id, done, timeout: float, what: str):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(run_id)
+        if done(run.state):
+            return run
+        time.sleep(1)
+    raise AssertionError(f"{what}: flow run still {run.state.name} after {timeout} s")
+
+
+@pytest.mark.slow
+def test_deployment_run_on_the_local_stack_resumes_after_a_crash(repo_copy):
+    """`scripts/stack.sh up` (S3 on disk, MLflow server, Prefect server, worker); `prefect
+    deployment run train-poly-inr/local` is killed mid-training; the rerun skips the stages
+    DVC finished, resumes training from the checkpoint in S3 and completes; metrics, samples
+    and model are in MLflow with artifacts in S3, checkpoints and DVC outputs are in S3."""
+    import re
+    import time
+
+    import boto3
+    import mlflow
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    repo = repo_copy
+    s3_port, mlflow_port, prefect_port = _free_ports(3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("POLYINR_OVERRIDES", None)
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        POLYINR_S3_PORT=str(s3_port),
+        POLYINR_MLFLOW_PORT=str(mlflow_port),
+        POLYINR_PREFECT_PORT=str(prefect_port),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
+    stack = ["bash", str(repo / "scripts" / "stack.sh")]
+    overrides = [  # 20 steps of 32 images, a checkpoint every 2
+        "data.demo_per_class=8",
+        "train.stages=[{resolution: 16, kimg: 0.64}]",
+        "train.snapshot_kimg=0.064",
+        "eval.num_samples=16",
+    ]
+    try:
+        up = subprocess.run([*stack, "up"], cwd=repo, env=env, capture_output=True, text=True)
+        assert up.returncode == 0, (up.stdout + up.stderr)[-4000:]
+        for line in (repo / ".stack" / "env").read_text().splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = value.strip("'")
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            region_name="us-east-1",
+        )
+
+        def keys(prefix):
+            listing = s3.list_objects_v2(Bucket="polyinr", Prefix=prefix)
+            return [o["Key"] for o in listing.get("Contents", [])]
+
+        def deployment_run():
+            cmd = ["prefect", "deployment", "run", "train-poly-inr/local"]
+            cmd += ["--param", f"overrides={json.dumps(overrides)}"]
+            proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            return re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout)[1]
+
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            with get_client(sync_client=True) as client:
+                # Run 1: killed (flow process and its children) once a checkpoint is in S3.
+                first = deployment_run()
+                deadline = time.monotonic() + 240
+                while not [k for k in keys("checkpoints/demo/") if k.endswith(".pt")]:
+                    run = client.read_flow_run(first)
+                    assert not run.state.is_final(), f"run 1 ended early: {run.state}"
+                    assert time.monotonic() < deadline, "no checkpoint after 240 s"
+                    time.sleep(0.2)
+                run = client.read_flow_run(first)
+                _kill_tree(int(str(run.infrastructure_pid).rpartition(":")[2]))
+                killed_at = max(int(k[-15:-3]) for k in keys("checkpoints/demo/snapshot-"))
+                run = _wait_state(client, first, lambda s: s.is_final(), 60, "killed run")
+                assert run.state.is_crashed() or run.state.is_failed(), run.state
+                assert 0 < killed_at < 640
+
+                # Run 2: the same deployment again; DVC skips what run 1 finished.
+                second = deployment_run()
+                run = _wait_state(client, second, lambda s: s.is_final(), 300, "rerun")
+                logs = client.read_logs()
+                assert run.state.is_completed(), run.state.message
+                from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+                ids = FlowRunFilter(id=FlowRunFilterId(any_=[second]))
+                tasks = {t.name: t for t in client.read_task_runs(flow_run_filter=ids)}
+                artifacts = {a.key: a for a in client.read_artifacts(flow_run_filter=ids)}
+    finally:
+        down = subprocess.run([*stack, "down"], cwd=repo, env=env, capture_output=True, text=True)
+    assert down.returncode == 0, down.stdout + down.stderr
+
+    assert tasks["demo_data"].state.name == "Skipped"
+    assert tasks["prepare"].state.name == "Skipped"
+    assert tasks["train"].state.name == "Completed"
+    assert tasks["evaluate"].state.name == "Completed"
+    train_logs = "\n".join(log.message for log in logs if log.task_run_id == tasks["train"].id)
+    resumed = int(re.search(r"resuming from \S+/snapshot-(\d+)\.pt", train_logs)[1])
+    assert killed_at <= resumed < 640  # from the last checkpoint, not from the start
+
+    # Artifacts of the run: metrics table, MLflow link, checkpoint URIs (resumed + written).
+    metrics = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert f"| fid | {metrics['fid']} |" in artifacts["poly-inr-eval"].data
+    run_link = artifacts["mlflow-run"].data
+    assert run_link.startswith(env["MLFLOW_TRACKING_URI"])
+    table = json.loads(artifacts["checkpoints"].data)
+    uris = [row["checkpoint"] for row in table]
+    assert uris[0].endswith(f"snapshot-{resumed:012d}.pt") and len(uris) > 1
+    assert all(uri.startswith("s3://polyinr/checkpoints/demo/") for uri in uris)
+
+    # Everything landed on disk, in the S3 server's folder (it is stopped now).
+    disk = repo / ".stack" / "s3" / "polyinr"
+    assert (disk / "checkpoints" / "demo" / "latest.json").is_file()
+    assert any((disk / "dvc" / "files" / "md5").rglob("*"))  # dvc push of the outputs
+    mlflow_files = {p.name for p in (disk / "mlflow").rglob("*") if p.is_file()}
+    assert {"eval.json", "grid.png", "train.csv", "generator.pt"} <= mlflow_files
+
+    # The MLflow server's store (SQLite, left on disk): one run with losses and metrics.
+    mlflow.set_tracking_uri(f"sqlite:///{repo / '.stack' / 'mlflow.db'}")
+    (mlrun,) = mlflow.search_runs(experiment_names=["polyinr-demo"], output_format="list")
+    assert run_link.endswith(mlrun.info.run_id)
+    assert "loss_g" in mlrun.data.metrics and "eval/fid" in mlrun.data.metrics
+    (version,) = mlflow.MlflowClient().search_model_versions("name='polyinr-generator'")
+    assert version.run_id == mlrun.info.run_id and version.tags["eval.fid"] == str(metrics["fid"])
