@@ -21,6 +21,9 @@ RUN mkdir polyinr && touch polyinr/__init__.py \
     && POLYINR_NO_VENV=1 bash scripts/install.sh \
     && rm -rf /var/lib/apt/lists/*
 COPY . .
+# A non-root user owns the working tree: DVC, the flow and training write beside the code.
+RUN useradd --create-home --uid 1000 polyinr && chown -R polyinr:polyinr /app
+USER polyinr
 
 ENTRYPOINT ["polyinr"]
 CMD ["--help"]

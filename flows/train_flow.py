@@ -10,6 +10,7 @@ adds deployment-wide ones from the environment, e.g. production's `storage.uri`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import graphlib
 import json
 import os
@@ -214,6 +215,12 @@ def _push(logger) -> None:
 def publish(trained: dict | None, register_as: str | None, push: bool) -> dict:
     """Register the final generator in MLflow with its metrics, `dvc push` the outputs, and
     leave Prefect artifacts: the metrics table, the MLflow run link, the checkpoint URIs."""
+    logger = get_run_logger()
+    with contextlib.chdir(ROOT):  # params' relative paths (sqlite:///mlflow.db) mean the repo
+        return _publish(logger, trained, register_as, push)
+
+
+def _publish(logger, trained: dict | None, register_as: str | None, push: bool) -> dict:
     import torch
 
     from polyinr import tracking
@@ -221,7 +228,6 @@ def publish(trained: dict | None, register_as: str | None, push: bool) -> dict:
     from polyinr.storage import CheckpointStore
     from polyinr.train import GENERATOR_PATH
 
-    logger = get_run_logger()
     cfg = load(ROOT / "params.yaml")
     metrics_path = ROOT / "metrics" / "eval.json"
     metrics = json.loads(metrics_path.read_text())

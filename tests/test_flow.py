@@ -161,6 +161,12 @@ def test_deployment_run_on_the_local_stack_resumes_after_a_crash(repo_copy):
     import boto3
     import mlflow
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterTaskRunId,
+    )
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     repo = repo_copy
@@ -176,9 +182,9 @@ def test_deployment_run_on_the_local_stack_resumes_after_a_crash(repo_copy):
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
     )
     stack = ["bash", str(repo / "scripts" / "stack.sh")]
-    overrides = [  # 20 steps of 32 images, a checkpoint every 2
+    overrides = [  # 8 steps of 32 images, a checkpoint every 2
         "data.demo_per_class=8",
-        "train.stages=[{resolution: 16, kimg: 0.64}]",
+        "train.stages=[{resolution: 16, kimg: 0.256}]",
         "train.snapshot_kimg=0.064",
         "eval.num_samples=16",
     ]
@@ -211,29 +217,28 @@ def test_deployment_run_on_the_local_stack_resumes_after_a_crash(repo_copy):
             with get_client(sync_client=True) as client:
                 # Run 1: killed (flow process and its children) once a checkpoint is in S3.
                 first = deployment_run()
-                deadline = time.monotonic() + 240
+                deadline = time.monotonic() + 300
                 while not [k for k in keys("checkpoints/demo/") if k.endswith(".pt")]:
                     run = client.read_flow_run(first)
                     assert not run.state.is_final(), f"run 1 ended early: {run.state}"
-                    assert time.monotonic() < deadline, "no checkpoint after 240 s"
+                    assert time.monotonic() < deadline, "no checkpoint after 300 s"
                     time.sleep(0.2)
                 run = client.read_flow_run(first)
                 _kill_tree(int(str(run.infrastructure_pid).rpartition(":")[2]))
                 killed_at = max(int(k[-15:-3]) for k in keys("checkpoints/demo/snapshot-"))
                 run = _wait_state(client, first, lambda s: s.is_final(), 60, "killed run")
                 assert run.state.is_crashed() or run.state.is_failed(), run.state
-                assert 0 < killed_at < 640
+                assert 0 < killed_at < 256
 
                 # Run 2: the same deployment again; DVC skips what run 1 finished.
                 second = deployment_run()
-                run = _wait_state(client, second, lambda s: s.is_final(), 300, "rerun")
-                logs = client.read_logs()
+                run = _wait_state(client, second, lambda s: s.is_final(), 600, "rerun")
                 assert run.state.is_completed(), run.state.message
-                from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
                 ids = FlowRunFilter(id=FlowRunFilterId(any_=[second]))
                 tasks = {t.name: t for t in client.read_task_runs(flow_run_filter=ids)}
                 artifacts = {a.key: a for a in client.read_artifacts(flow_run_filter=ids)}
+                train_id = LogFilterTaskRunId(any_=[tasks["train"].id])
+                logs = client.read_logs(LogFilter(task_run_id=train_id))
     finally:
         down = subprocess.run([*stack, "down"], cwd=repo, env=env, capture_output=True, text=True)
     assert down.returncode == 0, down.stdout + down.stderr
@@ -242,9 +247,9 @@ def test_deployment_run_on_the_local_stack_resumes_after_a_crash(repo_copy):
     assert tasks["prepare"].state.name == "Skipped"
     assert tasks["train"].state.name == "Completed"
     assert tasks["evaluate"].state.name == "Completed"
-    train_logs = "\n".join(log.message for log in logs if log.task_run_id == tasks["train"].id)
+    train_logs = "\n".join(log.message for log in logs)
     resumed = int(re.search(r"resuming from \S+/snapshot-(\d+)\.pt", train_logs)[1])
-    assert killed_at <= resumed < 640  # from the last checkpoint, not from the start
+    assert killed_at <= resumed < 256  # from the last checkpoint, not from the start
 
     # Artifacts of the run: metrics table, MLflow link, checkpoint URIs (resumed + written).
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
