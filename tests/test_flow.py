@@ -254,8 +254,8 @@ def test_deployment_run_on_the_local_stack_resumes_after_a_crash(repo_copy):
     # Artifacts of the run: metrics table, MLflow link, checkpoint URIs (resumed + written).
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
     assert f"| fid | {metrics['fid']} |" in artifacts["poly-inr-eval"].data
-    run_link = artifacts["mlflow-run"].data
-    assert run_link.startswith(env["MLFLOW_TRACKING_URI"])
+    run_link = artifacts["mlflow-run"].data  # markdown: [MLflow run ID](URL)
+    assert f"({env['MLFLOW_TRACKING_URI']}/#/experiments/" in run_link
     table = json.loads(artifacts["checkpoints"].data)
     uris = [row["checkpoint"] for row in table]
     assert uris[0].endswith(f"snapshot-{resumed:012d}.pt") and len(uris) > 1
@@ -271,7 +271,7 @@ def test_deployment_run_on_the_local_stack_resumes_after_a_crash(repo_copy):
     # The MLflow server's store (SQLite, left on disk): one run with losses and metrics.
     mlflow.set_tracking_uri(f"sqlite:///{repo / '.stack' / 'mlflow.db'}")
     (mlrun,) = mlflow.search_runs(experiment_names=["polyinr-demo"], output_format="list")
-    assert run_link.endswith(mlrun.info.run_id)
+    assert run_link.endswith(f"/runs/{mlrun.info.run_id})")
     assert "loss_g" in mlrun.data.metrics and "eval/fid" in mlrun.data.metrics
     (version,) = mlflow.MlflowClient().search_model_versions("name='polyinr-generator'")
     assert version.run_id == mlrun.info.run_id and version.tags["eval.fid"] == str(metrics["fid"])
