@@ -254,15 +254,15 @@ def _publish(logger, trained: dict | None, register_as: str | None, push: bool) 
     create_table_artifact(rows, key="checkpoints", description=f"Checkpoints in {store_uri}")
     out["checkpoints"] = [r["checkpoint"] for r in rows]
 
+    if push:  # before registering: a retry after a failed push registers nothing twice
+        _push(logger)
     if register_as:
         numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         tags = {f"eval.{k}": str(v) for k, v in numbers.items()}
         tags.update({k: str(metrics[k]) for k in ("protocol", "label") if k in metrics})
         version = tracking.register_model(cfg.tracking, run_id, generator, register_as, tags)
-        logger.info("registered %s version %s from run %s", register_as, version, run_id)
+        logger.info("%s version %s is run %s", register_as, version, run_id)
         out["model_version"] = f"{register_as}/{version}"
-    if push:
-        _push(logger)
     return out
 
 

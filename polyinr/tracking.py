@@ -96,11 +96,16 @@ def register_model(
     cfg: TrackingConfig, run_id: str, path: str | Path, name: str, tags: dict[str, str]
 ) -> str:
     """Attach the file at `path` to the run (under `model/`) and register it as a new version
-    of the registered model `name`, tagged with `tags` (metrics, labels); -> the version."""
+    of the registered model `name`, tagged with `tags` (metrics, labels); -> the version.
+    A version of the same run with the same tags is returned as it is (a rerun that changed
+    nothing registers nothing)."""
     import mlflow
 
     _connect(cfg)
     client = mlflow.MlflowClient()
+    for existing in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if {k: existing.tags.get(k) for k in tags} == tags:
+            return str(existing.version)
     client.log_artifact(run_id, str(path), artifact_path="model")
     try:
         client.create_registered_model(name)
@@ -110,4 +115,4 @@ def register_model(
     version = client.create_model_version(
         name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags
     )
-    return version.version
+    return str(version.version)
