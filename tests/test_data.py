@@ -1,7 +1,9 @@
 """Tests for polyinr.data: demo data, ImageNet-folder -> FFCV conversion, loaders."""
 
 import dataclasses
+import io
 import multiprocessing as mp
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -40,19 +42,41 @@ def odd_source(root: Path) -> tuple[list[str], list[str]]:
     folder = root / "train" / "n00000000"
     rgb = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
     Image.fromarray(rgb).convert("L").save(folder / "gray.JPEG")
-    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.JPEG")
+    # CMYK of one flat colour, large enough that the decoder scales it down while decoding.
+    Image.new("RGB", (96, 64), (200, 40, 90)).convert("CMYK").save(folder / "cmyk.JPEG")
     Image.fromarray(rgb).convert("P").save(folder / "png.JPEG", format="PNG")
     # Wide image: red | green | blue thirds; the centre crop must keep only the green.
     wide = np.zeros((40, 120, 3), np.uint8)
     wide[:, :40, 0], wide[:, 40:80, 1], wide[:, 80:, 2] = 255, 255, 255
     Image.fromarray(wide).save(root / "train" / "n00000001" / "wide.png")
     (folder / "empty.JPEG").write_bytes(b"")
-    full = (folder / "gray.JPEG").read_bytes()
-    (folder / "truncated.JPEG").write_bytes(full[: len(full) // 2])
+    big = np.random.default_rng(1).integers(0, 256, (192, 256, 3), dtype=np.uint8)
+    full = io.BytesIO()
+    Image.fromarray(big).save(full, format="JPEG")  # decoded at 1/8 scale for 8 px
+    (folder / "truncated.JPEG").write_bytes(full.getvalue()[: len(full.getvalue()) // 2])
     (folder / "text.JPEG").write_text("not an image\n")
     odd = [str(folder / f"{n}.JPEG") for n in ("gray", "cmyk", "png")]
     bad = [str(folder / f"{n}.JPEG") for n in ("empty", "truncated", "text")]
     return odd, bad
+
+
+def make_ilsvrc_tar(root: Path, archive: Path, order=sorted) -> None:
+    """Pack root/train/<wnid>/* as ILSVRC2012_img_train.tar does: a tar of <wnid>.tar files."""
+    with tarfile.open(archive, "w") as outer:
+        for folder in order((root / "train").iterdir()):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as tar:
+                for path in sorted(folder.iterdir(), reverse=True):  # any member order
+                    tar.add(path, arcname=path.name)
+            info = tarfile.TarInfo(f"{folder.name}.tar")
+            info.size = len(inner.getvalue())
+            inner.seek(0)
+            outer.addfile(info, inner)
+
+
+def all_images(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = list(data.read_all(path, batch_size=4, workers=1))
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
 
 
 def test_demo_dataset_is_deterministic_with_sorted_class_folders(tmp_path):
@@ -66,18 +90,18 @@ def test_demo_dataset_is_deterministic_with_sorted_class_folders(tmp_path):
     data.make_demo_dataset(tmp_path / "b", CLASSES, 3, SIZE, seed=1)
     assert tree_bytes(tmp_path / "b").keys() == first.keys()
     assert tree_bytes(tmp_path / "b") != first
-    items, classes = data.scan_source(tmp_path / "a")
-    assert classes == [f"n{c:08d}" for c in range(CLASSES)]
-    assert [label for _, label in items] == sorted(label for _, label in items)
+    source = data.scan_source(tmp_path / "a")
+    assert source.classes == [f"n{c:08d}" for c in range(CLASSES)]
+    assert source.labels.tolist() == sorted(source.labels.tolist())
 
 
 def test_demo_classes_differ_in_colour(tmp_path):
     """The mean colour of each demo class is far from every other class's."""
     data.make_demo_dataset(tmp_path, 6, 4, SIZE, seed=0)
-    items, _ = data.scan_source(tmp_path)
+    source = data.scan_source(tmp_path)
     means = np.zeros((6, 3))
-    for path, label in items:
-        means[label] += np.asarray(Image.open(path), np.float64).mean((0, 1)) / 4
+    for i, label in enumerate(source.labels):
+        means[label] += np.asarray(Image.open(source.path(i)), np.float64).mean((0, 1)) / 4
     gaps = np.linalg.norm(means[:, None] - means[None], axis=-1) + np.eye(6) * 1e9
     assert gaps.min() > 10
 
@@ -101,10 +125,13 @@ def test_prepare_converts_odd_modes_and_skips_unreadable_files(tmp_path, capsys)
     assert manifest == data.read_manifest(tmp_path / "out", 8)
     assert manifest["written"] == 4 + len(odd) + 1
     assert sorted(s["path"] for s in manifest["skipped"]) == sorted(bad)
-    assert all(s["reason"] for s in manifest["skipped"])
+    kinds = {Path(s["path"]).stem: s["reason"].split(":")[0] for s in manifest["skipped"]}
+    assert kinds == {"empty": "empty", "truncated": "corrupt", "text": "not an image"}
+    assert "truncated" in next(s["reason"] for s in manifest["skipped"] if "trunc" in s["path"])
     assert manifest["classes"] == ["n00000000", "n00000001"]
     assert manifest["per_class"] == [2 + len(odd), 3]
-    assert "skipped 3 unreadable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "skipped 3 of 11 source images" in err and len(err.strip().splitlines()) == 1
 
     batches = list(data.read_all(data.beton_path(tmp_path / "out", 8), batch_size=4, workers=1))
     images = torch.cat([x for x, _ in batches])
@@ -114,6 +141,10 @@ def test_prepare_converts_odd_modes_and_skips_unreadable_files(tmp_path, capsys)
     # wide.png sorts last in class 1: its centre crop is green without red or blue bands.
     centre = images[-1, :, 2:6, 2:6].float()
     assert centre[1].min() > 200 and centre[[0, 2]].max() < 40
+    # Class 0 sorts cmyk, gray, ...: CMYK keeps its colour, grayscale has equal channels.
+    cmyk = images[0].float().mean((1, 2))
+    assert torch.allclose(cmyk, torch.tensor([200.0, 40.0, 90.0]), atol=12), cmyk
+    assert torch.equal(images[1, 0], images[1, 1]) and torch.equal(images[1, 1], images[1, 2])
 
 
 def test_strict_prepare_raises_naming_the_bad_files(tmp_path):
@@ -142,6 +173,68 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
         data.prepare(config(tmp_path / "src", out), [8], progress=False)
     assert data.beton_path(out, 8).read_bytes() == b"previous"
     assert sorted(p.name for p in out.iterdir()) == ["train_8.beton"]
+
+
+def test_ilsvrc_tar_gives_the_same_ffcv_content_as_the_folder(tmp_path):
+    """The official tar-of-class-tars, read in place, converts to the same images, labels
+    (sorted wnids, whatever the archive's order), skips and fingerprint as the folder."""
+    odd_source(tmp_path / "src")
+    archive = tmp_path / "ILSVRC2012_img_train.tar"
+    make_ilsvrc_tar(tmp_path / "src", archive, order=lambda d: sorted(d, reverse=True))
+    folder_cfg = config(tmp_path / "src", tmp_path / "a", encoding="jpg")
+    tar_cfg = config(archive, tmp_path / "b", encoding="jpg")
+    [a] = data.prepare(folder_cfg, [8], progress=False)
+    [b] = data.prepare(tar_cfg, [8], progress=False)
+    assert (a["source_kind"], b["source_kind"]) == ("folder", "tar")
+    for key in ("written", "classes", "per_class", "source_images", "source_fingerprint"):
+        assert a[key] == b[key], key
+    assert a["written"] == 8 and b["classes"] == ["n00000000", "n00000001"]
+    names = [(Path(s["path"]).name, s["reason"]) for s in b["skipped"]]
+    assert names == [(Path(s["path"]).name, s["reason"]) for s in a["skipped"]]
+    assert {n for n, _ in names} == {"empty.JPEG", "truncated.JPEG", "text.JPEG"}
+    assert all(s["path"].startswith(f"{archive}/n00000000.tar/") for s in b["skipped"])
+    xa, ya = all_images(data.beton_path(tmp_path / "a", 8))
+    xb, yb = all_images(data.beton_path(tmp_path / "b", 8))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_broken_class_tar_and_stray_members_are_listed_not_fatal(tmp_path, capsys):
+    """A class tar that is not a tar and a non-tar member are skipped with reasons; the rest
+    converts and the broken class keeps its label (an empty class)."""
+    data.make_demo_dataset(tmp_path / "src", 2, 2, SIZE, seed=0)
+    archive = tmp_path / "train.tar"
+    make_ilsvrc_tar(tmp_path / "src", archive)
+    with tarfile.open(archive, "a") as outer:
+        for name, payload in (("n00000002.tar", b"garbage" * 100), ("README.txt", b"hi")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            outer.addfile(info, io.BytesIO(payload))
+    [manifest] = data.prepare(config(archive, tmp_path / "out"), [8], progress=False)
+    assert manifest["classes"] == ["n00000000", "n00000001", "n00000002"]
+    assert manifest["per_class"] == [2, 2, 0]
+    reasons = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
+    assert set(reasons) == {"n00000002.tar", "README.txt"}
+    assert "ReadError" in reasons["n00000002.tar"]
+    assert "skipped 2 of" in capsys.readouterr().err
+    with pytest.raises(data.DataError, match="not a readable tar"):
+        data.scan_source(tmp_path / "src" / "train" / "n00000000" / "n00000000_0.JPEG")
+
+
+def test_epoch_order_shares_are_disjoint_complete_and_seeded():
+    """Each epoch's shares over 1-4 ranks are disjoint and cover the file; the order depends
+    on (seed, epoch) only, and differs between epochs and seeds."""
+    n = 24
+    for world in (1, 2, 3, 4):
+        shares = [data.EpochOrder(n, 2, 7, r, world, True).share(5) for r in range(world)]
+        assert sorted(np.concatenate(shares).tolist()) == list(range(n))
+        assert len({len(s) for s in shares}) == 1
+    order = data.EpochOrder(n, 4, 7, 0, 1, True)
+    again = data.EpochOrder(n, 4, 7, 0, 1, True)
+    assert np.array_equal(order.share(3), again.share(3))
+    assert np.array_equal(order.flips(3), again.flips(3))
+    assert not np.array_equal(order.share(3), order.share(4))
+    assert not np.array_equal(order.share(3), data.EpochOrder(n, 4, 8, 0, 1, True).share(3))
+    assert len(data.EpochOrder(10, 4, 0, 0, 1, True).share(0)) == 8  # whole batches only
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +319,42 @@ def test_distributed_ranks_get_disjoint_shares(demo_beton, tmp_path):
     assert not set(a) & set(b)
     assert sorted(a + b) == list(range(manifest["written"]))
     assert results[0][1] == results[1][1] == manifest["written"] // 2 // 4
+
+
+def test_resume_mid_epoch_yields_the_remaining_batches_of_an_uninterrupted_run(demo_beton):
+    """A fresh loader sought to (epoch e, batch k) serves exactly the batches, flips included,
+    that an uninterrupted loader serves from there on, into the next epoch."""
+    path, _ = demo_beton
+    full = data.make_loader(path, 4, seed=5, device="cpu", workers=1)
+    per_epoch = len(full)
+    assert per_epoch == CLASSES * PER_CLASS // 4
+    reference = [b for _ in range(3) for b in full]
+    assert full.position == (3, 0)
+
+    resumed = data.make_loader(path, 4, seed=5, device="cpu", workers=1)
+    resumed.seek(1, 3)
+    got = list(resumed) + list(resumed)
+    assert resumed.position == (3, 0)
+    expected = reference[per_epoch + 3 :]
+    assert len(got) == len(expected) == 2 * per_epoch - 3
+    for (x, y), (xe, ye) in zip(got, expected, strict=True):
+        assert torch.equal(x, xe) and torch.equal(y, ye)
+    # Some images were mirrored: the unmirrored loader differs on the same order.
+    plain = data.make_loader(path, 4, seed=5, device="cpu", workers=1, mirror=False)
+    unflipped = [x for x, _ in plain]
+    assert any(not torch.equal(a, b[0]) for a, b in zip(unflipped, reference, strict=False))
+
+
+def test_position_counts_the_batches_served(demo_beton):
+    """Stopping after k batches leaves position (epoch, k); a finished epoch moves on."""
+    path, _ = demo_beton
+    loader = data.make_loader(path, 8, seed=0, device="cpu", workers=1)
+    assert loader.position == (0, 0)
+    for k, _ in enumerate(loader, 1):
+        if k == 2:
+            break
+    assert loader.position == (0, 2)
+    rest = list(loader)
+    assert len(rest) == len(loader) - 2 and loader.position == (1, 0)
+    with pytest.raises(ValueError, match="per epoch"):
+        loader.seek(0, len(loader) + 1)
