@@ -223,7 +223,9 @@ def train(cfg, device: torch.device, progress: bool = True) -> dict:
             continue
         g, g_ema_new, d, opt_g, opt_d = _stage_models(cfg, stage, num_classes, device, g_ema)
         g_ema = g_ema_new
+        position = None  # (epoch, batches served) of this rank's loader, when resuming
         if state is not None and state["stage"] == index:
+            position = state.get("data_position")
             g.load_state_dict(state["G"])
             g_ema.load_state_dict(state["G_ema"])
             d.load_state_dict(state["D"], strict=False)
@@ -244,6 +246,10 @@ def train(cfg, device: torch.device, progress: bool = True) -> dict:
             distributed=world > 1,
             workers=t.workers,
         )
+        if position is None and cur_nimg > starts[index]:  # a checkpoint from before data_position
+            position = divmod((cur_nimg - starts[index]) // t.batch * rounds, len(loader))
+        if position is not None:
+            loader.seek(*position)  # continue mid-epoch with the batches not yet consumed
         batches = _batches(loader)
         ema_nimg_full = (t.ema_kimg if t.ema_kimg >= 0 else t.batch * 10 / 32) * 1000
         bar = tqdm(
@@ -313,6 +319,7 @@ def train(cfg, device: torch.device, progress: bool = True) -> dict:
                             "opt_D": opt_d.state_dict(),
                             "cur_nimg": cur_nimg,
                             "stage": index,
+                            "data_position": list(loader.position),
                             "history": history,
                             "mlflow_run_id": run_id,
                             "config": to_dict(cfg),

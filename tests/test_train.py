@@ -1,6 +1,7 @@
 """Training: one step moves G and the heads only; reruns resume; stages chain by EMA."""
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -142,3 +143,33 @@ def test_second_stage_starts_from_first_stage_ema(prepared, tmp_path, monkeypatc
         assert g(z, c).shape[-2:] == (24, 24)  # the grid swapped for the new resolution
     logged = json.loads((tmp_path / "checkpoints/test/latest.json").read_text())
     assert logged["name"].endswith("000000000024.pt")
+
+
+def test_resumed_run_sees_the_batches_an_uninterrupted_run_sees(prepared, tmp_path, monkeypatch):
+    """Stopped mid-epoch and rerun, training gets the same real batches (order and flips) as
+    one uninterrupted run; the checkpoint stores the loader position (epoch, batch)."""
+    seen = {}
+    original = train.training_step
+
+    def spy(g, d, opt_g, opt_d, reals, *a, **k):
+        seen.setdefault(Path.cwd().name, []).append([(x.clone(), c.clone()) for x, c in reals])
+        return original(g, d, opt_g, opt_d, reals, *a, **k)
+
+    monkeypatch.setattr(train, "training_step", spy)
+    for name, schedule in (("straight", [0.024]), ("resumed", [0.008, 0.024])):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        for kimg in schedule:  # 16 images, batch 8: 2 batches per epoch, 3 steps in all
+            cfg = run_cfg(prepared, tmp_path / name, kimg=kimg)
+            cfg = dataclasses.replace(
+                cfg, train=dataclasses.replace(cfg.train, snapshot_kimg=0.008)
+            )
+            train.train(cfg, torch.device("cpu"), progress=False)
+            if kimg == 0.008:
+                ckpt = torch.load("checkpoints/test/snapshot-000000000008.pt", weights_only=True)
+                assert ckpt["data_position"] == [0, 1]
+    straight, resumed = seen["straight"], seen["resumed"]
+    assert len(straight) == len(resumed) == 3
+    for a, b in zip(straight, resumed, strict=True):
+        (xa, ca), (xb, cb) = a[0], b[0]
+        assert torch.equal(xa, xb) and torch.equal(ca, cb)
