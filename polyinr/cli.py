@@ -23,6 +23,22 @@ override it, with the same grammar as `dvc exp run -S`.
 """
 
 
+PREPARE_HELP = """\
+Convert data.source to data.out_dir/train_<R>.beton (+ train_<R>.json, its manifest) for
+every resolution R in train.stages: centre square, Lanczos resize, data.encoding (jpg at
+data.jpeg_quality, or raw), labels = index of the sorted wnid.
+
+data.source is either an ImageNet folder (<source>/train/<wnid>/*.JPEG) or the official
+ILSVRC2012_img_train.tar (a tar of <wnid>.tar files), read in place without extracting.
+Grayscale, CMYK and PNG files are converted to RGB; empty, truncated, corrupt, non-image
+and unreadable files are skipped, listed in the manifest with the reason, and summed up
+in one warning line (exit 0); with data.strict=true they fail the command instead (exit 2)
+and nothing is written. data.workers processes decode in parallel (0: every core).
+
+  polyinr prepare data.source=/data/ILSVRC2012_img_train.tar data.workers=0
+"""
+
+
 def _seeds(text: str) -> list[int]:
     """'0-3,7' -> [0, 1, 2, 3, 7]."""
     out = []
@@ -63,7 +79,10 @@ def cmd_prepare(args) -> None:
     resolutions = sorted({s.resolution for s in cfg.train.stages})
     for manifest in data.prepare(cfg.data, resolutions, progress=not args.quiet):
         path = data.beton_path(cfg.data.out_dir, manifest["resolution"])
-        print(f"{path}: {manifest['written']} images, {len(manifest['skipped'])} skipped")
+        print(
+            f"{path}: {manifest['written']} images, {len(manifest['skipped'])} skipped, "
+            f"{manifest['images_per_second']:.0f} img/s"
+        )
 
 
 def cmd_train(args) -> None:
@@ -221,7 +240,11 @@ def main(argv=None) -> int:
 
     p = command("demo-data", cmd_demo_data, "Write the demo dataset (ImageNet layout) to DIR.")
     p.add_argument("dir", help="output folder; images go to DIR/train/<wnid>/*.JPEG")
-    command("prepare", cmd_prepare, "Convert data.source to one FFCV file per training resolution.")
+    p = command(
+        "prepare", cmd_prepare, "Convert data.source to one FFCV file per training resolution."
+    )
+    p.description = PREPARE_HELP
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p = command("train", cmd_train, "Train (or resume) the schedule in train.stages.")
     p.add_argument("--device", default="auto", help="auto (torchrun-aware), cpu, cuda, cuda:N")
     p = command("evaluate", cmd_evaluate, "FID and IS of the EMA generator; a sample grid.")

@@ -435,6 +435,7 @@ def _write_beton(
             )
             failed = {int(f.name): f.read_text() for f in Path(failures).iterdir()}
         if publish and not failed:
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; the data is not
             os.replace(tmp, path)
         return failed
     finally:
