@@ -358,3 +358,26 @@ def test_position_counts_the_batches_served(demo_beton):
     assert len(rest) == len(loader) - 2 and loader.position == (1, 0)
     with pytest.raises(ValueError, match="per epoch"):
         loader.seek(0, len(loader) + 1)
+
+
+def test_prepare_command_warns_in_one_line_or_fails_when_strict(tmp_path, capsys):
+    """`polyinr prepare` exits 0 with one warning line on bad files; 2 with data.strict=true."""
+    from polyinr import cli
+
+    odd_source(tmp_path / "src")
+    args = [
+        "prepare",
+        "--quiet",
+        "--params",
+        str(Path(__file__).resolve().parents[1] / "params.yaml"),
+        f"data.source={tmp_path / 'src'}",
+        f"data.out_dir={tmp_path / 'out'}",
+        "train.stages=[{resolution: 8, kimg: 1.0}]",
+    ]
+    assert cli.main(args) == 0
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith("warning: skipped 3 of 11")
+    assert "8 images, 3 skipped" in out
+    assert cli.main([*args, "data.strict=true", f"data.out_dir={tmp_path / 'strict'}"]) == 2
+    assert "data.strict=true" in capsys.readouterr().err
+    assert not (tmp_path / "strict" / "train_8.beton").exists()
