@@ -199,7 +199,7 @@ def run(quick: bool, workers: int = 0, images: int = 0, root: Path | None = None
     """Measure every row; quick uses fewer images and epochs (minutes -> well under one)."""
     workers = workers or len(os.sched_getaffinity(0))
     images = images or (768 if quick else 3072)
-    root = Path(root or Path("data/bench") / "imagenet-like")
+    root = Path(root or Path("data/bench") / f"imagenet-like-{images}")
     source = make_source(root, images, classes=8, workers=workers)
     warm = make_source(root.with_name(root.name + "-warmup"), 32, classes=2, workers=workers)
     with tempfile.TemporaryDirectory(prefix="polyinr-bench-") as tmp:
@@ -243,7 +243,9 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer images and epochs")
     parser.add_argument("--workers", type=int, default=0, help="0: every available core")
     parser.add_argument("--images", type=int, default=0, help="source JPEGs (0: 768 quick, 3072)")
-    parser.add_argument("--root", type=Path, default=None, help="source folder (data/bench/...)")
+    parser.add_argument(
+        "--root", type=Path, default=None, help="source folder (data/bench/imagenet-like-N)"
+    )
     args = parser.parse_args(argv)
     print(format_table(run(args.quick, args.workers, args.images, args.root)))
 
