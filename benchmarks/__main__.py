@@ -25,16 +25,20 @@ from benchmarks import ROW_KEYS, cpu_flags, fast_bf16
 ORDER = ["generator", "train_step", "loader", "metrics"]
 
 
-def discover() -> dict:
-    """{name: module} for every module of the package that defines run(quick)."""
+def discover() -> tuple[dict, dict]:
+    """({name: module} for the package's modules that define run(quick), {name: import error})."""
     names = [m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name != "__main__"]
     names.sort(key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
-    found = {}
+    found, broken = {}, {}
     for name in names:
-        module = importlib.import_module(f"benchmarks.{name}")
+        try:
+            module = importlib.import_module(f"benchmarks.{name}")
+        except Exception as e:  # one broken module must not hide the others' numbers
+            broken[name] = f"{type(e).__name__}: {e}"
+            continue
         if callable(getattr(module, "run", None)):
             found[name] = module
-    return found
+    return found, broken
 
 
 def _fmt(x) -> str:
@@ -81,18 +85,25 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
 
-    modules = discover()
+    modules, broken = discover()
     if args.list:
         for name, module in modules.items():
             print(f"{name}: {(module.__doc__ or '').strip().splitlines()[0]}")
+        for name, error in broken.items():
+            print(f"{name}: cannot import ({error})")
         return 0
-    unknown = sorted(set(args.only or []) - set(modules))
+    unknown = sorted(set(args.only or []) - set(modules) - set(broken))
     if unknown:
         parser.error(f"unknown benchmark {unknown}; available: {sorted(modules)}")
     selected = [n for n in modules if not args.only or n in args.only]
 
     print(environment(), file=sys.stderr)
     rows, failed = [], []
+    for name, error in broken.items():
+        if not args.only or name in args.only:
+            print(f"benchmarks.{name} cannot be imported: {error}", file=sys.stderr)
+            failed.append(name)
+            rows.append({"benchmark": name, "case": f"FAILED to import: {error}"})
     for name in selected:
         start = time.perf_counter()
         print(f"running {name}{' (quick)' if args.quick else ''} ...", file=sys.stderr, flush=True)

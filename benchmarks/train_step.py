@@ -1,5 +1,7 @@
-"""Training iterations (one G step and one D step, polyinr.train.training_step): polyinr's
-generator vs the plain SPEC version, at the demo's width and the paper's.
+"""Training iterations (one G and one D step): polyinr's generator vs the plain one.
+
+polyinr.train.training_step with polyinr's generator or the plain SPEC version
+(benchmarks/plain.py), at the demo's width and the paper's.
 
 Each case runs in a fresh process so that its peak memory (RSS; CUDA memory on a GPU) is
 its own. D is the demo's projected discriminator (params.yaml, random frozen features)
