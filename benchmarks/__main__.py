@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         "prints one Markdown table (ratio > 1: ours is better).",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="smaller cases (1-2 minutes on 2 CPU cores)"
+        "--quick", action="store_true", help="smaller cases: about 1-1.5 min of 2 idle CPU cores"
     )
     parser.add_argument(
         "--only", action="append", metavar="NAME", help="run only this module (repeatable)"
