@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +142,7 @@ def _init_heads(affine: nn.Linear, hidden: int) -> None:
 
 
 class PolyLevel(nn.Module):
-    """One level: warp the coordinates, lift them to C channels, multiply in, mix channels."""
+    """One level's weights: heads that warp and lift the coordinates, and the C x C mixing."""
 
     def __init__(self, w_dim: int, hidden: int, first: bool, clamp: float):
         super().__init__()
@@ -157,8 +158,8 @@ class PolyLevel(nn.Module):
         # Channel mixing: StyleGAN's bias_act (lrelu with gain sqrt(2), then the clamp).
         self.linear = EqualizedLinear(hidden, hidden, activation=True)
 
-    def forward(self, x, h, w):
-        """x (B, P, 2), h (B, P, C) or None, w (B, w_dim) -> x (B, P, 2), h (B, P, C)."""
+    def forward(self, w):
+        """w (B, w_dim) -> warp M (B, 2, 2), shift b (B, 1, 2), lift A (B, 2, C), a (B, 1, C)."""
         B, C = w.shape[0], self.hidden
         u = w if self.style is None else self.style(w)
         params = self.affine(u)  # (B, 6 + 3C)
@@ -166,14 +167,42 @@ class PolyLevel(nn.Module):
         shift = params[:, 4:6].view(B, 1, 2)
         lift = params[:, 6 : 6 + 2 * C].view(B, 2, C)
         lift_bias = params[:, 6 + 2 * C :].view(B, 1, C)
-        # Cumulative affine warp of the coordinates: x <- x M_i + b_i.
-        x = torch.baddbmm(shift, x, warp)  # (B, P, 2)
-        # Lift to C channels: g = x A_i + a_i.
-        g = torch.baddbmm(lift_bias, x, lift)  # (B, P, C)
-        # Level 0 starts the polynomial; later levels raise its order: h <- h * lrelu(g).
-        h = g if h is None else h * _lrelu(g)
-        h = self.linear(h).clamp(-self.clamp, self.clamp)  # (B, P, C)
-        return x, h
+        return warp, shift, lift, lift_bias
+
+    def mixing(self):
+        """The C x C layer with its gains folded in: weight (C_in, C_out), bias (C,).
+
+        lrelu is positively homogeneous, so lrelu(y) * sqrt(2) = lrelu(sqrt(2) * y): the
+        bias_act gain costs nothing at run time.
+        """
+        lin, gain = self.linear, math.sqrt(2)
+        return (lin.weight * (lin.weight_gain * gain)).t(), lin.bias * (lin.lr_mult * gain)
+
+
+# Elements (rows x C) of one chunk of pixels on the CPU: a chunk's activations stay in a
+# core's L2 cache while all levels run over it (256 rows at C = 1024; benchmarks/README.md
+# has the measurements). A GPU takes the whole batch at once.
+CPU_CHUNK_ELEMENTS = 256 * 1024
+
+
+def _map_chunks(fn, chunks, device: torch.device) -> None:
+    """Call fn on every chunk; on the CPU spread over the intra-op threads, one chunk each.
+
+    Each worker runs its chunks single-threaded (torch.set_num_threads sets the calling
+    thread's OpenMP and MKL teams), so no op waits at a barrier for another core: on busy,
+    shared cores those waits cost more than the work (benchmarks/README.md).
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1 or len(chunks) == 1:
+        for chunk in chunks:
+            fn(chunk)
+        return
+    try:
+        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for _ in pool.map(fn, chunks):
+                pass
+    finally:
+        torch.set_num_threads(threads)  # also resets the default that new threads read
 
 
 class Synthesis(nn.Module):
@@ -185,6 +214,11 @@ class Synthesis(nn.Module):
             [PolyLevel(cfg.w_dim, cfg.hidden, i == 0, cfg.clamp) for i in range(cfg.levels)]
         )
         self.to_rgb = nn.Linear(cfg.hidden, 3)  # a 1x1 conv with bias
+        self.hidden = cfg.hidden
+        self.clamp = cfg.clamp
+        # Inference on the CPU renders chunks of this many rows x C (None: the default);
+        # a run-time setting that changes speed only, never the images.
+        self.chunk_elements: int | None = None
         self.set_resolution(resolution)
 
     def set_resolution(self, resolution: int) -> None:
@@ -193,20 +227,81 @@ class Synthesis(nn.Module):
         device = self.to_rgb.weight.device
         self.register_buffer("grid", coordinate_grid(resolution, device), persistent=False)
 
+    def lifts(self, ws):
+        """ws (B, L, w_dim) -> each level's lift as a map of the *input* coordinates (L, B, 3, C).
+
+        The warp is cumulative, x_i = x_{i-1} M_i + b_i, so x_i = x_0 Mc_i + bc_i with
+        Mc_i = Mc_{i-1} M_i and bc_i = bc_{i-1} M_i + b_i; the lift g_i = x_i A_i + a_i is then
+        [x_0, 1] @ [[Mc_i A_i], [bc_i A_i + a_i]]: one small matmul per level and pixel block.
+        """
+        out, mc, bc = [], None, None
+        for i, level in enumerate(self.levels):
+            warp, shift, lift, lift_bias = level(ws[:, i])
+            mc, bc = (warp, shift) if i == 0 else (mc @ warp, torch.baddbmm(shift, bc, warp))
+            out.append(torch.cat([mc @ lift, torch.baddbmm(lift_bias, bc, lift)], dim=1))
+        return torch.stack(out)  # (L, B, 3, C)
+
     def forward(self, ws, coords=None):
         """ws (B, L, w_dim), coords (..., 2) shared by the batch -> RGB (B, 3, ...).
 
         With coords=None the default grid (R, R, 2) gives images (B, 3, R, R). The output
-        has no activation: real images live in [-1, 1].
+        has no activation: real images live in [-1, 1]. Under autocast the C x C matmuls run
+        in the autocast dtype; the coordinate lifts stay in float32.
         """
-        B = ws.shape[0]
-        coords = self.grid if coords is None else coords.to(ws.device, ws.dtype)
-        x = coords.reshape(1, -1, 2).expand(B, -1, -1)  # (B, P, 2)
+        B, device = ws.shape[0], ws.device
+        dtype = self.to_rgb.weight.dtype
+        autocast = torch.is_autocast_enabled(device.type)
+        fast = torch.get_autocast_dtype(device.type) if autocast else dtype
+        coords = self.grid if coords is None else coords
+        x0 = coords.reshape(-1, 2).to(device, dtype)  # (P, 2)
+        with torch.autocast(device.type, enabled=False):
+            lifts = self.lifts(ws.to(dtype))  # (L, B, 3, C)
+            mixing = [tuple(t.to(fast) for t in level.mixing()) for level in self.levels]
+            rgb = self.to_rgb.weight.t().to(fast), self.to_rgb.bias.to(fast)  # (C, 3), (3,)
+            if torch.is_grad_enabled() or device.type != "cpu":
+                out = self._render(x0, lifts, mixing, rgb, inplace=not torch.is_grad_enabled())
+            else:
+                out = self._render_chunked(x0, lifts, mixing, rgb)
+        return out.to(dtype).transpose(1, 2).reshape(B, 3, *coords.shape[:-1])
+
+    def _render_chunked(self, x0, lifts, mixing, rgb):
+        """_render over blocks of samples x pixels that fit in cache, on all CPU threads."""
+        B, P = lifts.shape[1], x0.shape[0]
+        rows = max((self.chunk_elements or CPU_CHUNK_ELEMENTS) // self.hidden, 1)
+        n_p = min(P, rows)
+        n_b = max(min(B, rows // n_p), 1)
+        out = torch.empty(B, P, 3, device=x0.device, dtype=rgb[0].dtype)
+        inference = torch.is_inference_mode_enabled()
+
+        def render(block):
+            b, p = block
+            # Grad mode and inference mode are per thread: carry the caller's over.
+            with torch.inference_mode(inference), torch.no_grad():
+                x, lift = x0[p : p + n_p], lifts[:, b : b + n_b]
+                out[b : b + n_b, p : p + n_p] = self._render(x, lift, mixing, rgb, inplace=True)
+
+        _map_chunks(render, [(b, p) for b in range(0, B, n_b) for p in range(0, P, n_p)], x0.device)
+        return out  # (B, P, 3)
+
+    def _render(self, x0, lifts, mixing, rgb, inplace: bool):
+        """x0 (P, 2), lifts (L, B, 3, C) -> RGB (B, P, 3); in-place products when no grad."""
+        B, P, C = lifts.shape[1], x0.shape[0], self.hidden
+        x = torch.cat([x0, x0.new_ones(P, 1)], dim=1).expand(B, P, 3)  # (B, P, 3)
         h = None
-        for i, level in enumerate(self.levels):
-            x, h = level(x, h, ws[:, i])
-        rgb = self.to_rgb(h)  # (B, P, 3)
-        return rgb.transpose(1, 2).reshape(B, 3, *coords.shape[:-1])
+        for lift, (weight, bias) in zip(lifts, mixing, strict=True):
+            # The lift g_i = x_i A_i + a_i (warp folded in, see lifts()).
+            g = torch.bmm(x, lift).view(B * P, C)  # (B*P, C)
+            if h is None:
+                h = g  # level 0 starts the polynomial
+            else:
+                # h <- h * lrelu(g): one order higher.
+                g = F.leaky_relu_(g, 0.2)
+                h = h.mul_(g) if inplace else h * g
+            # h <- clamp(lrelu(h W + b)) = lrelu(clamp(h W + b)) with the clamp's lower end
+            # divided by the slope: both monotonic, and in place under autograd too.
+            h = torch.addmm(bias, h.to(weight.dtype), weight)  # (B*P, C)
+            h = F.leaky_relu_(h.clamp_(-self.clamp / 0.2, self.clamp), 0.2)
+        return torch.addmm(rgb[1], h, rgb[0]).view(B, P, 3)
 
 
 class Generator(nn.Module):

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from benchmarks.plain import PlainSynthesis
 from polyinr import generator
 from polyinr.generator import Generator, GeneratorConfig, coordinate_grid
 
@@ -300,7 +301,86 @@ def test_init_neither_vanishes_nor_explodes_through_ten_levels(hidden):
     assert spatial.median() > 0.03
     # Each level's warp starts at the identity: the coordinates keep their spread.
     xs = coordinate_grid(8).reshape(1, -1, 2).expand(128, -1, -1)
-    ws, h = g.mapping(z, torch.arange(128) % cfg.num_classes), None
+    ws = g.mapping(z, torch.arange(128) % cfg.num_classes)
     for i, level in enumerate(g.synthesis.levels):
-        xs, h = level(xs, h, ws[:, i])
+        warp, shift, _, _ = level(ws[:, i])  # (B, 2, 2), (B, 1, 2)
+        xs = torch.baddbmm(shift, xs, warp)  # x <- x M_i + b_i
     assert xs.std(dim=1).mean() > 0.5 * coordinate_grid(8).reshape(-1, 2).std(dim=0).mean()
+
+
+def _plain_and_scale(g, z, c, coords=None):
+    """The plain SPEC version's render (with autograd) and its largest magnitude."""
+    plain = PlainSynthesis.like(g.synthesis, g.cfg)
+    ws = g.mapping(z, c)
+    expected = plain(ws, coords)
+    return plain, ws, expected, expected.abs().max().item()
+
+
+@pytest.mark.parametrize("clamp", [256.0, 0.5])
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+def test_matches_the_plain_spec_version(mode, clamp):
+    """Synthesis renders what SPEC's level-by-level version renders with the same weights
+    (clamp 0.5: the clamps are active)."""
+    torch.manual_seed(0)
+    g = Generator(dataclasses.replace(TINY, clamp=clamp), R)
+    z, c = latents(n=5)
+    coords = torch.rand(7, 5, 2) * 1.5 - 0.25  # (7, 5, 2): not a square grid
+    _, ws, expected, scale = _plain_and_scale(g, z, c, coords)
+    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad}.get(mode, torch.inference_mode)
+    with context():
+        out = g.synthesis(ws, coords)
+    assert out.shape == expected.shape == (5, 3, 7, 5)
+    torch.testing.assert_close(out, expected, atol=1e-5 * scale, rtol=1e-4, check_dtype=True)
+
+
+def test_chunks_and_threads_do_not_change_the_images(g):
+    """Inference in small chunks over several threads equals one whole-batch render."""
+    z, c = latents(n=5)
+    ws = g.mapping(z, c)
+    whole = g.synthesis(ws)  # with autograd: one block
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # 24 rows: blocks of 1 sample x 24 pixels, 3 per sample, the last one shorter.
+        g.synthesis.chunk_elements = 24 * TINY.hidden
+        with torch.no_grad():
+            chunked = g.synthesis(ws)
+        assert torch.get_num_threads() == 2
+        # 128 rows: blocks of 2 samples x 64 pixels, the last block a single sample.
+        g.synthesis.chunk_elements = 128 * TINY.hidden
+        with torch.no_grad():
+            batched = g.synthesis(ws)
+    finally:
+        torch.set_num_threads(threads)
+    scale = whole.abs().max().item()
+    torch.testing.assert_close(chunked, whole.detach(), atol=1e-5 * scale, rtol=1e-4)
+    torch.testing.assert_close(batched, whole.detach(), atol=1e-5 * scale, rtol=1e-4)
+
+
+def test_gradients_match_the_plain_spec_version(g):
+    """Every parameter's gradient equals the plain version's (its heads' grads, concatenated)."""
+    z, c = latents(n=3)
+    plain, ws, expected, _ = _plain_and_scale(g, z, c)
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2))
+    (expected * weights).sum().backward()
+    (g.synthesis(ws.detach().requires_grad_(False)) * weights).sum().backward()
+    for ours, level in zip(g.synthesis.levels, plain.levels, strict=True):
+        heads = [level.warp, level.shift, level.lift, level.lift_bias]
+        for name in ("weight", "bias"):
+            want = torch.cat([getattr(h, name).grad for h in heads])
+            got = getattr(ours.affine, name).grad
+            torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-3)
+        want = level.linear.weight.grad
+        got = ours.linear.weight.grad
+        torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-3)
+
+
+def test_bf16_autocast_stays_close_to_float32(g):
+    """Under bf16 autocast the render is float32 and within bf16 rounding of the fp32 one."""
+    z, c = latents(n=2)
+    with torch.no_grad():
+        ref = g(z, c)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = g(z, c)
+    assert out.dtype == torch.float32
+    assert 0 < ((out - ref).norm() / ref.norm()).item() < 5e-2

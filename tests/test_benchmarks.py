@@ -1,0 +1,73 @@
+"""Tests for the benchmark runner (python -m benchmarks): discovery, rows, the table."""
+
+import sys
+
+import pytest
+
+import benchmarks
+from benchmarks import __main__ as runner
+
+
+@pytest.fixture
+def extra_modules(tmp_path, monkeypatch):
+    """Benchmark modules written to a folder the package also searches."""
+    monkeypatch.setattr(benchmarks, "__path__", [*benchmarks.__path__, str(tmp_path)])
+
+    def write(name: str, source: str):
+        (tmp_path / f"{name}.py").write_text(source)
+        monkeypatch.delitem(sys.modules, f"benchmarks.{name}", raising=False)
+
+    yield write
+    for path in tmp_path.glob("*.py"):
+        sys.modules.pop(f"benchmarks.{path.stem}", None)
+
+
+def test_row_ratio_is_higher_is_better():
+    """row() divides ours by the baseline for throughputs and the other way for costs."""
+    assert benchmarks.row("b", "c", 30.0, 10.0, "img/s")["ratio"] == 3.0
+    assert benchmarks.row("b", "c", 30.0, 10.0, "MiB", lower_is_better=True)["ratio"] == 1 / 3
+
+
+def test_a_new_module_joins_the_table(extra_modules, capsys):
+    """A module with run(quick) is discovered, run with --quick, and its rows printed."""
+    extra_modules(
+        "zz_fake",
+        "from benchmarks import row\n"
+        "def run(quick):\n"
+        "    return [row('fake', f'quick={quick}', 4.0, 2.0, 'img/s', note='n')]\n",
+    )
+    extra_modules("zz_helper", "X = 1\n")  # no run(): not a benchmark
+    modules, broken = runner.discover()
+    assert "zz_fake" in modules and "zz_helper" not in modules and not broken
+    assert list(modules)[:2] == ["generator", "train_step"]
+    assert runner.main(["--quick", "--only", "zz_fake"]) == 0
+    out = capsys.readouterr().out
+    assert "| fake | quick=True | 4 | 2 | img/s | 2 | n |" in out
+
+
+def test_a_broken_module_fails_the_run_but_not_the_table(extra_modules, capsys):
+    """A module that raises becomes a FAILED row and a non-zero exit; others still print."""
+    extra_modules(
+        "zz_ok",
+        "from benchmarks import row\ndef run(quick):\n    return [row('ok', 'c', 1.0, 1.0, 'x')]\n",
+    )
+    extra_modules("zz_bad", "def run(quick):\n    raise RuntimeError('boom')\n")
+    extra_modules("zz_noimport", "import module_that_does_not_exist\n")
+    assert runner.main(["--only", "zz_ok", "--only", "zz_bad", "--only", "zz_noimport"]) == 1
+    out = capsys.readouterr().out
+    assert "| ok | c |" in out
+    assert "| zz_bad | FAILED" in out and "| zz_noimport | FAILED to import" in out
+
+
+def test_rows_without_the_required_keys_are_refused(extra_modules):
+    """A row lacking ours/baseline/ratio is an error that names the module."""
+    extra_modules("zz_partial", "def run(quick):\n    return [{'benchmark': 'p', 'case': 'c'}]\n")
+    with pytest.raises(ValueError, match="zz_partial"):
+        runner.main(["--only", "zz_partial"])
+
+
+def test_unknown_module_names_the_available_ones(capsys):
+    """--only with a wrong name exits with the list of modules."""
+    with pytest.raises(SystemExit):
+        runner.main(["--only", "nope"])
+    assert "generator" in capsys.readouterr().err
