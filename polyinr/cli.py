@@ -16,6 +16,11 @@ examples:
   polyinr evaluate                            # metrics/eval.json + samples/grid.png
   polyinr generate --classes 0 1 --seeds 0-7 --psi 0.6 --out grid.png
   polyinr class-embeddings                    # SPEC 2: class embeddings, pretrained init
+  polyinr generate --classes 0 --seeds 3 --resolution 2048 --out big.png   # any resolution
+  polyinr generate --classes random --seeds 0-49999 --out samples.npz     # ADM evaluators
+  polyinr interpolate --classes 0 --seeds 1,2,3 --loop --out walk.gif walk.png
+  polyinr mix --levels shape --source-seeds 0-3 --target-seeds 4-7 --out mix.png
+  polyinr publish                             # the generator -> MLflow Model Registry
   polyinr summary --params configs/imagenet-256.yaml
 
 Every command reads params.yaml (or --params FILE); trailing section.key=value arguments
@@ -46,6 +51,46 @@ def _seeds(text: str) -> list[int]:
         lo, _, hi = part.partition("-")
         out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
     return out
+
+
+def _ids(tokens: list[str]) -> list[int]:
+    """['0-2', '7'] or ['0-2,7'] -> [0, 1, 2, 7]."""
+    return [i for token in tokens for i in _seeds(token)]
+
+
+def _size(text: str) -> tuple[int, int]:
+    """'256' -> (256, 256); '128x512' -> (128, 512) (height x width)."""
+    h, _, w = text.lower().partition("x")
+    size = (int(h), int(w or h))
+    if min(size) < 1:
+        raise ValueError(f"resolution {text!r} must be positive")
+    return size
+
+
+def _keys(classes: list[str], seeds: str) -> list[tuple[int, int]]:
+    """Key samples (class, seed): equal-length lists, or one side of length 1 broadcast."""
+    cs, ss = _ids(classes), _seeds(seeds)
+    if len(cs) == 1:
+        cs = cs * len(ss)
+    elif len(ss) == 1:
+        ss = ss * len(cs)
+    if len(cs) != len(ss):
+        raise ValueError(
+            f"{len(cs)} classes and {len(ss)} seeds: give equal counts, or one of either"
+        )
+    return list(zip(cs, ss, strict=True))
+
+
+def _log_outputs(args, paths, folder: str) -> None:
+    """Log output files (or folders) to the MLflow run given by --mlflow-run, if any."""
+    if not args.mlflow_run:
+        return
+    from polyinr import tracking
+
+    with tracking.start_run(_config(args).tracking, run_id=args.mlflow_run):
+        for path in paths:
+            tracking.log_artifact(path, folder)
+    print(f"logged {', '.join(map(str, paths))} to MLflow run {args.mlflow_run} ({folder}/)")
 
 
 def _device(name: str):
@@ -143,24 +188,165 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    import numpy as np
     from PIL import Image
+    from tqdm import tqdm
 
-    from polyinr.generator import load_generator, render_grid
+    from polyinr import sampling
+    from polyinr.generator import load_generator
 
     g, meta = load_generator(args.generator, _device(args.device))
     seeds = _seeds(args.seeds)
-    classes = [c for c in args.classes for _ in seeds]
-    grid = render_grid(
-        g,
-        classes,
-        seeds * len(args.classes),
-        args.psi,
-        rows=len(args.classes),
-        resolution=args.resolution,
+    if args.classes == ["random"]:
+        classes, pair_seeds = sampling.random_classes(seeds, g.cfg.num_classes), seeds
+        rows = -(-len(seeds) // 8)
+    else:
+        ids = _ids(args.classes)
+        classes, pair_seeds, rows = [c for c in ids for _ in seeds], seeds * len(ids), len(ids)
+    out = Path(args.out)
+    fmt = args.format or {".npz": "npz", ".png": "grid", ".jpg": "grid"}.get(out.suffix, "pngs")
+    sizes = [_size(r) for r in args.resolution] or [(meta["resolution"],) * 2]
+    if fmt != "grid" and len(sizes) > 1:
+        raise ValueError("several resolutions are for --format grid only")
+    ws = sampling.mapping(g, classes, pair_seeds, args.psi)  # (N, L, w_dim)
+    progress = not args.quiet
+
+    if fmt == "grid":
+        # Each sample at every resolution, enlarged (nearest) to the largest for comparison.
+        big = max(sizes)
+        per_size = [
+            sampling.upscale(
+                sampling.to_hwc(
+                    sampling.render(g, ws, sampling.view_grid(*hw, args.view), args.chunk, progress)
+                ),
+                big,
+            )
+            for hw in sizes
+        ]
+        images = np.stack(per_size, axis=1).reshape(-1, *per_size[0].shape[1:])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(sampling.tile(images, rows)).save(out)
+    else:
+        coords = sampling.view_grid(*sizes[0], args.view)
+        if fmt == "npz":
+            writer = sampling.NpzWriter(out, len(ws), *sizes[0])
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+        for i in tqdm(range(len(ws)), desc="generate", unit="img", disable=not progress):
+            image = sampling.to_hwc(sampling.render(g, ws[i : i + 1], coords, args.chunk))
+            if fmt == "npz":
+                writer.write(image, classes[i : i + 1])
+            else:
+                name = f"{i:06d}-class{classes[i]}-seed{pair_seeds[i]}.png"
+                Image.fromarray(image[0]).save(out / name)
+        if fmt == "npz":
+            writer.close()
+    size = " ".join(f"{h}x{w}" for h, w in sizes)
+    print(f"wrote {out} ({fmt}): {len(ws)} samples at {size}, psi {args.psi}")
+    _log_outputs(args, [out], "generate")
+
+
+def _write_video(path: Path, frames, fps: float) -> None:
+    """uint8 (F, H, W, 3) frames -> an animated GIF (Pillow) or an MP4 (OpenCV's MPEG-4)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gif":
+        first, *rest = (Image.fromarray(f) for f in frames)
+        first.save(path, save_all=True, append_images=rest, duration=1000 / fps, loop=0)
+        return
+    try:
+        import cv2
+    except ImportError:
+        raise ValueError("MP4 needs OpenCV (pip install opencv-python); write a .gif") from None
+    h, w = frames.shape[1:3]
+    video = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    if not video.isOpened():
+        raise ValueError(f"OpenCV cannot write {path} (no MPEG-4 encoder); write a .gif")
+    for frame in frames:
+        video.write(frame[:, :, ::-1].copy())  # OpenCV wants BGR
+    video.release()
+
+
+def cmd_interpolate(args) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from polyinr import sampling
+    from polyinr.generator import load_generator
+
+    outs = [Path(p) for p in args.out]
+    bad = [str(p) for p in outs if p.suffix not in (".gif", ".mp4", ".png")]
+    if bad:
+        raise ValueError(f"--out {bad}: use .gif or .mp4 (animation) or .png (strip)")
+    g, meta = load_generator(args.generator, _device(args.device))
+    keys = _keys(args.classes, args.seeds)
+    if args.loop:
+        keys.append(keys[0])
+    if len(keys) < 2:
+        raise ValueError("interpolation needs at least two keys: several seeds or classes")
+    ws_keys = sampling.mapping(g, [c for c, _ in keys], [s for _, s in keys], args.psi)
+    ws = sampling.interpolate(ws_keys, args.steps)  # (F, L, w_dim)
+    size = _size(args.resolution) if args.resolution else (meta["resolution"],) * 2
+    coords = sampling.view_grid(*size, args.view)
+    frames = sampling.to_hwc(sampling.render(g, ws, coords, args.chunk, not args.quiet))
+    for out in outs:
+        if out.suffix == ".png":
+            picks = np.linspace(0, len(frames) - 1, min(args.strip_frames, len(frames)))
+            strip = sampling.tile(frames[picks.round().astype(int)], rows=1, pad=2)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(strip).save(out)
+        else:
+            # A loop's last frame is its first: drop it so the animation cycles smoothly.
+            _write_video(out, frames[:-1] if args.loop else frames, args.fps)
+    print(f"wrote {', '.join(map(str, outs))}: {len(keys)} keys, {len(frames)} frames")
+    _log_outputs(args, outs, "interpolate")
+
+
+def cmd_mix(args) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from polyinr import sampling
+    from polyinr.generator import load_generator
+
+    g, meta = load_generator(args.generator, _device(args.device))
+    start, stop = sampling.mix_levels(args.levels, g.cfg.levels)
+    sources = _keys(args.source_classes, args.source_seeds)
+    targets = _keys(args.target_classes, args.target_seeds)
+    ws_a = sampling.mapping(g, [c for c, _ in sources], [s for _, s in sources], args.psi)
+    ws_b = sampling.mapping(g, [c for c, _ in targets], [s for _, s in targets], args.psi)
+    mixed = sampling.mix(ws_a, ws_b, start, stop)  # (NA, NB, L, w_dim)
+    size = _size(args.resolution) if args.resolution else (meta["resolution"],) * 2
+    coords = sampling.view_grid(*size, args.view)
+    ws = torch.cat([ws_b, ws_a, mixed.flatten(0, 1)])
+    images = sampling.to_hwc(sampling.render(g, ws, coords, args.chunk, not args.quiet))
+    nb, na = len(targets), len(sources)
+    # Row 0: the targets B; column 0: the sources A; cell (i, j): B_j with A_i's levels.
+    blank = np.full_like(images[:1], 255)
+    rows = [np.concatenate([blank, images[:nb]])]
+    for i in range(na):
+        cells = images[nb + na + i * nb : nb + na + (i + 1) * nb]
+        rows.append(np.concatenate([images[nb + i : nb + i + 1], cells]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(sampling.tile(np.concatenate(rows), rows=na + 1, pad=2)).save(out)
+    print(f"wrote {out}: {na} sources x {nb} targets, levels [{start}, {stop})")
+    _log_outputs(args, [out], "mix")
+
+
+def cmd_publish(args) -> None:
+    from polyinr import registry
+    from polyinr.generator import load_generator
+
+    cfg = _config(args)
+    _, meta = load_generator(args.generator)
+    uri = registry.publish(
+        args.generator, meta["resolution"], cfg.tracking, args.name, args.mlflow_run
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(args.out)
-    print(f"wrote {args.out}: {len(args.classes)} classes x {len(seeds)} seeds, psi {args.psi}")
+    print(f"registered {uri} (tracking {cfg.tracking.uri})")
+    print(f"serve it: mlflow models serve -m {uri} --env-manager local --port 5001")
 
 
 def cmd_class_embeddings(args) -> None:
@@ -252,16 +438,102 @@ def main(argv=None) -> int:
     p.add_argument("--generator", default="models/generator.pt", help="exported generator")
     p.add_argument("--out", default="metrics/eval.json", help="metrics JSON (a DVC metric)")
     p.add_argument("--grid", default="samples/grid.png", help="sample grid PNG")
-    p = command("generate", cmd_generate, "A PNG grid of samples: rows are classes, columns seeds.")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--generator", default="models/generator.pt", help="exported generator")
-    p.add_argument("--classes", type=int, nargs="+", default=[0], help="class ids (rows)")
-    p.add_argument("--seeds", default="0-7", help="seeds (columns), e.g. 0-7 or 1,5,9")
-    p.add_argument("--psi", type=float, default=1.0, help="truncation towards the class mean")
-    p.add_argument(
-        "--resolution", type=int, default=None, help="render size (any; default: trained)"
+
+    def sampling_args(p, many_resolutions=False):
+        from polyinr.sampling import DEFAULT_CHUNK, FULL_VIEW
+
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+        p.add_argument("--generator", default="models/generator.pt", help="exported generator")
+        p.add_argument("--psi", type=float, default=1.0, help="truncation towards the class mean")
+        p.add_argument(
+            "--resolution",
+            nargs="+" if many_resolutions else None,
+            default=[] if many_resolutions else None,
+            help="render size R or HxW, any (default: the trained one)"
+            + ("; several: each sample at each, side by side" if many_resolutions else ""),
+        )
+        p.add_argument(
+            "--view",
+            type=float,
+            nargs=4,
+            default=FULL_VIEW,
+            metavar=("TOP", "LEFT", "BOTTOM", "RIGHT"),
+            help="region in training-frame units: 0 0 1 1 is the frame, -0.5 -0.5 1.5 1.5 "
+            "extrapolates beyond it, 0.25 0.25 0.75 0.75 zooms in (default: 0 0 1 1)",
+        )
+        p.add_argument(
+            "--chunk",
+            type=int,
+            default=DEFAULT_CHUNK,
+            help="pixels per synthesis call; sets peak memory, not the result "
+            "(default: %(default)s)",
+        )
+        p.add_argument("--mlflow-run", help="also log the output to this MLflow run id")
+
+    p = command(
+        "generate", cmd_generate, "Samples as a PNG grid (rows classes), PNG files or an npz."
     )
-    p.add_argument("--out", default="samples/generate.png")
+    sampling_args(p, many_resolutions=True)
+    p.add_argument(
+        "--classes",
+        nargs="+",
+        default=["0"],
+        help="class ids (grid rows), e.g. 0 1 2 or 0-9; 'random': one uniform class per seed",
+    )
+    p.add_argument("--seeds", default="0-7", help="seeds (columns), e.g. 0-7 or 1,5,9")
+    p.add_argument("--out", default="samples/generate.png", help="output file or folder")
+    p.add_argument(
+        "--format",
+        choices=["grid", "pngs", "npz"],
+        help="grid: one PNG; pngs: a folder of PNGs; npz: ADM format (arr_0 uint8 NHWC, "
+        "arr_1 labels). Default: from --out (.png grid, .npz npz, else a folder)",
+    )
+
+    p = command(
+        "interpolate",
+        cmd_interpolate,
+        "A walk in w space through key samples (seeds and/or classes): GIF, MP4, PNG strip.",
+    )
+    sampling_args(p)
+    p.add_argument("--classes", nargs="+", default=["0"], help="key classes, e.g. 0 or 0 3 5")
+    p.add_argument("--seeds", default="0-3", help="key seeds, e.g. 0-3 (one broadcasts)")
+    p.add_argument("--steps", type=int, default=16, help="frames from one key to the next")
+    p.add_argument("--loop", action="store_true", help="return to the first key")
+    p.add_argument("--fps", type=float, default=12.0, help="animation frame rate")
+    p.add_argument(
+        "--out",
+        nargs="+",
+        default=["samples/interpolate.gif"],
+        help=".gif or .mp4 (animation; MP4 through OpenCV) and/or .png (a strip of frames)",
+    )
+    p.add_argument("--strip-frames", type=int, default=8, help="frames in a .png strip")
+
+    p = command(
+        "mix",
+        cmd_mix,
+        "Copy levels [a, b) of sources A's w into targets B: a grid, rows A, columns B.",
+    )
+    sampling_args(p)
+    p.add_argument(
+        "--levels",
+        default="shape",
+        help="shape (levels 0-4), style (5 to the last) or START:STOP (default: %(default)s)",
+    )
+    p.add_argument("--source-classes", nargs="+", default=["0"], help="classes of A (rows)")
+    p.add_argument("--source-seeds", default="0-3", help="seeds of A (rows)")
+    p.add_argument("--target-classes", nargs="+", default=["0"], help="classes of B (columns)")
+    p.add_argument("--target-seeds", default="4-7", help="seeds of B (columns)")
+    p.add_argument("--out", default="samples/mix.png")
+
+    p = command(
+        "publish",
+        cmd_publish,
+        "Register the generator in the MLflow Model Registry as a pyfunc model "
+        "(class_id, seed; psi, resolution -> uint8 images) at tracking.uri.",
+    )
+    p.add_argument("--generator", default="models/generator.pt", help="exported generator")
+    p.add_argument("--name", default="polyinr-generator", help="registered model name")
+    p.add_argument("--mlflow-run", help="log the model in this run (default: a new run)")
     p = command(
         "class-embeddings",
         cmd_class_embeddings,

@@ -61,10 +61,15 @@ def log_image(image: np.ndarray, key: str, step: int) -> None:
 
 
 def log_artifact(path: str | Path, folder: str | None = None) -> None:
-    """A file of the active run (a sample grid, a metrics file)."""
+    """A file (a sample grid, a metrics file) or a folder of files of the active run."""
     import mlflow
 
-    mlflow.log_artifact(str(path), artifact_path=folder)
+    if Path(path).is_dir():
+        mlflow.log_artifacts(
+            str(path), artifact_path="/".join(filter(None, [folder, Path(path).name]))
+        )
+    else:
+        mlflow.log_artifact(str(path), artifact_path=folder)
 
 
 def set_tags(tags: dict[str, str]) -> None:
