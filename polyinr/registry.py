@@ -88,6 +88,12 @@ def publish(
             # The polyinr package travels with the model, so it loads where polyinr is absent.
             code_paths=[str(Path(polyinr.__file__).parent)],
             signature=signature(resolution),
+            # Stored as the serving example (serving_input_example.json); MLflow checks it
+            # by a prediction, kept cheap by a small resolution.
+            input_example=(
+                pd.DataFrame({"class_id": [0], "seed": [0]}),
+                {"psi": 1.0, "resolution": 16},
+            ),
             pip_requirements=requirements,
             registered_model_name=name,
         )

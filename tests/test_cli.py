@@ -5,12 +5,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image, ImageSequence
 
-from polyinr import cli
+from polyinr import cli, sampling
+from polyinr.generator import Generator, GeneratorConfig, save_generator
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["demo-data", "prepare", "train", "evaluate", "generate", "summary"]
+COMMANDS = [
+    "demo-data",
+    "prepare",
+    "train",
+    "evaluate",
+    "generate",
+    "interpolate",
+    "mix",
+    "publish",
+    "summary",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -54,3 +68,100 @@ def test_python_dash_m_is_the_same_command():
 def test_seed_ranges():
     """'0-3,7' means seeds 0, 1, 2, 3 and 7."""
     assert cli._seeds("0-3,7") == [0, 1, 2, 3, 7]
+
+
+TINY = GeneratorConfig(
+    conditional=True,
+    num_classes=3,
+    z_dim=8,
+    w_dim=16,
+    embed_dim=12,
+    cond_dim=8,
+    mapping_lr_mult=0.1,
+    hidden=16,
+    levels=10,
+    clamp=256.0,
+    w_avg_beta=0.9,
+)
+
+
+@pytest.fixture
+def tiny_generator(tmp_path, single_thread):
+    """An exported tiny 10-level generator trained at 8 x 8 (random weights)."""
+    torch.manual_seed(0)
+    path = tmp_path / "generator.pt"
+    save_generator(Generator(TINY, 8), path, {"resolution": 8, "cur_nimg": 0})
+    return str(path)
+
+
+def run(*argv):
+    assert cli.main([*argv, "--device", "cpu", "--quiet"]) == 0
+
+
+def test_generate_grid_pngs_and_npz_hold_the_same_samples(tiny_generator, tmp_path):
+    """One (classes x seeds) request as a grid, PNG files and an ADM npz: same pixels."""
+    common = ["generate", "--generator", tiny_generator, "--classes", "0", "2", "--seeds", "3-5"]
+    run(*common, "--psi", "0.7", "--out", str(tmp_path / "s.npz"))
+    run(*common, "--psi", "0.7", "--out", str(tmp_path / "pngs"))
+    run(*common, "--psi", "0.7", "--out", str(tmp_path / "grid.png"))
+    data = np.load(tmp_path / "s.npz")
+    images, labels = data["arr_0"], data["arr_1"]
+    assert images.shape == (6, 8, 8, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [0, 0, 0, 2, 2, 2]
+    files = sorted((tmp_path / "pngs").iterdir())
+    assert [f.name for f in files][:2] == ["000000-class0-seed3.png", "000001-class0-seed4.png"]
+    assert np.array_equal(np.stack([np.asarray(Image.open(f)) for f in files]), images)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert np.array_equal(grid, sampling.tile(images, rows=2))
+
+
+def test_generate_renders_any_resolution_and_compares_them(tiny_generator, tmp_path):
+    """--resolution 4 16 shows each sample at both sizes, the small one enlarged."""
+    out = tmp_path / "cmp.png"
+    run("generate", "--generator", tiny_generator, "--seeds", "0", "--resolution", "4", "16",
+        "--out", str(out))  # fmt: skip
+    assert np.asarray(Image.open(out)).shape == (16, 32, 3)
+    npz = tmp_path / "wide.npz"
+    run("generate", "--generator", tiny_generator, "--seeds", "0", "--resolution", "6x20",
+        "--view", "0", "-1", "1", "2", "--out", str(npz))  # fmt: skip
+    assert np.load(npz)["arr_0"].shape == (1, 6, 20, 3)
+
+
+def test_interpolate_writes_gif_mp4_and_strip(tiny_generator, tmp_path):
+    """A looped walk through 3 keys: 3 x 4 frames in the GIF and the MP4, 5 in the strip."""
+    outs = [tmp_path / "walk.gif", tmp_path / "walk.mp4", tmp_path / "strip.png"]
+    run("interpolate", "--generator", tiny_generator, "--classes", "1", "--seeds", "0-2",
+        "--steps", "4", "--loop", "--strip-frames", "5", "--fps", "10",
+        "--out", *map(str, outs))  # fmt: skip
+    gif = Image.open(outs[0])
+    # Pillow merges frames that look the same after quantisation, adding their durations.
+    durations = [frame.info["duration"] for frame in ImageSequence.Iterator(gif)]
+    assert sum(durations) == 12 * 100 and gif.size == (8, 8)
+    cv2 = pytest.importorskip("cv2")
+    assert int(cv2.VideoCapture(str(outs[1])).get(cv2.CAP_PROP_FRAME_COUNT)) == 12
+    assert np.asarray(Image.open(outs[2])).shape == (8, 5 * 8 + 4 * 2, 3)
+
+
+def test_mix_grid_has_targets_on_top_and_sources_on_the_left(tiny_generator, tmp_path):
+    """Mixing all levels makes every row a copy of its source; the header row is the targets."""
+    out = tmp_path / "mix.png"
+    run("mix", "--generator", tiny_generator, "--levels", "0:10", "--source-seeds", "0-1",
+        "--target-seeds", "2-4", "--out", str(out))  # fmt: skip
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (3 * 8 + 2 * 2, 4 * 8 + 3 * 2, 3)
+    cell = lambda r, c: grid[r * 10 : r * 10 + 8, c * 10 : c * 10 + 8]  # noqa: E731
+    for r in (1, 2):
+        for c in (2, 3):
+            assert np.array_equal(cell(r, c), cell(r, 0))
+    assert not np.array_equal(cell(0, 1), cell(1, 0))
+
+
+def test_sampling_commands_explain_bad_input(tiny_generator, capsys):
+    """Unequal key lists, unknown level presets and odd file types exit 2 with a reason."""
+    base = ["--generator", tiny_generator, "--device", "cpu", "--quiet"]
+    assert cli.main(["interpolate", *base, "--classes", "0", "1", "--seeds", "0-2"]) == 2
+    assert "2 classes and 3 seeds" in capsys.readouterr().err
+    assert cli.main(["mix", *base, "--levels", "eyes"]) == 2
+    assert "shape, style or START:STOP" in capsys.readouterr().err
+    assert cli.main(["interpolate", *base, "--out", "walk.avi"]) == 2
+    assert ".gif or .mp4" in capsys.readouterr().err
