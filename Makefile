@@ -7,7 +7,7 @@ export PATH := $(BIN):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup demo test test-fast lint format clean stack-up stack-down stack-status
+.PHONY: setup demo test test-fast lint format clean stack-up stack-down stack-status docs-images
 
 setup:
 	VENV=$(VENV) bash scripts/install.sh
@@ -38,6 +38,22 @@ stack-down:
 
 stack-status:
 	VENV=$(VENV) bash scripts/stack.sh status
+
+# The README's pictures (docs/*.png) from a trained generator: `make docs-images` after
+# `make demo`, or DOCS_GENERATOR=path/to/generator.pt. Seeds are picked for the demo model.
+DOCS_GENERATOR ?= models/generator.pt
+docs-images: setup
+	$(BIN)/polyinr mix --generator $(DOCS_GENERATOR) --levels shape --device cpu --quiet \
+	  --source-classes 0 0 1 2 --source-seeds 9,12,15,6 \
+	  --target-classes 0 1 0 1 --target-seeds 15,5,2,9 --out docs/mix.png
+	$(BIN)/polyinr interpolate --generator $(DOCS_GENERATOR) --device cpu --quiet \
+	  --classes 0 1 2 0 --seeds 9,15,6,12 --steps 6 --strip-frames 10 --out docs/interpolate.png
+	$(BIN)/polyinr generate --generator $(DOCS_GENERATOR) --device cpu --quiet \
+	  --classes 0 1 --seeds 15 --resolution 32 256 --view 0.25 0.25 0.75 0.75 \
+	  --out docs/superres.png
+	$(BIN)/polyinr generate --generator $(DOCS_GENERATOR) --device cpu --quiet \
+	  --classes 0 1 --seeds 15 --resolution 128 --view -0.5 -0.5 1.5 1.5 \
+	  --out docs/extrapolate.png
 
 # Caches and pipeline outputs (DVC restores or rebuilds them); keeps .venv and MLflow runs.
 clean:

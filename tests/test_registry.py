@@ -59,7 +59,11 @@ def test_registered_model_returns_the_images_of_generate(tmp_path, monkeypatch, 
     assert np.array_equal(images, np.load(out)["arr_0"])
     assert not np.array_equal(images[0], images[1])  # different seeds, different images
 
+    folder = tmp_path / "pngs"
+    argv[argv.index(str(out))] = str(folder)
+    assert cli.main([*argv, "--quiet", "--mlflow-run", run_id, *overrides]) == 0
     logged = [a.path for a in MlflowClient().list_artifacts(run_id, "generate")]
-    assert logged == ["generate/samples.npz"]
+    assert logged == ["generate/pngs", "generate/samples.npz"]
+    assert len(MlflowClient().list_artifacts(run_id, "generate/pngs")) == 4
     default = model.predict(request.iloc[:1])  # params default to psi 1, trained resolution
     assert default.shape == (1, 8, 8, 3)
