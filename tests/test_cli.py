@@ -23,6 +23,7 @@ COMMANDS = [
     "interpolate",
     "mix",
     "publish",
+    "class-embeddings",
     "summary",
 ]
 
