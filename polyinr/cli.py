@@ -517,13 +517,14 @@ def main(argv=None) -> int:
     p.add_argument(
         "--levels",
         default="shape",
-        help="shape (levels 0-4), style (5 to the last) or START:STOP (default: %(default)s)",
+        help="levels copied from A: shape (0-4), style (5 to the last) or START:STOP, the "
+        "half-open range [START, STOP) (default: %(default)s)",
     )
     p.add_argument("--source-classes", nargs="+", default=["0"], help="classes of A (rows)")
     p.add_argument("--source-seeds", default="0-3", help="seeds of A (rows)")
     p.add_argument("--target-classes", nargs="+", default=["0"], help="classes of B (columns)")
     p.add_argument("--target-seeds", default="4-7", help="seeds of B (columns)")
-    p.add_argument("--out", default="samples/mix.png")
+    p.add_argument("--out", default="samples/mix.png", help="grid PNG (row 0: the targets)")
 
     p = command(
         "publish",
