@@ -74,9 +74,21 @@ def publish(
     tracking_cfg: tracking.TrackingConfig,
     name: str = DEFAULT_NAME,
     run_id: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> str:
     """Log the exported generator as a pyfunc model in a run (`run_id`, or a new one) and
-    register it under `name`; returns the model URI `models:/<name>/<version>`."""
+    register it under `name` with version `tags`; returns `models:/<name>/<version>`.
+
+    A version of the same run with the same tags is returned as it is (rerunning a publish
+    that changed nothing registers nothing).
+    """
+    tags = dict(tags or {})
+    if run_id is not None:
+        mlflow.set_tracking_uri(tracking_cfg.uri)
+        query = f"name = '{name}' and run_id = '{run_id}'"
+        for existing in mlflow.MlflowClient().search_model_versions(query):
+            if {k: existing.tags.get(k) for k in tags} == tags:
+                return f"models:/{name}/{existing.version}"
     requirements = [f"{p}=={version(p)}" for p in ("torch", "numpy", "pandas", "tqdm", "mlflow")]
     with tempfile.TemporaryDirectory() as tmp, tracking.start_run(tracking_cfg, run_id=run_id):
         code = Path(tmp) / "polyinr_generator.py"
@@ -97,4 +109,7 @@ def publish(
             pip_requirements=requirements,
             registered_model_name=name,
         )
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, info.registered_model_version, key, value)
     return f"models:/{name}/{info.registered_model_version}"

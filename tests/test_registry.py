@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from polyinr import cli
+from polyinr import cli, config
 from polyinr.generator import Generator, GeneratorConfig, save_generator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,8 @@ def test_registered_model_returns_the_images_of_generate(tmp_path, monkeypatch, 
     images for the same classes, seeds, psi and resolution; --mlflow-run logs outputs."""
     import mlflow
     from mlflow import MlflowClient
+
+    from polyinr import registry
 
     monkeypatch.chdir(ROOT)
     torch.manual_seed(0)
@@ -67,3 +69,11 @@ def test_registered_model_returns_the_images_of_generate(tmp_path, monkeypatch, 
     assert len(MlflowClient().list_artifacts(run_id, "generate/pngs")) == 4
     default = model.predict(request.iloc[:1])  # params default to psi 1, trained resolution
     assert default.shape == (1, 8, 8, 3)
+
+    # Publishing into a run with tags is idempotent: the same run and tags, the same version.
+    cfg = config.load(ROOT / "params.yaml", overrides).tracking
+    tags = {"eval.fid": "12.5"}
+    uri = registry.publish(gen, 8, cfg, "tiny", run_id=run_id, tags=tags)
+    assert uri == "models:/tiny/2"
+    assert registry.publish(gen, 8, cfg, "tiny", run_id=run_id, tags=tags) == uri
+    assert MlflowClient().get_model_version("tiny", "2").tags == tags
