@@ -223,7 +223,7 @@ def publish(trained: dict | None, register_as: str | None, push: bool) -> dict:
 def _publish(logger, trained: dict | None, register_as: str | None, push: bool) -> dict:
     import torch
 
-    from polyinr import tracking
+    from polyinr import registry, tracking
     from polyinr.config import load
     from polyinr.storage import CheckpointStore
     from polyinr.train import GENERATOR_PATH
@@ -260,7 +260,11 @@ def _publish(logger, trained: dict | None, register_as: str | None, push: bool) 
         numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         tags = {f"eval.{k}": str(v) for k, v in numbers.items()}
         tags.update({k: str(metrics[k]) for k in ("protocol", "label") if k in metrics})
-        version = tracking.register_model(cfg.tracking, run_id, generator, register_as, tags)
+        # A pyfunc model (polyinr.registry), loadable with mlflow.pyfunc.load_model.
+        uri = registry.publish(
+            generator, meta["resolution"], cfg.tracking, register_as, run_id, tags
+        )
+        version = uri.rsplit("/", 1)[1]
         logger.info("%s version %s is run %s", register_as, version, run_id)
         out["model_version"] = f"{register_as}/{version}"
     return out
