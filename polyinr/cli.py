@@ -13,6 +13,8 @@ examples:
   polyinr demo-data data/demo                 # the embedded demo dataset
   polyinr prepare                             # data.source -> data/ffcv/train_<R>.beton
   polyinr train train.batch=16                # train (rerun the same command to resume)
+  torchrun --nproc_per_node 4 -m polyinr train  # the same on 4 GPUs (or CPU processes)
+  polyinr checkpoints list                    # one JSON line per committed checkpoint
   polyinr evaluate                            # metrics/eval.json + samples/grid.png
   polyinr generate --classes 0 1 --seeds 0-7 --psi 0.6 --out grid.png
   polyinr class-embeddings                    # SPEC 2: class embeddings, pretrained init
@@ -131,12 +133,28 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from polyinr import train
+    import torch.distributed as dist
+
+    from polyinr import distributed, train
 
     cfg = _config(args)
-    device = train.setup_distributed() if args.device == "auto" else _device(args.device)
-    summary = train.train(cfg, device, progress=not args.quiet)
+    device = distributed.setup() if args.device == "auto" else _device(args.device)
+    try:
+        summary = train.train(cfg, device, progress=not args.quiet)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     print(json.dumps(summary))
+
+
+def cmd_checkpoints(args) -> None:
+    from polyinr.storage import CheckpointStore
+
+    cfg = _config(args)
+    store = CheckpointStore(cfg.storage, cfg.tracking.run_name)
+    store.check()
+    for record in store.records():
+        print(json.dumps(record))
 
 
 def cmd_evaluate(args) -> None:
@@ -414,8 +432,10 @@ def main(argv=None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name, func, help_text):
+    def command(name, func, help_text, actions=()):
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if actions:
+            p.add_argument("action", choices=actions, help="what to do")
         p.add_argument(
             "--params", default="params.yaml", help="complete params file (default: %(default)s)"
         )
@@ -433,6 +453,14 @@ def main(argv=None) -> int:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p = command("train", cmd_train, "Train (or resume) the schedule in train.stages.")
     p.add_argument("--device", default="auto", help="auto (torchrun-aware), cpu, cuda, cuda:N")
+    p = command(
+        "checkpoints",
+        cmd_checkpoints,
+        "List the run's committed checkpoints (storage.uri / tracking.run_name), one JSON "
+        "line each: name, uri, stage, resolution, kimg, size, sha256, weights_sha256 (a hash "
+        "of the EMA generator's tensors), latest, best.",
+        actions=["list"],
+    )
     p = command("evaluate", cmd_evaluate, "FID and IS of the EMA generator; a sample grid.")
     p.add_argument("--device", default="auto")
     p.add_argument("--generator", default="models/generator.pt", help="exported generator")
@@ -552,10 +580,15 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     from polyinr.config import ConfigError
+    from polyinr.storage import StorageError
+    from polyinr.train import Preempted
 
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except Preempted as e:
+        print(f"polyinr {args.command}: {e}", file=sys.stderr)
+        return 143  # 128 + SIGTERM: schedulers see an interrupted job and rerun it
+    except (ConfigError, FileNotFoundError, ValueError, StorageError) as e:
         print(f"polyinr {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,9 +1,9 @@
 """Checkpoints in a local folder or an S3 bucket (boto3 lives only here).
 
-A checkpoint is committed in two writes: the checkpoint object, then a small `latest.json`
-pointer with its name, size and sha256. Loading verifies the checksum and falls back to
-the previous checkpoint when the latest is missing or corrupt. Loading never runs code:
-`torch.load(weights_only=True)`.
+A checkpoint is committed in three writes: the checkpoint object, its record
+`snapshot-N.json` (size, sha256, stage, kimg, weights hash), then the `latest.json` pointer.
+A crash between writes leaves the previous commit intact. Loading verifies the checksum and
+falls back to the previous good checkpoint; it never runs code (`torch.load(weights_only=True)`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 LATEST = "latest.json"
+BEST = "best.json"
+MiB = 1 << 20
 
 
 class StorageError(RuntimeError):
@@ -27,29 +29,61 @@ class StorageError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class StorageConfig:
-    """Where checkpoints go: a local folder or s3://bucket/prefix; how many are kept."""
+    """Where checkpoints go (a folder or s3://bucket/prefix), how many are kept, S3 transfer."""
 
     uri: str
     endpoint_url: str | None
     keep: int
+    retries: int
+    multipart_mb: int
+    staging_dir: str
 
     def __post_init__(self):
         if self.keep < 1:
             raise ValueError(f"keep must be >= 1, got {self.keep}")
+        if self.retries < 1:
+            raise ValueError(f"retries must be >= 1 (attempts per request), got {self.retries}")
+        if self.multipart_mb < 5:
+            raise ValueError(
+                f"multipart_mb must be >= 5 (S3's smallest part), got {self.multipart_mb}"
+            )
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """A hash of named tensors in key order (names, dtypes, shapes, bytes): stable across runs."""
+    h = hashlib.sha256()
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def snapshot_name(cur_nimg: int) -> str:
+    """The object name of the checkpoint taken at cur_nimg (sorts by progress)."""
+    return f"snapshot-{cur_nimg:012d}.pt"
+
+
+def _record_name(name: str) -> str:
+    return name[: -len(".pt")] + ".json"
 
 
 class CheckpointStore:
     """Checkpoints of one run under `<uri>/<run_name>/`, on disk or in S3."""
 
     def __init__(self, cfg: StorageConfig, run_name: str):
+        self.cfg = cfg
         self.keep = cfg.keep
         if cfg.uri.startswith("s3://"):
             bucket, _, prefix = cfg.uri[len("s3://") :].partition("/")
+            if not bucket:
+                raise StorageError(f"storage.uri={cfg.uri!r} names no bucket (s3://bucket/prefix)")
             self.bucket = bucket
             self.prefix = "/".join(p for p in (prefix.strip("/"), run_name) if p)
             self.uri = f"s3://{bucket}/{self.prefix}"
-            self.s3 = _s3_client(cfg.endpoint_url)
+            self.s3 = _s3_client(cfg.endpoint_url, cfg.retries)
             self.root = None
+            self.staging = Path(cfg.staging_dir) / run_name
         else:
             self.s3 = None
             self.root = Path(cfg.uri) / run_name
@@ -73,19 +107,64 @@ class CheckpointStore:
             ) from None
         except botocore.exceptions.ClientError as e:
             code = e.response.get("Error", {}).get("Code", "?")
-            raise StorageError(f"cannot use bucket {self.bucket!r} ({code}): {e}") from None
-        except botocore.exceptions.EndpointConnectionError as e:
-            raise StorageError(f"cannot reach the S3 endpoint: {e}") from None
+            what = (
+                "does not exist" if code in ("404", "NoSuchBucket") else f"cannot be used ({code})"
+            )
+            raise StorageError(f"bucket {self.bucket!r} of storage.uri {what}: {e}") from None
+        except botocore.exceptions.BotoCoreError as e:  # endpoint unreachable, bad URL, ...
+            raise StorageError(f"cannot reach the S3 endpoint for {self.uri}: {e}") from None
 
     # Raw object access: the only place that knows local vs S3.
     def _put(self, name: str, data: bytes) -> None:
         if self.s3 is not None:
-            self.s3.upload_fileobj(io.BytesIO(data), self.bucket, f"{self.prefix}/{name}")
+            self._s3_call("upload", self.s3.put_object, Body=data, Key=f"{self.prefix}/{name}")
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{name}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.root / name)
+        _write_atomic(self.root / name, data)
+
+    def _put_large(self, name: str, data: bytes) -> None:
+        """A checkpoint: atomic file locally; on S3 staged on disk, then (multipart) uploaded."""
+        if self.s3 is None:
+            self._put(name, data)
+            return
+        from boto3.s3.transfer import TransferConfig
+
+        self.staging.mkdir(parents=True, exist_ok=True)
+        local = self.staging / name
+        _write_atomic(local, data)
+        part = self.cfg.multipart_mb * MiB
+        transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part)
+        key = f"{self.prefix}/{name}"
+        self._s3_call(
+            f"upload (the checkpoint stays at {local})",
+            self.s3.upload_file,
+            str(local),
+            self.bucket,
+            key,
+            Config=transfer,
+        )
+        size = self._s3_call("check", self.s3.head_object, Key=key)["ContentLength"]
+        if size != len(data):
+            raise StorageError(f"{self.uri}/{name} has {size} bytes, expected {len(data)}")
+        local.unlink()
+
+    def _s3_call(self, what: str, fn, *args, **kwargs):
+        """One boto3 call (botocore retries it with back-off); a final failure -> StorageError."""
+        import boto3.exceptions
+        import botocore.exceptions
+
+        if not args:
+            kwargs.setdefault("Bucket", self.bucket)
+        try:
+            return fn(*args, **kwargs)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            error = e
+        except boto3.exceptions.S3UploadFailedError as e:
+            error = e
+        raise StorageError(
+            f"S3 {what} failed for {self.uri} "
+            f"after {self.cfg.retries} attempts per request: {error}"
+        ) from error
 
     def _get(self, name: str) -> bytes | None:
         if self.s3 is not None:
@@ -97,7 +176,7 @@ class CheckpointStore:
         path = self.root / name
         return path.read_bytes() if path.is_file() else None
 
-    def _names(self) -> list[str]:
+    def _names(self, suffix: str = ".pt") -> list[str]:
         if self.s3 is not None:
             pages = self.s3.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=f"{self.prefix}/"
@@ -106,7 +185,7 @@ class CheckpointStore:
             names = [k[len(self.prefix) + 1 :] for k in keys]
         else:
             names = [p.name for p in self.root.glob("*")] if self.root.is_dir() else []
-        return sorted(n for n in names if n.startswith("snapshot-") and n.endswith(".pt"))
+        return sorted(n for n in names if n.startswith("snapshot-") and n.endswith(suffix))
 
     def _delete(self, name: str) -> None:
         if self.s3 is not None:
@@ -114,62 +193,130 @@ class CheckpointStore:
         else:
             (self.root / name).unlink(missing_ok=True)
 
-    def save(self, state: dict, cur_nimg: int) -> str:
-        """Write a checkpoint, then point `latest.json` at it; prune old ones. -> its URI."""
+    def _json(self, name: str) -> dict | None:
+        raw = self._get(name)
+        if not raw:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError as e:
+            print(f"warning: {self.uri}/{name} is unreadable ({e})", file=sys.stderr)
+            return None
+        return value if isinstance(value, dict) else None
+
+    def save(self, state: dict, cur_nimg: int, info: dict | None = None) -> str:
+        """Commit a checkpoint (object, record, then `latest.json`); prune old ones. -> its URI.
+
+        `info` (stage, kimg, weights hash, ...) goes into the record that `records()` lists.
+        """
         buffer = io.BytesIO()
         torch.save(state, buffer)
         data = buffer.getvalue()
-        name = f"snapshot-{cur_nimg:012d}.pt"
-        self._put(name, data)
-        pointer = {"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        self._put(LATEST, json.dumps(pointer).encode())
+        name = snapshot_name(cur_nimg)
+        record = {
+            "name": name,
+            "uri": f"{self.uri}/{name}",
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            **(info or {}),
+        }
+        self._put_large(name, data)
+        self._put(_record_name(name), json.dumps(record).encode())
+        self._put(LATEST, json.dumps({k: record[k] for k in ("name", "size", "sha256")}).encode())
+        self._prune()
+        return record["uri"]
+
+    def _prune(self) -> None:
+        """Keep the newest `keep` checkpoints and the best one; records go with their objects."""
+        best = (self._json(BEST) or {}).get("name")
         for old in self._names()[: -self.keep]:
-            self._delete(old)
-        return f"{self.uri}/{name}"
+            if old != best:
+                self._delete(old)
+                self._delete(_record_name(old))
+
+    def mark_best(self, name: str, fid: float) -> bool:
+        """Record checkpoint `name` as the best so far if its FID beats the current best's.
+
+        The best checkpoint survives pruning. Returns whether `name` is now the best.
+        """
+        if name not in self._names():
+            raise StorageError(f"no checkpoint {self.uri}/{name} to mark as best")
+        current = self._json(BEST)
+        if current and current.get("name") in self._names() and current["fid"] <= fid:
+            return current["name"] == name
+        self._put(BEST, json.dumps({"name": name, "fid": float(fid)}).encode())
+        self._prune()
+        return True
+
+    def records(self) -> list[dict]:
+        """The committed checkpoints, oldest first: each record plus `latest` and `best` flags."""
+        latest = (self._json(LATEST) or {}).get("name")
+        best = self._json(BEST) or {}
+        out = []
+        for name in self._names():
+            record = self._json(_record_name(name))
+            if record is None:  # never committed (a crash mid-commit) or from an older version
+                continue
+            record["latest"] = name == latest
+            record["best"] = name == best.get("name")
+            if record["best"]:
+                record["fid"] = best.get("fid")
+            out.append(record)
+        return out
 
     def load_latest(self) -> tuple[dict, str] | None:
         """The newest checkpoint that loads and matches its checksum, and its URI; or None."""
-        pointer = None
-        pointer_raw = self._get(LATEST)
-        if pointer_raw:
-            try:
-                pointer = json.loads(pointer_raw)
-                if not {"name", "sha256"} <= set(pointer):
-                    raise ValueError("no name or sha256")
-            except ValueError as e:  # JSONDecodeError too: fall back to listing snapshots
-                print(f"warning: {self.uri}/{LATEST} is unreadable ({e})", file=sys.stderr)
-                pointer = None
+        pointer = self._json(LATEST)
+        if pointer is not None and not {"name", "sha256"} <= set(pointer):
+            print(f"warning: {self.uri}/{LATEST} has no name or sha256", file=sys.stderr)
+            pointer = None
         candidates = self._names()[::-1]
         if pointer and pointer["name"] in candidates:
-            candidates.remove(pointer["name"])
-            candidates.insert(0, pointer["name"])
+            # Newer objects than the pointer's were never committed: try the pointer first.
+            candidates = candidates[candidates.index(pointer["name"]) :]
         for name in candidates:
-            data = self._get(name)
-            if data is None:
-                continue
-            if pointer and name == pointer["name"]:
-                if hashlib.sha256(data).hexdigest() != pointer["sha256"]:
-                    print(
-                        f"warning: {self.uri}/{name} fails its checksum; trying older",
-                        file=sys.stderr,
-                    )
-                    continue
-            try:
-                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            except Exception as e:  # a truncated or foreign file: fall back to an older one
-                print(
-                    f"warning: cannot load {self.uri}/{name} ({e}); trying older", file=sys.stderr
-                )
-                continue
-            return state, f"{self.uri}/{name}"
+            loaded = self.load(name, pointer if pointer and pointer["name"] == name else None)
+            if loaded is not None:
+                return loaded, f"{self.uri}/{name}"
         return None
 
+    def load(self, name: str, expected: dict | None = None) -> dict | None:
+        """Checkpoint `name` if it matches its recorded sha256 and loads safely; else None."""
+        data = self._get(name)
+        if data is None:
+            print(f"warning: {self.uri}/{name} is missing; trying older", file=sys.stderr)
+            return None
+        expected = expected or self._json(_record_name(name))
+        if expected and hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            print(f"warning: {self.uri}/{name} fails its checksum; trying older", file=sys.stderr)
+            return None
+        try:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or foreign file: fall back to an older one
+            print(f"warning: cannot load {self.uri}/{name} ({e}); trying older", file=sys.stderr)
+            return None
 
-def _s3_client(endpoint_url: str | None):
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name, flush to disk, then rename: readers see all or nothing."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _s3_client(endpoint_url: str | None, attempts: int):
     import boto3
     from botocore.config import Config
 
-    # Retries with back-off on throttling, 5xx and connection errors.
-    config = Config(retries={"max_attempts": 10, "mode": "standard"})
+    # botocore's standard mode retries throttling, 5xx and connection errors with
+    # exponential back-off and jitter, up to `attempts` tries per request (each part too).
+    config = Config(
+        retries={"total_max_attempts": attempts, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=60,
+    )
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
     return boto3.client("s3", endpoint_url=endpoint, config=config)

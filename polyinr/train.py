@@ -1,8 +1,8 @@
 """Train Poly-INR with a projected discriminator, stage by stage; rerun the command to resume.
 
 Progress is counted in images (cur_nimg). One iteration is one G step then one D step on
-the global batch; gradients are all-reduced by hand across ranks (torchrun), which keeps
-the frozen networks and alternating phases out of DDP's unused-parameter bookkeeping.
+the global batch, split over torchrun ranks and accumulation rounds; every random draw is a
+function of (seed, cur_nimg), so a resumed run continues exactly where the last one stopped.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import os
+import functools
+import random
 import sys
 from pathlib import Path
 
@@ -19,10 +20,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from polyinr import augment, data, embedding, loss, tracking
+from polyinr import augment, data, distributed, embedding, loss, tracking
 from polyinr.discriminator import ProjectedDiscriminator
 from polyinr.generator import Generator, render_grid, save_generator
-from polyinr.storage import CheckpointStore
+from polyinr.storage import CheckpointStore, tensors_sha256
 
 GENERATOR_PATH = Path("models/generator.pt")
 TRAIN_CURVE = Path("metrics/train.csv")
@@ -77,20 +78,51 @@ def configure_backends() -> None:
     torch.backends.cudnn.benchmark = True
 
 
+class Preempted(RuntimeError):
+    """Training stopped by SIGTERM (a pre-empted node) after saving a checkpoint."""
+
+
+def _mix(*numbers: int) -> int:
+    """One 63-bit seed from several integers (seed, rank, cur_nimg, ...)."""
+    h = 0
+    for n in numbers:
+        h = (h * 1_000_003 + int(n) + 7_919) % (2**63 - 1)
+    return h
+
+
 def _reseed(seed: int, rank: int, cur_nimg: int) -> None:
-    # A resumed run draws what an uninterrupted one would have at the same cur_nimg.
-    torch.manual_seed((seed * 1_000_003 + rank * 7_919 + cur_nimg) % (2**63 - 1))
+    # The global RNG (DiffAugment's draws) is a function of (seed, rank, cur_nimg), so a
+    # resumed run draws what an uninterrupted one would have at the same cur_nimg.
+    torch.manual_seed(_mix(seed, rank, cur_nimg))
 
 
-def _all_reduce_grads(params, world: int) -> None:
-    """Average gradients over ranks and zero non-finite entries (SPEC: NaN/Inf zeroed)."""
-    for p in params:
-        if p.grad is None:
-            continue
-        if world > 1:
-            dist.all_reduce(p.grad)
-            p.grad /= world
-        torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+def _draws(seed: int, cur_nimg: int, batch: int, z_dim: int):
+    """Per global sample: G-step latents (N, z_dim) and D-step latents (N, z_dim).
+
+    Drawn from (seed, cur_nimg) alone, so every rank and every world size agrees on them.
+    """
+    gen = torch.Generator().manual_seed(_mix(seed, cur_nimg))
+    return torch.randn(batch, z_dim, generator=gen), torch.randn(batch, z_dim, generator=gen)
+
+
+def _rng_states() -> dict:
+    """This process's torch, CUDA, numpy and Python RNG states, as weights_only-safe types."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_states(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    kind, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(s["python"])
 
 
 @torch.no_grad()
@@ -101,13 +133,14 @@ def _update_ema(g_ema: Generator, g: Generator, beta: float) -> None:
         b_ema.copy_(b)
 
 
-def training_step(g, d, opt_g, opt_d, reals, sigma: float, world: int = 1):
-    """One G step then one D step over `reals`, a list of (images, labels) accumulation rounds.
+def training_step(g, d, opt_g, opt_d, reals, z_g, z_d, sigma: float, world: int = 1):
+    """One G step then one D step; returns this rank's hinge losses (G, D).
 
-    Returns the hinge losses (G, D) of this rank. The D step updates the generator's
-    per-class running average of w, as the reference does.
+    reals: per accumulation round, (images (b, 3, R, R) in [-1, 1], labels (b,));
+    z_g, z_d: per round, the latents (b, z_dim) of the G and the D step. Each round's loss
+    is divided by the number of rounds, so accumulated gradients are the mean over the batch.
     """
-    rounds, z_dim = len(reals), g.cfg.z_dim
+    rounds = len(reals)
     g_params = list(g.parameters())
     d_params = [p for p in d.parameters() if p.requires_grad]
 
@@ -115,12 +148,11 @@ def training_step(g, d, opt_g, opt_d, reals, sigma: float, world: int = 1):
     d.requires_grad_(False)
     opt_g.zero_grad(set_to_none=True)
     loss_g = 0.0
-    for _, c in reals:
-        z = torch.randn(len(c), z_dim, device=c.device)
+    for (_, c), z in zip(reals, z_g, strict=True):
         lg = loss.g_hinge(d(augment.blur(g(z, c), sigma), c)) / rounds
         lg.backward()
         loss_g += lg.item()
-    _all_reduce_grads(g_params, world)
+    distributed.all_reduce_grads(g_params, world)
     opt_g.step()
 
     # D step: hinge loss on blurred reals and fakes.
@@ -128,43 +160,42 @@ def training_step(g, d, opt_g, opt_d, reals, sigma: float, world: int = 1):
         p.requires_grad_(True)
     opt_d.zero_grad(set_to_none=True)
     loss_d = 0.0
-    for x, c in reals:
-        z = torch.randn(len(c), z_dim, device=c.device)
+    for (x, c), z in zip(reals, z_d, strict=True):
         with torch.no_grad():
-            fake = augment.blur(g(z, c, update_w_avg=True), sigma)
+            fake = augment.blur(g(z, c), sigma)
         ld = loss.d_hinge(d(augment.blur(x, sigma), c), d(fake, c)) / rounds
         ld.backward()
         loss_d += ld.item()
-    _all_reduce_grads(d_params, world)
+    distributed.all_reduce_grads(d_params, world)
     opt_d.step()
     return loss_g, loss_d
 
 
 def _batches(loader):
-    """Endless (images, labels) batches, epoch after epoch."""
+    """Endless (images, labels) batches, epoch after epoch, from the loader's position."""
     while True:
         yield from loader
 
 
 def _stage_models(cfg, stage: Stage, num_classes: int, device, g_ema_prev):
     """G, G_ema, D and their optimisers for a stage; later stages start from the last EMA."""
-    if g_ema_prev is None:
-        g = Generator(cfg.generator, stage.resolution).to(device)
-        if cfg.train.embed_init:
-            # SPEC 2: the class embedding starts from a pretrained classifier, then trains.
-            table = embedding.load(
-                cfg.train.embed_init, cfg.generator.num_classes, cfg.generator.embed_dim
-            )
-            with torch.no_grad():
-                g.mapping.embed.weight.copy_(table)
-    else:
-        g = copy.deepcopy(g_ema_prev).train().requires_grad_(True)
-        g.synthesis.set_resolution(stage.resolution)
-    g_ema = copy.deepcopy(g).eval().requires_grad_(False)
-    # Frozen random parts of D (random-weight feature networks, projections) are rebuilt
-    # from the seed, so checkpoints only carry what training changes.
     with torch.random.fork_rng(devices=[]):
+        # Initial weights (and the frozen random parts of D, which checkpoints do not
+        # carry) are a function of the seed alone: every rank and every rerun builds the same.
         torch.manual_seed(cfg.train.seed)
+        if g_ema_prev is None:
+            g = Generator(cfg.generator, stage.resolution).to(device)
+            if cfg.train.embed_init:
+                # SPEC 2: the class embedding starts from a pretrained classifier, then trains.
+                table = embedding.load(
+                    cfg.train.embed_init, cfg.generator.num_classes, cfg.generator.embed_dim
+                )
+                with torch.no_grad():
+                    g.mapping.embed.weight.copy_(table)
+        else:
+            g = copy.deepcopy(g_ema_prev).train().requires_grad_(True)
+            g.synthesis.set_resolution(stage.resolution)
+        g_ema = copy.deepcopy(g).eval().requires_grad_(False)
         d = ProjectedDiscriminator(cfg.discriminator, stage.resolution, num_classes).to(device)
     t = cfg.train
     opt_g = torch.optim.Adam(g.parameters(), lr=t.lr_g, betas=tuple(t.betas), eps=t.eps)
@@ -173,37 +204,60 @@ def _stage_models(cfg, stage: Stage, num_classes: int, device, g_ema_prev):
     return g, g_ema, d, opt_g, opt_d
 
 
+def _resume(store, cfg, rank: int):
+    """The latest good checkpoint's state (None for a fresh run), after checking it fits cfg."""
+    from polyinr.config import to_dict
+
+    resumed = store.load_latest()
+    if resumed is None:
+        return None
+    state, uri = resumed
+    for section in ("generator", "discriminator"):
+        if state["config"][section] != to_dict(getattr(cfg, section)):
+            raise ValueError(
+                f"checkpoint {uri} was made with a different {section} section; "
+                "use another tracking.run_name or storage.uri to start a new run"
+            )
+    if rank == 0:
+        print(f"resuming from {uri} at kimg {state['cur_nimg'] / 1000:g}", file=sys.stderr)
+    states = state["rng"]
+    if rank < len(states):
+        _set_rng_states(states[rank])
+    return state
+
+
 def train(cfg, device: torch.device, progress: bool = True) -> dict:
-    """Run (or resume) the whole schedule of cfg.train.stages; returns a summary."""
+    """Run (or resume) the whole schedule of cfg.train.stages; returns a summary.
+
+    Under torchrun every rank calls this; rank 0 writes checkpoints, logs and samples.
+    Raises Preempted after checkpointing when the process receives SIGTERM.
+    """
+    with distributed.StopFlag() as stop:
+        return _train(cfg, device, progress, stop)
+
+
+def _train(cfg, device, progress: bool, stop: distributed.StopFlag) -> dict:
     from polyinr.config import flatten, to_dict
 
     configure_backends()
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, world = distributed.rank_world()
     t = cfg.train
     batch_gpu = t.batch_gpu or t.batch // world
     rounds = t.batch // (batch_gpu * world)
     if rounds < 1 or rounds * batch_gpu * world != t.batch:
-        raise ValueError(f"train.batch={t.batch} is not a multiple of batch_gpu x world size")
+        raise ValueError(
+            f"train.batch={t.batch} is not a multiple of batch_gpu ({batch_gpu}) "
+            f"x world size ({world})"
+        )
 
+    # Storage problems (credentials, bucket, permissions) stop here, before any compute.
     store = CheckpointStore(cfg.storage, cfg.tracking.run_name)
-    if rank == 0:
-        store.check()
-    resumed = store.load_latest()
-    state = resumed[0] if resumed else None
+    distributed.on_rank0(store.check, rank, world)
+    state = _resume(store, cfg, rank)
     if state is None and t.embed_init:
         if not cfg.generator.conditional:
             raise ValueError("train.embed_init needs generator.conditional=true")
         embedding.load(t.embed_init, cfg.generator.num_classes, cfg.generator.embed_dim)
-    if state is not None:
-        saved = state["config"]
-        for section in ("generator", "discriminator"):
-            if saved[section] != to_dict(getattr(cfg, section)):
-                raise ValueError(
-                    f"checkpoint {resumed[1]} was made with a different {section} section; "
-                    "use another tracking.run_name or storage.uri to start a new run"
-                )
-        print(f"resuming from {resumed[1]} at {state['cur_nimg'] / 1000:.1f} kimg", file=sys.stderr)
     cur_nimg = state["cur_nimg"] if state else 0
     history = list(state["history"]) if state else []
 
@@ -232,6 +286,8 @@ def train(cfg, device: torch.device, progress: bool = True) -> dict:
             opt_g.load_state_dict(state["opt_G"])
             opt_d.load_state_dict(state["opt_D"])
             state = None
+        for module in (g, g_ema, d):
+            distributed.broadcast(module, world)
         if cur_nimg >= ends[index]:
             continue
         path = data.beton_path(cfg.data.out_dir, stage.resolution)
@@ -262,14 +318,31 @@ def train(cfg, device: torch.device, progress: bool = True) -> dict:
         )
         sums, count, next_snapshot = np.zeros(2), 0, _next_tick(cur_nimg, t.snapshot_kimg)
         next_sample = _next_tick(cur_nimg, t.sample_kimg)
+        positions = [distributed.positions(q, rank, world, batch_gpu) for q in range(rounds)]
         while cur_nimg < ends[index]:
             stage_nimg = cur_nimg - starts[index]
             _reseed(t.seed, rank, cur_nimg)
+            z_g, z_d = _draws(t.seed, cur_nimg, t.batch, cfg.generator.z_dim)
             sigma = augment.blur_sigma(
                 stage_nimg, cfg.discriminator.blur_sigma, cfg.discriminator.blur_kimg
             )
             reals = [next(batches) for _ in range(rounds)]
-            loss_g, loss_d = training_step(g, d, opt_g, opt_d, reals, sigma, world)
+            loss_g, loss_d = training_step(
+                g,
+                d,
+                opt_g,
+                opt_d,
+                reals,
+                [z_g[pos].to(device) for pos in positions],
+                [z_d[pos].to(device) for pos in positions],
+                sigma,
+                world,
+            )
+            # The per-class running mean of w (truncation) from the whole global batch, so
+            # that it is the same on every rank and for every split of the batch.
+            with torch.no_grad():
+                labels = distributed.gather_labels([c for _, c in reals], world)
+                g.mapping(z_d.to(device), labels, update_w_avg=True)
             cur_nimg += t.batch
             # EMA with half-life ema_kimg, ramped up as ema_rampup x images seen this stage.
             ema_nimg = ema_nimg_full
@@ -292,9 +365,10 @@ def train(cfg, device: torch.device, progress: bool = True) -> dict:
                     rows=len(grid_classes) // 8,
                 )
                 tracking.log_image(grid, key="samples", step=cur_nimg // 1000)
-            if cur_nimg >= next_snapshot or done:
+            stopping = stop.any_rank(world, device)
+            if cur_nimg >= next_snapshot or done or stopping:
                 next_snapshot = _next_tick(cur_nimg, t.snapshot_kimg)
-                mean = sums / max(count, 1)
+                mean = distributed.mean_over_ranks(sums / max(count, 1), world, device)
                 sums, count = np.zeros(2), 0
                 row = {
                     "kimg": cur_nimg / 1000,
@@ -305,34 +379,49 @@ def train(cfg, device: torch.device, progress: bool = True) -> dict:
                     "blur_sigma": sigma,
                 }
                 history.append(row)
+                rng = [None] * world
+                if world > 1:
+                    dist.all_gather_object(rng, _rng_states())
+                else:
+                    rng = [_rng_states()]
+                checkpoint = {
+                    "G": g.state_dict(),
+                    "G_ema": g_ema.state_dict(),
+                    "D": d.trainable_state_dict(),
+                    "opt_G": opt_g.state_dict(),
+                    "opt_D": opt_d.state_dict(),
+                    "cur_nimg": cur_nimg,
+                    "stage": index,
+                    "data_position": list(loader.position),
+                    "history": history,
+                    "mlflow_run_id": run_id,
+                    "config": to_dict(cfg),
+                    "rng": rng,
+                }
+                info = {
+                    "stage": index,
+                    "resolution": stage.resolution,
+                    "kimg": cur_nimg / 1000,
+                    "weights_sha256": tensors_sha256(g_ema.state_dict()),
+                }
                 if rank == 0:
                     tracking.log_metrics(
                         {k: row[k] for k in ("loss_g", "loss_d", "blur_sigma")},
                         step=cur_nimg // 1000 if cur_nimg >= 1000 else 0,
                     )
-                    uri = store.save(
-                        {
-                            "G": g.state_dict(),
-                            "G_ema": g_ema.state_dict(),
-                            "D": d.trainable_state_dict(),
-                            "opt_G": opt_g.state_dict(),
-                            "opt_D": opt_d.state_dict(),
-                            "cur_nimg": cur_nimg,
-                            "stage": index,
-                            "data_position": list(loader.position),
-                            "history": history,
-                            "mlflow_run_id": run_id,
-                            "config": to_dict(cfg),
-                            "rng": torch.get_rng_state(),
-                        },
-                        cur_nimg,
-                    )
+                save = functools.partial(store.save, checkpoint, cur_nimg, info)
+                uri = distributed.on_rank0(save, rank, world)
+                if rank == 0:
                     tqdm.write(
-                        f"kimg {cur_nimg / 1000:.2f}: loss_g {mean[0]:.3f} "
+                        f"kimg {cur_nimg / 1000:g}: loss_g {mean[0]:.3f} "
                         f"loss_d {mean[1]:.3f} -> {uri}"
                     )
-                if world > 1:
-                    dist.barrier()
+                if stopping:
+                    bar.close()
+                    raise Preempted(
+                        f"stopped by SIGTERM at kimg {cur_nimg / 1000:g}; checkpoint {uri}; "
+                        "rerun the same command to resume"
+                    )
         bar.close()
 
     if rank == 0:
@@ -366,15 +455,3 @@ def _write_curve(history: list[dict], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(history)
-
-
-def setup_distributed() -> torch.device:
-    """Join the torchrun process group if there is one; returns this rank's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")

@@ -1,11 +1,11 @@
 """Tests for polyinr.storage: checkpoints on a local folder and on a real S3 server (moto)."""
 
 import json
+import tempfile
 
 import boto3
 import pytest
 import torch
-from botocore.config import Config
 
 from polyinr import storage
 from polyinr.storage import CheckpointStore, StorageConfig, StorageError
@@ -26,10 +26,19 @@ def assert_state_equal(loaded: dict, expected: dict) -> None:
     assert loaded["cur_nimg"] == expected["cur_nimg"] and loaded["meta"] == expected["meta"]
 
 
-def local_store(tmp_path, keep=3) -> CheckpointStore:
-    return CheckpointStore(
-        StorageConfig(uri=str(tmp_path / "ckpt"), endpoint_url=None, keep=keep), "run"
+def storage_config(uri: str, endpoint_url=None, keep=3, retries=3, staging="staging"):
+    return StorageConfig(
+        uri=uri,
+        endpoint_url=endpoint_url,
+        keep=keep,
+        retries=retries,
+        multipart_mb=5,
+        staging_dir=staging,
     )
+
+
+def local_store(tmp_path, keep=3) -> CheckpointStore:
+    return CheckpointStore(storage_config(str(tmp_path / "ckpt"), keep=keep), "run")
 
 
 def test_local_round_trip(tmp_path):
@@ -132,11 +141,12 @@ def test_nothing_loadable_gives_none(tmp_path):
 def test_keep_must_be_positive():
     """keep < 1 is refused by the config."""
     with pytest.raises(ValueError, match="keep"):
-        StorageConfig(uri="checkpoints", endpoint_url=None, keep=0)
+        storage_config("checkpoints", keep=0)
 
 
-def s3_store(endpoint: str, bucket: str, keep=2) -> CheckpointStore:
-    cfg = StorageConfig(uri=f"s3://{bucket}/prefix", endpoint_url=endpoint, keep=keep)
+def s3_store(endpoint: str, bucket: str, keep=2, retries=3, staging=None) -> CheckpointStore:
+    staging = staging or tempfile.mkdtemp(prefix="staging-")
+    cfg = storage_config(f"s3://{bucket}/prefix", endpoint, keep, retries, str(staging))
     return CheckpointStore(cfg, "run")
 
 
@@ -146,9 +156,9 @@ def s3_keys(endpoint: str, bucket: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_s3_round_trip_and_pruning(s3_env, s3_bucket):
+def test_s3_round_trip_and_pruning(s3_env, s3_bucket, tmp_path):
     """On a real S3 server: check passes, save/load round trips, keep=2 prunes."""
-    store = s3_store(s3_env, s3_bucket, keep=2)
+    store = s3_store(s3_env, s3_bucket, keep=2, staging=tmp_path)
     store.check()
     assert store.load_latest() is None
     for step in (1, 2, 3):
@@ -159,7 +169,9 @@ def test_s3_round_trip_and_pruning(s3_env, s3_bucket):
     assert loaded_uri == uri
     assert s3_keys(s3_env, s3_bucket) == [
         "prefix/run/latest.json",
+        "prefix/run/snapshot-000000000002.json",
         "prefix/run/snapshot-000000000002.pt",
+        "prefix/run/snapshot-000000000003.json",
         "prefix/run/snapshot-000000000003.pt",
     ]
 
@@ -216,13 +228,193 @@ def test_s3_unreachable_endpoint_is_a_storage_error(s3_env):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = StorageConfig(uri="s3://b/prefix", endpoint_url=f"http://127.0.0.1:{port}", keep=1)
+    cfg = storage_config("s3://b/prefix", f"http://127.0.0.1:{port}", keep=1, retries=1)
     store = CheckpointStore(cfg, "run")
-    # The store's client retries 10 times with back-off; one quick attempt shows the message.
-    store.s3 = boto3.client(
-        "s3",
-        endpoint_url=f"http://127.0.0.1:{port}",
-        config=Config(retries={"max_attempts": 1}, connect_timeout=1),
-    )
     with pytest.raises(StorageError, match="endpoint"):
         store.check()
+
+
+def test_best_checkpoint_survives_pruning_and_is_listed(tmp_path):
+    """mark_best keeps the lowest-FID checkpoint past `keep`; records() flags latest and best."""
+    store = local_store(tmp_path, keep=2)
+    store.save(state(1), cur_nimg=1, info={"stage": 0, "kimg": 0.001})
+    assert store.mark_best(storage.snapshot_name(1), fid=10.0)
+    store.save(state(2), cur_nimg=2, info={"stage": 0, "kimg": 0.002})
+    assert not store.mark_best(storage.snapshot_name(2), fid=12.0)  # worse: best stays
+    for step in (3, 4):
+        store.save(state(step), cur_nimg=step, info={"stage": 1, "kimg": step / 1000})
+    records = store.records()
+    assert [r["name"] for r in records] == [storage.snapshot_name(n) for n in (1, 3, 4)]
+    assert [r["best"] for r in records] == [True, False, False]
+    assert [r["latest"] for r in records] == [False, False, True]
+    assert records[0]["fid"] == 10.0 and records[2]["stage"] == 1
+    assert records[2]["size"] == (store.root / storage.snapshot_name(4)).stat().st_size
+    assert store.mark_best(storage.snapshot_name(4), fid=3.0)
+    store.save(state(5), cur_nimg=5)
+    names = sorted(p.name for p in store.root.glob("snapshot-*.pt"))
+    assert names == [storage.snapshot_name(n) for n in (4, 5)]  # old best pruned now
+
+
+def test_checksum_of_an_older_snapshot_is_checked_from_its_record(tmp_path, capsys):
+    """Falling back past a corrupt latest also verifies the older snapshot against its record."""
+    store = local_store(tmp_path)
+    for step in (1, 2, 3):
+        store.save(state(step), cur_nimg=step)
+    for step in (2, 3):
+        path = store.root / storage.snapshot_name(step)
+        data = bytearray(path.read_bytes())
+        data[-20] ^= 0xFF
+        path.write_bytes(bytes(data))
+    loaded, uri = store.load_latest()
+    assert_state_equal(loaded, state(1))
+    assert capsys.readouterr().err.count("fails its checksum") == 2
+
+
+def test_tensors_sha256_is_stable_and_sensitive():
+    """Equal tensors hash equal (fresh copies too); a changed value, name or order does not."""
+    a = {"x": torch.arange(6.0).view(2, 3), "y": torch.ones(2, dtype=torch.int64)}
+    b = {k: v.clone() for k, v in a.items()}
+    assert storage.tensors_sha256(a) == storage.tensors_sha256(b)
+    b["x"][0, 0] = 0.5
+    assert storage.tensors_sha256(a) != storage.tensors_sha256(b)
+    assert storage.tensors_sha256(a) != storage.tensors_sha256({"y": a["y"], "x": a["x"]})
+    assert storage.tensors_sha256(a) != storage.tensors_sha256({"z": a["x"], "y": a["y"]})
+
+
+@pytest.mark.slow
+def test_s3_large_checkpoint_goes_up_in_parts(s3_env, s3_bucket, tmp_path):
+    """An 11 MB checkpoint with 5 MB parts is a 3-part multipart upload that round-trips."""
+    store = s3_store(s3_env, s3_bucket, staging=tmp_path / "staging")
+    big = {"w": torch.randn(11 * 2**20 // 4, generator=torch.Generator().manual_seed(0))}
+    store.save(big, cur_nimg=7)
+    client = boto3.session.Session().client("s3", endpoint_url=s3_env)
+    head = client.head_object(Bucket=s3_bucket, Key=f"prefix/run/{storage.snapshot_name(7)}")
+    assert head["ETag"].strip('"').endswith("-3")  # S3's ETag of a 3-part upload
+    loaded, _ = store.load_latest()
+    assert torch.equal(loaded["w"], big["w"])
+    assert not list((tmp_path / "staging").rglob("*.pt"))  # the local copy goes once uploaded
+
+
+class FaultyProxy:
+    """An HTTP proxy to the S3 server that answers 503 SlowDown or drops the connection for
+    requests `faults(n)` picks (n counts requests from 0), and forwards the rest."""
+
+    def __init__(self, upstream: str, faults):
+        import http.client
+        import http.server
+        import threading
+        import urllib.parse
+
+        self.requests, self.faults_served = 0, 0
+        up = urllib.parse.urlparse(upstream)
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        chunk = self.rfile.read(size + 2)[:size]
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b""):
+                                pass
+                            return out
+                        out += chunk
+                return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+            def _handle(self):
+                body = self._body()
+                n = proxy.requests
+                proxy.requests += 1
+                fault = faults(n)
+                if fault:
+                    proxy.faults_served += 1
+                if fault == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if fault == "503":
+                    payload = b"<Error><Code>SlowDown</Code><Message>slow down</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length")
+                }
+                headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                payload = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.slow
+def test_s3_flaky_endpoint_still_commits(s3_env, s3_bucket, tmp_path):
+    """503s and dropped connections (one request in two, the first 8) are retried: the
+    multipart checkpoint and its pointer land and load back intact."""
+    proxy = FaultyProxy(s3_env, lambda n: ("503", "drop")[n % 4 // 2] if n < 16 and n % 2 else None)
+    try:
+        store = s3_store(proxy.url, s3_bucket, retries=5, staging=tmp_path / "staging")
+        store.check()
+        big = {"w": torch.randn(6 * 2**20 // 4, generator=torch.Generator().manual_seed(1))}
+        store.save(state(1), cur_nimg=1)
+        store.save(big, cur_nimg=2)
+        loaded, uri = store.load_latest()
+        assert proxy.faults_served == 8
+    finally:
+        proxy.close()
+    assert torch.equal(loaded["w"], big["w"]) and uri.endswith(storage.snapshot_name(2))
+
+
+@pytest.mark.slow
+def test_s3_permanent_failure_is_a_clear_error_and_keeps_the_local_copy(
+    s3_env, s3_bucket, tmp_path
+):
+    """An endpoint that only answers 503 fails after `retries` attempts with a StorageError
+    naming the kept local copy; the previous commit stays the latest."""
+    broken = False
+    proxy = FaultyProxy(s3_env, lambda n: "503" if broken else None)
+    try:
+        store = s3_store(proxy.url, s3_bucket, retries=3, staging=tmp_path / "staging")
+        store.save(state(1), cur_nimg=1)
+        broken, before = True, proxy.requests
+        with pytest.raises(StorageError, match="stays at") as e:
+            store.save(state(2), cur_nimg=2)
+        assert proxy.requests - before == 3  # the configured attempts, then the error
+    finally:
+        proxy.close()
+    local = tmp_path / "staging" / "run" / storage.snapshot_name(2)
+    assert str(local) in str(e.value)
+    assert_state_equal(torch.load(local, weights_only=True), state(2))
+    loaded, _ = s3_store(s3_env, s3_bucket).load_latest()
+    assert_state_equal(loaded, state(1))

@@ -76,7 +76,8 @@ def test_training_step_moves_generator_and_heads_but_not_feature_network(prepare
     x = torch.rand(8, 3, 16, 16) * 2 - 1
     c = torch.randint(0, 2, (8,))
     d.train()
-    train.training_step(g, d, opt_g, opt_d, [(x, c)], sigma=1.0)
+    z_g, z_d = torch.randn(8, cfg.generator.z_dim), torch.randn(8, cfg.generator.z_dim)
+    train.training_step(g, d, opt_g, opt_d, [(x, c)], [z_g], [z_d], sigma=1.0)
     g1, d1 = g.state_dict(), d.state_dict()
     changed_g = [k for k in g0 if not torch.equal(g0[k], g1[k])]
     assert any(k.startswith("synthesis.") for k in changed_g)
