@@ -79,11 +79,11 @@ def set_tags(tags: dict[str, str]) -> None:
     mlflow.set_tags(tags)
 
 
-def end_run() -> None:
-    """Close the active run (it can be continued later by its id)."""
+def end_run(status: str = "FINISHED") -> None:
+    """Close the active run, if any, as FINISHED, FAILED or KILLED (it can be continued later)."""
     import mlflow
 
-    mlflow.end_run()
+    mlflow.end_run(status=status)
 
 
 def run_url(cfg: TrackingConfig, run_id: str) -> str:

@@ -233,7 +233,13 @@ def train(cfg, device: torch.device, progress: bool = True) -> dict:
     Raises Preempted after checkpointing when the process receives SIGTERM.
     """
     with distributed.StopFlag() as stop:
-        return _train(cfg, device, progress, stop)
+        try:
+            return _train(cfg, device, progress, stop)
+        except BaseException as e:
+            # Close the MLflow run (a rerun continues it by id) so this process can start others.
+            interrupted = isinstance(e, Preempted | KeyboardInterrupt)
+            tracking.end_run("KILLED" if interrupted else "FAILED")
+            raise
 
 
 def _train(cfg, device, progress: bool, stop: distributed.StopFlag) -> dict:
@@ -439,7 +445,12 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag) -> dict:
         _write_curve(history, TRAIN_CURVE)
         tracking.log_artifact(TRAIN_CURVE)
         tracking.end_run()
-    return {"cur_nimg": cur_nimg, "mlflow_run_id": run_id, "generator": str(GENERATOR_PATH)}
+    return {
+        "cur_nimg": cur_nimg,
+        "mlflow_run_id": run_id,
+        "generator": str(GENERATOR_PATH),
+        "weights_sha256": tensors_sha256(g_ema.state_dict()),
+    }
 
 
 def _next_tick(cur_nimg: int, every_kimg: float) -> int:

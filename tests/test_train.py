@@ -174,3 +174,165 @@ def test_resumed_run_sees_the_batches_an_uninterrupted_run_sees(prepared, tmp_pa
     for a, b in zip(straight, resumed, strict=True):
         (xa, ca), (xb, cb) = a[0], b[0]
         assert torch.equal(xa, xb) and torch.equal(ca, cb)
+
+
+def _rank_worker(rank, world, init_file, overrides, workdir, out):
+    """One torchrun-like rank: join a gloo group, train, save this rank's final weights."""
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    folder = Path(workdir) / f"rank{rank}"  # each rank its own folder: only rank 0 writes
+    folder.mkdir()
+    os.chdir(folder)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    captured = {}
+    step = train.training_step
+
+    def spy(g, d, *args, **kwargs):
+        captured.update(g=g, d=d)
+        return step(g, d, *args, **kwargs)
+
+    train.training_step = spy
+    try:
+        cfg = config.load(REPO / "params.yaml", overrides)
+        summary = train.train(cfg, torch.device("cpu"), progress=False)
+        torch.save(
+            {
+                "G": captured["g"].state_dict(),
+                "D": captured["d"].trainable_state_dict(),
+                "summary": summary,
+            },
+            f"{out}-rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _launch(groups: dict[str, tuple[int, list[str]]], root: Path) -> dict[str, list[dict]]:
+    """Run process groups {name: (world, overrides)} side by side, each rank a spawned
+    process (as torchrun would start them); returns each group's final states by rank."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = []
+    for name, (world, overrides) in groups.items():
+        where = root / name
+        where.mkdir(parents=True)
+        args = (world, where / "rendezvous", overrides, where, where / "final")
+        procs += [ctx.Process(target=_rank_worker, args=(r, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return {
+        name: [torch.load(root / name / f"final-rank{r}.pt", weights_only=True) for r in range(w)]
+        for name, (w, _) in groups.items()
+    }
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(prepared, tmp_path):
+    """2 ranks x 2 accumulation rounds of 2 images end bit-identical to each other and equal
+    (float tolerance) to 1 process taking the global batch of 8 as 2 rounds of 4.
+
+    Latents, flips and the data order are drawn per global sample, so they do not depend
+    on the split. Conditions for equality: (1) DiffAugment off: its draws come from each
+    rank's RNG stream, so with it on the runs agree in distribution only; (2) the same
+    number of accumulation rounds: spectral norm runs one power iteration per D forward;
+    (3) no BatchNorm in D's heads (true of these tiny heads): it normalises over each
+    rank's share of a round.
+    """
+    common = tiny_overrides(prepared, kimg=0.032) + [
+        "discriminator.diffaugment=''",
+        "train.mirror=true",
+        "train.snapshot_kimg=0.016",
+    ]
+
+    def run(name, extra):
+        where = tmp_path / name
+        return common + [
+            f"storage.uri={where / 'checkpoints'}",
+            f"tracking.uri=sqlite:///{where / 'mlflow.db'}",
+            f"tracking.artifact_location={where / 'mlartifacts'}",
+            *extra,
+        ]
+
+    runs = _launch(
+        {
+            "two": (2, run("two", ["train.batch_gpu=2"])),
+            "one": (1, run("one", ["train.batch_gpu=4"])),
+        },
+        tmp_path,
+    )
+    two, (one,) = runs["two"], runs["one"]
+    for key in ("G", "D"):
+        for name, t in two[0][key].items():
+            assert torch.equal(t, two[1][key][name]), f"ranks differ in {key}.{name}"
+    assert two[0]["summary"]["weights_sha256"] == two[1]["summary"]["weights_sha256"]
+    assert two[0]["summary"]["cur_nimg"] == one["summary"]["cur_nimg"] == 32
+    for key in ("G", "D"):
+        for name, t in one[key].items():
+            if t.is_floating_point():
+                assert torch.allclose(two[0][key][name], t, rtol=1e-4, atol=1e-5), name
+    ckpt = torch.load(tmp_path / "one/checkpoints/test/snapshot-000000000032.pt", weights_only=True)
+    first = torch.load(
+        tmp_path / "one/checkpoints/test/snapshot-000000000016.pt", weights_only=True
+    )
+    moved = sum(not torch.equal(ckpt["G"][k], first["G"][k]) for k in ckpt["G"])
+    assert moved > 0  # the comparison is between runs that trained
+    # Only rank 0 writes (each rank ran in its own folder; the checkpoint store is shared).
+    assert (tmp_path / "two/rank0/models/generator.pt").is_file()
+    assert not any((tmp_path / "two/rank1").iterdir())
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(prepared, tmp_path, monkeypatch):
+    """Crash mid-epoch after a checkpoint, rerun: the final G_ema is bit-identical to an
+    uninterrupted run's, and only the work since the checkpoint is redone."""
+    overrides = ["train.snapshot_kimg=0.024", "train.mirror=true"]
+
+    def cfg_in(where):
+        monkeypatch.chdir(where)
+        return config.load(
+            REPO / "params.yaml",
+            [
+                *(o for o in tiny_overrides(prepared, kimg=0.048) if not o.startswith("storage.")),
+                f"storage.uri={where / 'checkpoints'}",
+                f"tracking.uri=sqlite:///{where / 'mlflow.db'}",
+                f"tracking.artifact_location={where / 'mlartifacts'}",
+                *overrides,
+            ],
+        )
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = train.train(cfg_in(tmp_path / "a"), torch.device("cpu"), progress=False)
+
+    calls = []
+    original = train.training_step
+
+    def crash_on_fifth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, "training_step", crash_on_fifth)
+    cfg_b = cfg_in(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg_b, torch.device("cpu"), progress=False)
+    calls.clear()
+    resumed = train.train(cfg_b, torch.device("cpu"), progress=False)
+    assert len(calls) == 3  # from the 24-image checkpoint: 3 of the 6 batches redone
+    assert resumed["cur_nimg"] == whole["cur_nimg"] == 48
+    assert resumed["weights_sha256"] == whole["weights_sha256"]
+    a = torch.load(tmp_path / "a/checkpoints/test/snapshot-000000000048.pt", weights_only=True)
+    b = torch.load(tmp_path / "b/checkpoints/test/snapshot-000000000048.pt", weights_only=True)
+    for key in ("G_ema", "G", "D"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    crashed = torch.load(
+        tmp_path / "b/checkpoints/test/snapshot-000000000024.pt", weights_only=True
+    )
+    assert resumed["mlflow_run_id"] == crashed["mlflow_run_id"]  # the same MLflow run goes on
