@@ -152,7 +152,8 @@ def cmd_checkpoints(args) -> None:
 
     cfg = _config(args)
     store = CheckpointStore(cfg.storage, cfg.tracking.run_name)
-    store.check()
+    if store.s3 is not None:
+        store.check()  # credentials and bucket, with one clear message
     for record in store.records():
         print(json.dumps(record))
 
@@ -432,10 +433,8 @@ def main(argv=None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name, func, help_text, actions=()):
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if actions:
-            p.add_argument("action", choices=actions, help="what to do")
+    def command(name, func, help_text, parent=sub):
+        p = parent.add_parser(name, help=help_text, description=help_text)
         p.add_argument(
             "--params", default="params.yaml", help="complete params file (default: %(default)s)"
         )
@@ -453,13 +452,15 @@ def main(argv=None) -> int:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p = command("train", cmd_train, "Train (or resume) the schedule in train.stages.")
     p.add_argument("--device", default="auto", help="auto (torchrun-aware), cpu, cuda, cuda:N")
-    p = command(
-        "checkpoints",
+    p = sub.add_parser("checkpoints", help="The run's checkpoints (storage.uri).")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    command(
+        "list",
         cmd_checkpoints,
         "List the run's committed checkpoints (storage.uri / tracking.run_name), one JSON "
         "line each: name, uri, stage, resolution, kimg, size, sha256, weights_sha256 (a hash "
         "of the EMA generator's tensors), latest, best.",
-        actions=["list"],
+        parent=actions,
     )
     p = command("evaluate", cmd_evaluate, "FID and IS of the EMA generator; a sample grid.")
     p.add_argument("--device", default="auto")
@@ -578,7 +579,13 @@ def main(argv=None) -> int:
     p = command("summary", cmd_summary, "Parameter counts and multiply-adds as JSON.")
     p.add_argument("--skip-discriminator", action="store_true", help="generator only (fast)")
 
-    args = parser.parse_args(argv)
+    # Overrides may come on both sides of an option (`list a=1 --params f b=2`); argparse
+    # leaves the later ones over.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     from polyinr.config import ConfigError
     from polyinr.storage import StorageError
     from polyinr.train import Preempted

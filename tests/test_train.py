@@ -336,3 +336,87 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(prepared, tmp_path, mo
         tmp_path / "b/checkpoints/test/snapshot-000000000024.pt", weights_only=True
     )
     assert resumed["mlflow_run_id"] == crashed["mlflow_run_id"]  # the same MLflow run goes on
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigkill_lose_nothing_committed(prepared, tmp_path, s3_bucket, s3_env):
+    """`polyinr train` on S3: SIGTERM checkpoints and exits 143; SIGKILL at a random moment
+    (often mid-step or mid-upload) loses no committed checkpoint; reruns resume and finish;
+    `polyinr checkpoints list` shows every checkpoint, each matching its checksum."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    from polyinr.storage import CheckpointStore
+
+    overrides = [
+        o for o in tiny_overrides(prepared, kimg=0.064) if not o.startswith("storage.uri")
+    ] + [
+        f"storage.uri=s3://{s3_bucket}/runs",
+        f"storage.endpoint_url={s3_env}",
+        f"storage.staging_dir={tmp_path / 'staging'}",
+        "storage.keep=20",
+        "train.snapshot_kimg=0.008",
+        "train.sample_kimg=1.0",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "polyinr",
+        "train",
+        "--quiet",
+        "--params",
+        str(REPO / "params.yaml"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    client = boto3.session.Session().client("s3", endpoint_url=s3_env)
+
+    def committed() -> int:
+        listed = client.list_objects_v2(Bucket=s3_bucket, Prefix="runs/test/")
+        return sum(o["Key"].endswith(".json") for o in listed.get("Contents", []))
+
+    def run_until(records: int, sig) -> subprocess.CompletedProcess:
+        proc = subprocess.Popen(cmd + overrides, cwd=tmp_path, env=env, stderr=subprocess.PIPE)
+        while committed() < records and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(random.Random(records).uniform(0.0, 0.5))
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=300)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, None, err.decode())
+
+    term = run_until(2, signal.SIGTERM)  # records: latest.json + a snapshot record
+    assert term.returncode == 143, term.stderr
+    assert "stopped by SIGTERM at kimg" in term.stderr
+    killed = run_until(committed() + 2, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    assert "resuming from" in killed.stderr
+    store = CheckpointStore(config.load(REPO / "params.yaml", overrides).storage, "test")
+    before = store.records()
+    final = subprocess.run(cmd + overrides, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    resumed_at = float(final.stderr.split("resuming from ")[1].split("at kimg ")[1].split()[0])
+    assert resumed_at == before[-1]["kimg"]  # from the last committed checkpoint
+    assert json.loads(final.stdout.strip().splitlines()[-1])["cur_nimg"] == 64
+
+    listed = subprocess.run(
+        [sys.executable, "-m", "polyinr", "checkpoints", "list", "--params"]
+        + [str(REPO / "params.yaml"), *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert listed.returncode == 0, listed.stderr
+    records = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [r["kimg"] for r in records] == [k / 1000 for k in range(8, 65, 8)]
+    assert {r["name"] for r in before} <= {r["name"] for r in records}
+    assert records[-1]["latest"] and records[-1]["uri"].startswith(f"s3://{s3_bucket}/runs/test/")
+    for r in records:
+        assert {"stage", "kimg", "uri", "size", "sha256", "weights_sha256"} <= set(r)
+        state = store.load(r["name"])
+        assert state is not None and state["cur_nimg"] == round(r["kimg"] * 1000)
