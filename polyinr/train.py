@@ -220,8 +220,8 @@ def _resume(store, cfg, rank: int):
             )
     if rank == 0:
         print(f"resuming from {uri} at kimg {state['cur_nimg'] / 1000:g}", file=sys.stderr)
-    states = state["rng"]
-    if rank < len(states):
+    states = state["rng"]  # one entry per rank of the run that saved it
+    if isinstance(states, list) and rank < len(states):
         _set_rng_states(states[rank])
     return state
 
