@@ -420,3 +420,30 @@ def test_sigterm_and_sigkill_lose_nothing_committed(prepared, tmp_path, s3_bucke
         assert {"stage", "kimg", "uri", "size", "sha256", "weights_sha256"} <= set(r)
         state = store.load(r["name"])
         assert state is not None and state["cur_nimg"] == round(r["kimg"] * 1000)
+
+
+@pytest.mark.slow
+def test_missing_bucket_stops_before_any_compute(prepared, tmp_path, s3_env, monkeypatch):
+    """A bucket that does not exist is one StorageError naming it, before models are built."""
+    from polyinr.storage import StorageError
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(
+        REPO / "params.yaml",
+        [
+            *(
+                o
+                for o in tiny_overrides(prepared)
+                if not o.startswith(("storage.uri", "tracking.uri"))
+            ),
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "storage.uri=s3://no-such-bucket-for-polyinr/runs",
+            f"storage.endpoint_url={s3_env}",
+            "storage.retries=1",
+        ],
+    )
+    built = []
+    monkeypatch.setattr(train, "_stage_models", lambda *a: built.append(1))
+    with pytest.raises(StorageError, match="no-such-bucket-for-polyinr"):
+        train.train(cfg, torch.device("cpu"), progress=False)
+    assert not built and not (tmp_path / "mlflow.db").exists()
