@@ -141,6 +141,8 @@ def cmd_train(args) -> None:
     device = distributed.setup() if args.device == "auto" else _device(args.device)
     try:
         summary = train.train(cfg, device, progress=not args.quiet)
+        if dist.is_initialized() and dist.get_rank() > 0:
+            return  # rank 0 reports for all (their weights are identical)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
