@@ -31,7 +31,7 @@ def positions(round_: int, rank: int, world: int, batch_gpu: int) -> torch.Tenso
     """Positions in the global batch of this rank's samples in accumulation round `round_`.
 
     The distributed loader deals the epoch's order to ranks in turn (sample i to rank i % W,
-    as torch's DistributedSampler), so rank r's j-th sample of a round is global sample
+    data.EpochOrder), so rank r's j-th sample of a round is global sample
     round * W * b + j * W + r: the union over ranks and rounds is one single-process batch.
     """
     return round_ * world * batch_gpu + torch.arange(batch_gpu) * world + rank
@@ -131,8 +131,7 @@ def mean_over_ranks(values: np.ndarray, world: int, device) -> np.ndarray:
 def setup() -> torch.device:
     """Join the torchrun process group (NCCL on GPUs, gloo on CPUs); returns this rank's device.
 
-    Any torchrun launch joins a group, even with one process, so the data order (torch's
-    DistributedSampler) is the same for every world size.
+    Any torchrun launch joins a group, even with one process.
     """
     device = torch.device("cpu")
     if torch.cuda.is_available():

@@ -238,8 +238,8 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(prepared, t
     """2 ranks x 2 accumulation rounds of 2 images end bit-identical to each other and equal
     (float tolerance) to 1 process taking the global batch of 8 as 2 rounds of 4.
 
-    Latents, flips and the data order are drawn per global sample, so they do not depend
-    on the split. Conditions for equality: (1) DiffAugment off: its draws come from each
+    Latents (per global sample), the data order and flips (per image and epoch) do not
+    depend on the split. Conditions for equality: (1) DiffAugment off: its draws come from each
     rank's RNG stream, so with it on the runs agree in distribution only; (2) the same
     number of accumulation rounds: spectral norm runs one power iteration per D forward;
     (3) no BatchNorm in D's heads (true of these tiny heads): it normalises over each
