@@ -106,7 +106,13 @@ def _apply_override(raw: dict, override: str) -> None:
         raise ConfigError(
             f"override {override!r}: unknown key {key}; valid keys of {section}: {sorted(node)}"
         )
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"override {override!r}: the value is not valid YAML ({e.problem}); quote the "
+            "whole argument in the shell, e.g. 'train.stages=[{resolution: 32, kimg: 1}]'"
+        ) from None
 
 
 def from_dict(raw: dict, overrides: typing.Sequence[str] = ()) -> Config:
@@ -133,7 +139,10 @@ def load(path: str | Path = DEFAULT_PARAMS, overrides: typing.Sequence[str] = ()
     if not path.is_file():
         raise ConfigError(f"params file {path} not found (run from the repository root?)")
     with path.open() as f:
-        raw = yaml.safe_load(f)
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
     try:
         return from_dict(raw, overrides)
     except ConfigError as e:

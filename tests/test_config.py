@@ -205,3 +205,16 @@ def test_both_params_files_cover_the_same_surface():
     assert demo == paper
     raw_demo = {f"{s}.{k}" for s, sec in raw_params().items() for k in sec}
     assert raw_demo == demo  # the YAML itself lists every key (no key comes from a default)
+
+
+def test_override_with_broken_yaml_is_a_config_error():
+    """An unquoted flow mapping split by the shell names the override, not a traceback."""
+    with pytest.raises(config.ConfigError, match=r"train\.stages=\[\{resolution:.*not valid YAML"):
+        config.load(PARAMS, ["train.stages=[{resolution: 32,"])
+
+
+def test_params_file_with_broken_yaml_is_a_config_error(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(config.ConfigError, match="not valid YAML"):
+        config.load(bad)
