@@ -49,12 +49,13 @@ def measure(params: str, resolution: int, batch: int, plain: bool, iters: int) -
     images = torch.rand(batch, 3, resolution, resolution, device=dev) * 2 - 1
     labels = torch.arange(batch, device=dev) % max(num_classes, 1)
     reals = [(images, labels)]
+    z = [torch.randn(batch, cfg.z_dim, device=dev)]
     best = float("inf")
     for i in range(iters + 1):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        training_step(g, d, opt_g, opt_d, reals, sigma=1.0)
+        training_step(g, d, opt_g, opt_d, reals, z, z, sigma=1.0)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         if i > 0:

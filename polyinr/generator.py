@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -219,6 +220,9 @@ class Synthesis(nn.Module):
         # Inference on the CPU renders chunks of this many rows x C (None: the default);
         # a run-time setting that changes speed only, never the images.
         self.chunk_elements: int | None = None
+        # Training: recompute each level in the backward pass instead of keeping its
+        # activations (train.checkpoint_levels); memory for compute, same gradients.
+        self.checkpoint_levels = False
         self.set_resolution(resolution)
 
     def set_resolution(self, resolution: int) -> None:
@@ -285,23 +289,34 @@ class Synthesis(nn.Module):
 
     def _render(self, x0, lifts, mixing, rgb, inplace: bool):
         """x0 (P, 2), lifts (L, B, 3, C) -> RGB (B, P, 3); in-place products when no grad."""
-        B, P, C = lifts.shape[1], x0.shape[0], self.hidden
+        B, P = lifts.shape[1], x0.shape[0]
         x = torch.cat([x0, x0.new_ones(P, 1)], dim=1).expand(B, P, 3)  # (B, P, 3)
+        checkpoint = self.checkpoint_levels and torch.is_grad_enabled()
         h = None
         for lift, (weight, bias) in zip(lifts, mixing, strict=True):
-            # The lift g_i = x_i A_i + a_i (warp folded in, see lifts()).
-            g = torch.bmm(x, lift).view(B * P, C)  # (B*P, C)
-            if h is None:
-                h = g  # level 0 starts the polynomial
+            if checkpoint:
+                h = torch.utils.checkpoint.checkpoint(
+                    self._level, x, h, lift, weight, bias, inplace, use_reentrant=False
+                )
             else:
-                # h <- h * lrelu(g): one order higher.
-                g = F.leaky_relu_(g, 0.2)
-                h = h.mul_(g) if inplace else h * g
-            # h <- clamp(lrelu(h W + b)) = lrelu(clamp(h W + b)) with the clamp's lower end
-            # divided by the slope: both monotonic, and in place under autograd too.
-            h = torch.addmm(bias, h.to(weight.dtype), weight)  # (B*P, C)
-            h = F.leaky_relu_(h.clamp_(-self.clamp / 0.2, self.clamp), 0.2)
+                h = self._level(x, h, lift, weight, bias, inplace)
         return torch.addmm(rgb[1], h, rgb[0]).view(B, P, 3)
+
+    def _level(self, x, h, lift, weight, bias, inplace: bool):
+        """One level on (B*P, C) rows: x (B, P, 3), h (B*P, C) or None -> h (B*P, C)."""
+        B, P, C = x.shape[0], x.shape[1], self.hidden
+        # The lift g_i = x_i A_i + a_i (warp folded in, see lifts()).
+        g = torch.bmm(x, lift).view(B * P, C)  # (B*P, C)
+        if h is None:
+            h = g  # level 0 starts the polynomial
+        else:
+            # h <- h * lrelu(g): one order higher.
+            g = F.leaky_relu_(g, 0.2)
+            h = h.mul_(g) if inplace else h * g
+        # h <- clamp(lrelu(h W + b)) = lrelu(clamp(h W + b)) with the clamp's lower end
+        # divided by the slope: both monotonic, and in place under autograd too.
+        h = torch.addmm(bias, h.to(weight.dtype), weight)  # (B*P, C)
+        return F.leaky_relu_(h.clamp_(-self.clamp / 0.2, self.clamp), 0.2)
 
 
 class Generator(nn.Module):

@@ -9,12 +9,12 @@ import torch.nn.functional as F
 
 
 def d_hinge(real_logits: Sequence[torch.Tensor], fake_logits: Sequence[torch.Tensor]):
-    """D loss: sum over heads of mean(relu(1 - real)) + mean(relu(1 + fake))."""
-    real = sum(F.relu(1 - r).mean() for r in real_logits)
-    fake = sum(F.relu(1 + f).mean() for f in fake_logits)
+    """D loss: sum over heads of mean(relu(1 - real)) + mean(relu(1 + fake)), in float32."""
+    real = sum(F.relu(1 - r.float()).mean() for r in real_logits)
+    fake = sum(F.relu(1 + f.float()).mean() for f in fake_logits)
     return real + fake
 
 
 def g_hinge(fake_logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """G loss: sum over heads of mean(-fake)."""
-    return sum(-f.mean() for f in fake_logits)
+    """G loss: sum over heads of mean(-fake), in float32."""
+    return sum(-f.float().mean() for f in fake_logits)

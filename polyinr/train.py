@@ -41,6 +41,16 @@ class Stage:
             raise ValueError(f"stage needs resolution >= 4 and kimg > 0, got {self}")
 
 
+# train.precision -> the autocast dtype of the G and D forward passes (None: plain fp32).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def _autocast(device_type: str, precision: str):
+    """bf16 autocast for the models' forward passes; losses and optimisers stay in fp32."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The recipe: stages, global batch, Adam, EMA, seeds and how often to snapshot."""
@@ -61,12 +71,18 @@ class TrainConfig:
     sample_psi: float
     workers: int
     embed_init: str | None
+    precision: str
+    checkpoint_levels: bool
 
     def __post_init__(self):
         if not self.stages:
             raise ValueError("stages must list at least one {resolution, kimg}")
         if len(self.betas) != 2:
             raise ValueError(f"betas must be two numbers, got {self.betas}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}"
+            )
         if self.batch < 1 or self.batch_gpu < 0:
             raise ValueError("batch must be >= 1 and batch_gpu >= 0")
 
@@ -133,7 +149,9 @@ def _update_ema(g_ema: Generator, g: Generator, beta: float) -> None:
         b_ema.copy_(b)
 
 
-def training_step(g, d, opt_g, opt_d, reals, z_g, z_d, sigma: float, world: int = 1):
+def training_step(
+    g, d, opt_g, opt_d, reals, z_g, z_d, sigma: float, world: int = 1, precision: str = "fp32"
+):
     """One G step then one D step; returns this rank's hinge losses (G, D).
 
     reals: per accumulation round, (images (b, 3, R, R) in [-1, 1], labels (b,));
@@ -141,6 +159,7 @@ def training_step(g, d, opt_g, opt_d, reals, z_g, z_d, sigma: float, world: int 
     is divided by the number of rounds, so accumulated gradients are the mean over the batch.
     """
     rounds = len(reals)
+    amp = _autocast(reals[0][0].device.type, precision)
     g_params = list(g.parameters())
     d_params = [p for p in d.parameters() if p.requires_grad]
 
@@ -149,7 +168,9 @@ def training_step(g, d, opt_g, opt_d, reals, z_g, z_d, sigma: float, world: int 
     opt_g.zero_grad(set_to_none=True)
     loss_g = 0.0
     for (_, c), z in zip(reals, z_g, strict=True):
-        lg = loss.g_hinge(d(augment.blur(g(z, c), sigma), c)) / rounds
+        with amp:
+            logits = d(augment.blur(g(z, c), sigma), c)
+        lg = loss.g_hinge(logits) / rounds
         lg.backward()
         loss_g += lg.item()
     distributed.all_reduce_grads(g_params, world)
@@ -161,9 +182,11 @@ def training_step(g, d, opt_g, opt_d, reals, z_g, z_d, sigma: float, world: int 
     opt_d.zero_grad(set_to_none=True)
     loss_d = 0.0
     for (x, c), z in zip(reals, z_d, strict=True):
-        with torch.no_grad():
-            fake = augment.blur(g(z, c), sigma)
-        ld = loss.d_hinge(d(augment.blur(x, sigma), c), d(fake, c)) / rounds
+        with amp:
+            with torch.no_grad():
+                fake = augment.blur(g(z, c), sigma)
+            real_logits, fake_logits = d(augment.blur(x, sigma), c), d(fake, c)
+        ld = loss.d_hinge(real_logits, fake_logits) / rounds
         ld.backward()
         loss_d += ld.item()
     distributed.all_reduce_grads(d_params, world)
@@ -195,6 +218,7 @@ def _stage_models(cfg, stage: Stage, num_classes: int, device, g_ema_prev):
         else:
             g = copy.deepcopy(g_ema_prev).train().requires_grad_(True)
             g.synthesis.set_resolution(stage.resolution)
+        g.synthesis.checkpoint_levels = cfg.train.checkpoint_levels
         g_ema = copy.deepcopy(g).eval().requires_grad_(False)
         d = ProjectedDiscriminator(cfg.discriminator, stage.resolution, num_classes).to(device)
     t = cfg.train
@@ -343,6 +367,7 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag) -> dict:
                 [z_d[pos].to(device) for pos in positions],
                 sigma,
                 world,
+                t.precision,
             )
             # The per-class running mean of w (truncation) from the whole global batch, so
             # that it is the same on every rank and for every split of the batch.

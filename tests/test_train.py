@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -447,3 +448,46 @@ def test_missing_bucket_stops_before_any_compute(prepared, tmp_path, s3_env, mon
     with pytest.raises(StorageError, match="no-such-bucket-for-polyinr"):
         train.train(cfg, torch.device("cpu"), progress=False)
     assert not built and not (tmp_path / "mlflow.db").exists()
+
+
+def test_level_checkpointing_gives_the_same_gradients(prepared):
+    """train.checkpoint_levels trades memory for compute: identical loss and gradients."""
+    cfg = config.load(REPO / "params.yaml", tiny_overrides(prepared))
+    g, *_ = train._stage_models(cfg, cfg.train.stages[0], 2, torch.device("cpu"), None)
+    z, c = torch.randn(4, cfg.generator.z_dim), torch.tensor([0, 1, 0, 1])
+    grads = []
+    for checkpoint in (False, True):
+        g.zero_grad()
+        g.synthesis.checkpoint_levels = checkpoint
+        g(z, c).square().mean().backward()
+        grads.append([p.grad.clone() for p in g.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    cfg = config.load(
+        REPO / "params.yaml", [*tiny_overrides(prepared), "train.checkpoint_levels=true"]
+    )
+    g, *_ = train._stage_models(cfg, cfg.train.stages[0], 2, torch.device("cpu"), None)
+    assert g.synthesis.checkpoint_levels
+
+
+def test_bf16_training_step_moves_the_models_with_finite_losses(prepared):
+    """train.precision=bf16 autocasts the forward passes; losses stay float32 and finite."""
+    cfg = config.load(REPO / "params.yaml", [*tiny_overrides(prepared), "train.precision=bf16"])
+    torch.manual_seed(0)
+    g, _, d, opt_g, opt_d = train._stage_models(
+        cfg, cfg.train.stages[0], 2, torch.device("cpu"), None
+    )
+    g0 = copy.deepcopy(g.state_dict())
+    x, c = torch.rand(8, 3, 16, 16) * 2 - 1, torch.randint(0, 2, (8,))
+    z = [torch.randn(8, cfg.generator.z_dim)]
+    loss_g, loss_d = train.training_step(
+        g, d, opt_g, opt_d, [(x, c)], z, z, sigma=1.0, precision=cfg.train.precision
+    )
+    assert all(map(math.isfinite, (loss_g, loss_d)))
+    assert all(p.dtype == torch.float32 for p in g.parameters())
+    assert any(not torch.equal(v, g.state_dict()[k]) for k, v in g0.items())
+
+
+def test_unknown_precision_names_the_valid_ones(prepared):
+    with pytest.raises(config.ConfigError, match=r"precision must be one of \['bf16', 'fp32'\]"):
+        config.load(REPO / "params.yaml", [*tiny_overrides(prepared), "train.precision=fp16"])
