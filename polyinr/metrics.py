@@ -230,14 +230,18 @@ def _gather_rows(index: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray:
     counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(counts, torch.tensor([len(index)], device=device))
     most = max(int(c) for c in counts)
-    # all_gather needs equal shapes: pad every rank's rows to the largest count.
-    padded = torch.zeros(most, dim + 1, dtype=torch.float64, device=device)
-    padded[: len(index), 0] = torch.as_tensor(index, dtype=torch.float64)
-    padded[: len(index), 1:] = torch.as_tensor(rows, dtype=torch.float64)
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    merged = torch.cat([p[: int(c)] for p, c in zip(parts, counts, strict=True)]).cpu().numpy()
-    return merged[np.argsort(merged[:, 0], kind="stable"), 1:].astype(rows.dtype)
+    # all_gather needs equal shapes: pad every rank's indices and rows to the largest count.
+    mine_index = torch.zeros(most, dtype=torch.int64, device=device)
+    mine_index[: len(index)] = torch.as_tensor(index, dtype=torch.int64)
+    mine_rows = torch.zeros(most, dim, dtype=torch.float32, device=device)
+    mine_rows[: len(index)] = torch.as_tensor(rows, dtype=torch.float32)
+    all_index = [torch.empty_like(mine_index) for _ in range(world)]
+    all_rows = [torch.empty_like(mine_rows) for _ in range(world)]
+    dist.all_gather(all_index, mine_index)
+    dist.all_gather(all_rows, mine_rows)
+    index = torch.cat([t[: int(c)] for t, c in zip(all_index, counts, strict=True)])
+    rows = torch.cat([t[: int(c)] for t, c in zip(all_rows, counts, strict=True)])
+    return rows[torch.argsort(index, stable=True)].cpu().numpy()
 
 
 def _accumulate(batches, nets, names, stats_keys, row_keys, keep, desc, progress):
@@ -558,8 +562,12 @@ def evaluate(
     random = inception.weights_id.startswith("random")
     result["inception_weights"] = f"random (seed {cfg.random_seed})" if random else "real"
     result["reference"] = cfg.reference_npz or "training data"
-    result["label"] = f"{metric_name(n)} ({cfg.protocol}, {inception.label}" + (
-        ": not comparable to published numbers)" if random else ")"
+    caveats = [inception.label]
+    if "pr" in parts and result["pr_weights"].startswith("RANDOM") and not random:
+        caveats.append(f"precision/recall on {result['pr_weights']}")
+    comparable = not any(c.startswith("RANDOM") for c in caveats)
+    result["label"] = f"{metric_name(n)} ({cfg.protocol}, {', '.join(caveats)}" + (
+        ")" if comparable else ": not comparable to published numbers)"
     )
     return result
 
