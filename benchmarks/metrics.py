@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from polyinr import featurenets, metrics
+from polyinr import featurenets, featurestats, metrics
 
 NOTE = "same network: inception-v3-compat with seeded random Kaiming weights (speed only)"
 
@@ -42,10 +42,10 @@ def _ours(images: torch.Tensor, net, batch: int) -> float:
         reference_npz=None, cache_dir="", every_kimg=0.0, train_samples=2, grid_classes=1,
         grid_seeds=1, grid_psi=1.0,
     )  # fmt: skip
-    nets = metrics.Networks(cfg, net.net.fc.weight.device, {"inception": net})
+    nets = featurenets.Networks(cfg, net.net.fc.weight.device, {"inception": net})
     batches = ((s, images[s : s + batch]) for s in range(0, len(images), batch))
     start = time.perf_counter()
-    stats, _ = metrics._accumulate(
+    stats, _ = featurestats.accumulate(
         batches, nets, ["inception"], ["pool", "spatial"], ["logits"],
         lambda i: np.ones(len(i), bool), "ours", False,
     )  # fmt: skip

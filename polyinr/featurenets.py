@@ -6,10 +6,12 @@ demos) are built here too, and every network carries a label and a weights id fo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,6 +20,26 @@ WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Disable TF32 matmuls and convolutions inside the block, restoring the flags after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def extract(model: nn.Module, images_uint8: torch.Tensor) -> dict[str, np.ndarray]:
+    """images (N, 3, H, W) uint8 -> the model's named features as float64 arrays (N, D)."""
+    device = next(model.parameters()).device
+    with no_tf32(), torch.no_grad():
+        feats = model(images_uint8.to(device))
+    return {k: v.detach().cpu().numpy().astype(np.float64) for k, v in feats.items()}
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -187,3 +209,56 @@ def load_vgg16(
             "numbers."
         )
     return model.to(device).eval().requires_grad_(False), real
+
+
+# ---------------------------------------------------------------------------------------------
+# The networks of an evaluation
+
+
+class Networks:
+    """The feature networks an evaluation needs, loaded on first use."""
+
+    def __init__(self, cfg, device, modules: dict | None = None):
+        self.cfg, self.device = cfg, device
+        self._modules = dict(modules or {})  # tests inject small doubles here
+
+    def get(self, name: str) -> nn.Module:
+        """'inception', 'rinception' (random weights, rFID) or 'vgg16'; each has .label."""
+        if name not in self._modules:
+            c = self.cfg
+            if name == "inception":
+                net, _ = load_inception(
+                    c.inception_weights, c.allow_random_weights, c.random_seed, self.device
+                )
+            elif name == "rinception":
+                net = self.get("inception")  # a random-weight run already has rFID's network
+                if net.weights_id != f"random-kaiming-seed{c.random_seed}":
+                    net = random_inception(c.random_seed, self.device)
+            elif name == "vgg16":
+                net, _ = load_vgg16(
+                    c.vgg16_weights, c.allow_random_weights, c.random_seed, self.device
+                )
+            else:
+                raise KeyError(f"unknown feature network {name!r}")
+            self._modules[name] = net
+        return self._modules[name]
+
+    def pr_network(self) -> tuple[str, str]:
+        """(network, feature key) of precision/recall under the protocol."""
+        return ("inception", "pool") if self.cfg.protocol == "adm" else ("vgg16", "vgg")
+
+    def names(self, parts) -> list[str]:
+        """The networks that `parts` need."""
+        table = {"fid": "inception", "pr": self.pr_network()[0], "rfid": "rinception"}
+        return list(dict.fromkeys(table[p] for p in parts))
+
+    def features(self, images: torch.Tensor, names) -> dict[str, np.ndarray]:
+        """uint8 images (N, 3, H, W) -> pool, logits, spatial / rpool (rFID) / vgg, float64."""
+        feats, done = {}, {}
+        for name in names:
+            net = self.get(name)
+            if id(net) not in done:  # shared networks (random-weight runs) run once
+                done[id(net)] = extract(net, images)
+            f = done[id(net)]
+            feats |= {"rpool": f["pool"]} if name == "rinception" else f
+        return feats

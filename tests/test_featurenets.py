@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from polyinr import featurenets
-from polyinr.featurenets import MissingWeightsError, load_inception, load_vgg16
-from polyinr.metrics import FeatureStats, extract, frechet_distance, inception_score
+from polyinr.featurenets import MissingWeightsError, extract, load_inception, load_vgg16
+from polyinr.featurestats import FeatureStats
+from polyinr.metrics import frechet_distance, inception_score
 
 MISSING = "/nonexistent/weights.pth"
 

@@ -1,5 +1,6 @@
-"""Tests for polyinr.metrics: the formulas, reference statistics (ADM npz, cache, storage),
-evaluate() under both protocols, one process vs two, and the FID during training."""
+"""Tests for the metrics suite (polyinr.metrics, .reference, .featurestats): the formulas,
+reference statistics (ADM npz, cache, storage), evaluate() under both protocols, one
+process vs two, and the FID during training."""
 
 import json
 import math
@@ -12,11 +13,11 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 
-from polyinr import metrics
+from polyinr import metrics, reference
+from polyinr.featurenets import Networks, no_tf32
+from polyinr.featurestats import FeatureStats
 from polyinr.metrics import (
     EvalConfig,
-    FeatureStats,
-    Networks,
     frechet_distance,
     inception_score,
     precision_recall,
@@ -137,7 +138,7 @@ def test_no_tf32_restores_the_backend_flags():
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
-        with metrics.no_tf32():
+        with no_tf32():
             assert not torch.backends.cuda.matmul.allow_tf32
             assert not torch.backends.cudnn.allow_tf32
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
@@ -243,7 +244,7 @@ def test_adm_reference_npz_statistics_are_used_as_is(tmp_path):
     are computed from its arr_0 images (all of them: ADM uses 10k reference images)."""
     arrays = adm_npz(tmp_path / "ref.npz")
     cfg = eval_config(tmp_path, reference_npz=str(tmp_path / "ref.npz"))
-    ref = metrics.load_reference(cfg, metrics.PARTS, 32, tiny_networks(cfg), None, None, False)
+    ref = reference.load_reference(cfg, metrics.PARTS, 32, tiny_networks(cfg), None, None, False)
     for key in ("mu", "sigma", "mu_s", "sigma_s"):
         np.testing.assert_array_equal(ref[key], arrays[key])
     assert int(ref["n"]) == 14 and ref["pr"].shape == (14, 6)  # Inception pool under adm
@@ -260,7 +261,7 @@ def test_reference_npz_without_adm_keys_is_refused(tmp_path):
     np.savez(tmp_path / "bad.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     cfg = eval_config(tmp_path, reference_npz=str(tmp_path / "bad.npz"))
     with pytest.raises(ValueError, match="mu_s"):
-        metrics.load_reference(cfg, ["fid"], 32, tiny_networks(cfg), None, None, False)
+        reference.load_reference(cfg, ["fid"], 32, tiny_networks(cfg), None, None, False)
 
 
 def test_reference_is_cached_locally_and_in_s3_and_keyed_by_weights(tmp_path, s3_bucket, s3_env):
@@ -269,7 +270,7 @@ def test_reference_is_cached_locally_and_in_s3_and_keyed_by_weights(tmp_path, s3
     adm_npz(tmp_path / "ref.npz")
     cfg = eval_config(tmp_path, reference_npz=str(tmp_path / "ref.npz"), protocol="stylegan-xl")
     storage = StorageConfig(uri=f"s3://{s3_bucket}/runs", endpoint_url=s3_env, keep=2)
-    first = metrics.load_reference(cfg, ["pr", "rfid"], 32, tiny_networks(cfg), None, storage)
+    first = reference.load_reference(cfg, ["pr", "rfid"], 32, tiny_networks(cfg), None, storage)
     assert first["pr"].shape == (14, 9)  # VGG16 features under stylegan-xl
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
 
@@ -279,9 +280,9 @@ def test_reference_is_cached_locally_and_in_s3_and_keyed_by_weights(tmp_path, s3
 
     refusing = Networks(cfg, "cpu", {"vgg16": Refuses({"vgg": 9}, 3), "inception": Refuses({}, 1)})
     refusing._modules["rinception"] = Refuses({"pool": 6}, 2)
-    again = metrics.load_reference(cfg, ["pr", "rfid"], 32, refusing, None, storage)
+    again = reference.load_reference(cfg, ["pr", "rfid"], 32, refusing, None, storage)
     fresh = dataclasses_replace(cfg, cache_dir=str(tmp_path / "empty"))
-    from_s3 = metrics.load_reference(fresh, ["pr", "rfid"], 32, refusing, None, storage)
+    from_s3 = reference.load_reference(fresh, ["pr", "rfid"], 32, refusing, None, storage)
     for ref in (again, from_s3):
         for key in ("pr", "mu_r", "sigma_r"):
             np.testing.assert_array_equal(ref[key], first[key])
@@ -292,7 +293,7 @@ def test_reference_is_cached_locally_and_in_s3_and_keyed_by_weights(tmp_path, s3
     assert len(names) == 2 and all(n.startswith("runs/reference-stats/") for n in names)
     other = Networks(cfg, "cpu", {"vgg16": TinyNet({"vgg": 9}, seed=4)})
     other._modules |= {"inception": Refuses({}, 1), "rinception": Refuses({"pool": 6}, 2)}
-    changed = metrics.load_reference(cfg, ["pr"], 32, other, None, None, False)
+    changed = reference.load_reference(cfg, ["pr"], 32, other, None, None, False)
     assert not np.array_equal(changed["pr"], first["pr"])
 
 
@@ -307,12 +308,12 @@ def test_data_fingerprint_ignores_timings_and_sees_the_data(tmp_path):
     manifest = {"resolution": 32, "written": 4, "classes": ["a"], "seconds": 1.0}
     (tmp_path / "train_32.json").write_text(json.dumps(manifest))
     (tmp_path / "train_32.beton").write_bytes(b"x" * 10)
-    before = metrics.data_fingerprint(tmp_path, 32)
+    before = reference.data_fingerprint(tmp_path, 32)
     manifest["seconds"] = manifest["images_per_second"] = 9.0
     (tmp_path / "train_32.json").write_text(json.dumps(manifest))
-    assert metrics.data_fingerprint(tmp_path, 32) == before
+    assert reference.data_fingerprint(tmp_path, 32) == before
     (tmp_path / "train_32.beton").write_bytes(b"x" * 11)
-    assert metrics.data_fingerprint(tmp_path, 32) != before
+    assert reference.data_fingerprint(tmp_path, 32) != before
 
 
 @pytest.mark.parametrize("protocol", ["adm", "stylegan-xl"])
@@ -322,7 +323,7 @@ def test_evaluate_scores_every_part_with_the_protocols_covariance(tmp_path, prot
     adm_npz(tmp_path / "ref.npz")
     cfg = eval_config(tmp_path, reference_npz=str(tmp_path / "ref.npz"), protocol=protocol)
     nets = tiny_networks(cfg)
-    ref = metrics.load_reference(cfg, metrics.PARTS, 32, nets, None, None, False)
+    ref = reference.load_reference(cfg, metrics.PARTS, 32, nets, None, None, False)
     result = metrics.evaluate(TinyGenerator(), ref, cfg, 10, nets, "cpu", progress=False)
     json.dumps(result, allow_nan=False)
 
@@ -358,7 +359,7 @@ def test_evaluate_draws_the_same_latents_and_classes_whatever_the_batch_size(tmp
     for batch in (3, 12):
         cfg = eval_config(tmp_path, reference_npz=str(tmp_path / "ref.npz"), batch=batch)
         nets = tiny_networks(cfg)
-        ref = metrics.load_reference(cfg, ["fid"], 32, nets, None, None, False)
+        ref = reference.load_reference(cfg, ["fid"], 32, nets, None, None, False)
         generator = TinyGenerator()
         metrics.evaluate(generator, ref, cfg, 10, nets, "cpu", parts=["fid"], progress=False)
         assert [len(z) for z, _ in generator.calls] == ([3, 3, 3, 3] if batch == 3 else [12])
@@ -382,7 +383,7 @@ def _distributed_worker(rank, world, port, tmp, out):
 
     cfg = eval_config(Path(tmp), reference_npz=f"{tmp}/ref.npz", cache_dir=f"{tmp}/cache{world}")
     nets = tiny_networks(cfg)
-    ref = metrics.load_reference(cfg, metrics.PARTS, 32, nets, None, None, False)
+    ref = reference.load_reference(cfg, metrics.PARTS, 32, nets, None, None, False)
     result = metrics.evaluate(TinyGenerator(), ref, cfg, 10, nets, "cpu", progress=False)
     if rank == 0:
         Path(out).write_text(json.dumps(result))
@@ -483,7 +484,7 @@ def test_evaluate_with_random_weight_networks_gives_finite_labelled_numbers(tmp_
     adm_npz(tmp_path / "ref.npz", n=8)
     cfg = eval_config(tmp_path, reference_npz=str(tmp_path / "ref.npz"), num_samples=8)
     nets = Networks(cfg, "cpu")
-    ref = metrics.load_reference(cfg, ["pr", "rfid"], 32, nets, None, None, False)
+    ref = reference.load_reference(cfg, ["pr", "rfid"], 32, nets, None, None, False)
     ref |= {"mu": np.zeros(2048), "sigma": np.eye(2048), "mu_s": np.zeros(2023)}
     ref |= {"sigma_s": np.eye(2023), "n": np.array(8)}
     result = metrics.evaluate(TinyGenerator(), ref, cfg, 10, nets, "cpu", progress=False)
