@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from polyinr import data
 from polyinr.featurenets import file_sha256
 from polyinr.featurestats import accumulate, all_reduce, distributed, rank_world
 
@@ -23,8 +24,6 @@ CACHE_VERSION = 1  # bump when what a cached reference holds changes
 
 def data_fingerprint(out_dir, resolution: int) -> str:
     """Identity of a prepared FFCV file: its manifest (without timings) and size."""
-    from polyinr import data
-
     manifest = data.read_manifest(out_dir, resolution)
     stable = manifest.get("fingerprint") or {
         k: v for k, v in manifest.items() if k not in ("seconds", "images_per_second")
@@ -74,10 +73,23 @@ class ReferenceCache:
         tmp.replace(path)
 
 
-def _real_batches(source, batch: int):
-    """(fingerprint, number of images, iterator of (uint8 NCHW, labels)) of a reference source."""
-    from polyinr import data
+def _npz_length(path: Path) -> int:
+    """Number of images in an ADM batch's arr_0, read from its header without loading it."""
+    with np.load(path, allow_pickle=False) as npz, npz.zip.open("arr_0.npy") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read = (
+            np.lib.format.read_array_header_1_0
+            if major == 1
+            else np.lib.format.read_array_header_2_0
+        )
+        return read(f)[0][0]
 
+
+def _real_batches(source, batch: int):
+    """(uint8 (B, 3, R, R), labels) batches of an ADM batch's arr_0 or of an FFCV file."""
+    if isinstance(source, Path):  # an ADM batch: arr_0 is (N, H, W, 3) uint8
+        with np.load(source, allow_pickle=False) as npz:
+            source = npz["arr_0"]
     if isinstance(source, np.ndarray):  # arr_0 of an ADM batch, NHWC uint8
         images = torch.from_numpy(source).permute(0, 3, 1, 2)  # (N, 3, H, W)
         return iter((images[i : i + batch], None) for i in range(0, len(images), batch))
@@ -95,24 +107,25 @@ def load_reference(
     for every missing part and the result cached (eval.cache_dir and storage.uri).
     """
     ddof = 1 if cfg.protocol == "adm" else 0  # ADM: np.cov's 1/(N-1); StyleGAN-XL: 1/N
-    reference, npz = {}, None
+    reference = {}
     if cfg.reference_npz:
         path = Path(cfg.reference_npz)
         if not path.is_file():
             raise FileNotFoundError(f"eval.reference_npz: no ADM reference batch at {path}")
-        npz = np.load(path, allow_pickle=False)
-        missing = {"mu", "sigma", "mu_s", "sigma_s", "arr_0"} - set(npz.files)
-        if missing:
-            raise ValueError(f"{path} is not an ADM reference batch: no {sorted(missing)}")
-        reference |= {k: npz[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s")}
-        reference["n"] = np.array(len(npz["arr_0"]))
-        parts = [p for p in parts if p != "fid"]
-        fingerprint, num_images = f"npz-{_file_digest(path)}", len(npz["arr_0"])
+        with np.load(path, allow_pickle=False) as npz:
+            missing = {"mu", "sigma", "mu_s", "sigma_s", "arr_0"} - set(npz.files)
+            if missing:
+                raise ValueError(f"{path} is not an ADM reference batch: no {sorted(missing)}")
+            stats = ("mu", "sigma", "mu_s", "sigma_s")
+            reference |= {k: npz[k].astype(np.float64) for k in stats}
+        num_images = _npz_length(path)
+        reference["n"] = np.array(num_images)
+        parts = [p for p in parts if p != "fid"]  # the file's statistics are used as they are
+        fingerprint, source = f"npz-{_file_digest(path)}", path
     else:
         fingerprint = data_fingerprint(data_dir, resolution)
-        from polyinr import data
-
         num_images = data.read_manifest(data_dir, resolution)["written"]
+        source = (data_dir, resolution)
     cache = ReferenceCache(cfg.cache_dir, storage_cfg)
     pr_name, pr_key = nets.pr_network()
     weights = {"fid": "inception", "pr": pr_name, "rfid": "rinception"}
@@ -135,7 +148,6 @@ def load_reference(
         ["rpool"] if "rfid" in todo else []
     )
     rank, world = rank_world()
-    source = npz["arr_0"] if npz is not None else (data_dir, resolution)
 
     def mine():
         start = 0

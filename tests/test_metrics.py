@@ -5,6 +5,7 @@ process vs two, and the FID during training."""
 import json
 import math
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -314,6 +315,40 @@ def test_data_fingerprint_ignores_timings_and_sees_the_data(tmp_path):
     assert reference.data_fingerprint(tmp_path, 32) == before
     (tmp_path / "train_32.beton").write_bytes(b"x" * 11)
     assert reference.data_fingerprint(tmp_path, 32) != before
+
+
+@pytest.mark.slow
+def test_training_data_reference_reads_the_ffcv_file_once_with_an_even_pr_subset(
+    tmp_path, monkeypatch
+):
+    """From a prepared FFCV file: statistics of every image (1/N under stylegan-xl), P/R rows
+    of every stride-th image (here at most 3 of 8: images 0, 3, 6), then the cache answers."""
+    from polyinr import data
+
+    cfg_data = data.DataConfig(
+        source=str(tmp_path / "demo"), out_dir=str(tmp_path / "ffcv"), encoding="raw",
+        jpeg_quality=90, strict=True, workers=1, demo_classes=2, demo_per_class=4,
+        demo_size=16, demo_seed=0,
+    )  # fmt: skip
+    data.make_demo_dataset(Path(cfg_data.source), 2, 4, 16, 0)
+    data.prepare(cfg_data, [16], progress=False)
+    monkeypatch.setitem(reference.PR_REFERENCE, "stylegan-xl", 3)
+    cfg = eval_config(tmp_path, protocol="stylegan-xl", batch=3)
+    nets = tiny_networks(cfg)
+    ref = reference.load_reference(cfg, metrics.PARTS, 16, nets, cfg_data.out_dir, None, False)
+    images = torch.cat([x for x, _ in data.read_all(data.beton_path(cfg_data.out_dir, 16))])
+    feats = nets.features(images, ["inception", "vgg16"])
+    assert len(images) == 8 and int(ref["n"]) == 8
+    np.testing.assert_allclose(ref["mu"], feats["pool"].mean(0), rtol=1e-9)
+    np.testing.assert_allclose(
+        ref["sigma"], np.cov(feats["pool"], rowvar=False, ddof=0), atol=1e-12
+    )
+    np.testing.assert_allclose(ref["pr"], feats["vgg"][[0, 3, 6]], rtol=1e-5)  # float32 rows
+    monkeypatch.setattr(reference, "accumulate", None)  # a second pass would fail
+    cached = reference.load_reference(cfg, metrics.PARTS, 16, nets, cfg_data.out_dir, None)
+    assert len(list(Path(cfg.cache_dir).glob("*.npz"))) == 3
+    for key in ("mu", "sigma", "mu_s", "sigma_s", "pr", "mu_r", "sigma_r"):
+        np.testing.assert_array_equal(cached[key], ref[key])
 
 
 @pytest.mark.parametrize("protocol", ["adm", "stylegan-xl"])
