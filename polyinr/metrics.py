@@ -16,6 +16,7 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 
+from polyinr import tracking
 from polyinr.featurenets import Networks, no_tf32
 from polyinr.featurestats import accumulate, rank_world
 from polyinr.generator import to_uint8  # samples are scored exactly as they are exported
@@ -158,7 +159,7 @@ def evaluate(
     def mine():
         for start in range(rank * cfg.batch, n, world * cfg.batch):
             z = z_all[start : start + cfg.batch].to(device)
-            c = c_all[start : start + cfg.batch].to(device)
+            c = c_all[start : start + cfg.batch].to(device) if num_classes else None
             with torch.no_grad():
                 yield start, to_uint8(generator(z, c, psi=cfg.psi))
 
@@ -250,8 +251,6 @@ class TrainingFID:
         last = max((round(r["kimg"] * 1000) for r in self.rows), default=0)
         if not done and cur_nimg // self.every <= last // self.every:
             return None
-        from polyinr import tracking
-
         if self.nets is None:
             self.nets = Networks(self.cfg.eval, self.device)
         if resolution not in self.references:

@@ -495,8 +495,10 @@ def test_training_fid_runs_every_kimg_logs_and_keeps_the_best_snapshot(tmp_path,
     assert len(names) <= 2  # keep=1 plus the best one
 
     resumed = metrics.TrainingFID(cfg, store, "cpu", nets=tiny_networks(cfg_eval))
-    assert resumed.tick(g, 2500, 0, 32, done=False) is None  # 2100 was already evaluated here
-    assert resumed.tick(g, 2600, 0, 32, done=True) is not None  # a stage's end always is
+    with tracking.start_run(tracking_cfg, run_id=run.info.run_id):  # as train() on resume
+        assert resumed.tick(g, 2500, 0, 32, done=False) is None  # 2100 was evaluated before
+        assert resumed.tick(g, 2600, 0, 32, done=True) is not None  # a stage's end always is
+    assert mlflow.active_run() is None
 
 
 def test_training_fid_off_when_every_kimg_is_zero(tmp_path):
