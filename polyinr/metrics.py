@@ -229,8 +229,8 @@ def evaluate_generator(cfg, generator, resolution: int, device, progress=True) -
 class TrainingFID:
     """The cheap FID of training: eval.train_samples samples every eval.every_kimg.
 
-    Logged to MLflow against kimg and to metrics/fid.csv (a DVC plot); the best snapshot of
-    each stage is marked in storage so pruning keeps it. Call `tick` on every rank.
+    Logged to MLflow against kimg and to metrics/fid.csv (a DVC plot); the best snapshot is
+    marked in storage (CheckpointStore.mark_best) so pruning keeps it. Call `tick` on every rank.
     """
 
     def __init__(self, cfg, store, device, nets: Networks | None = None):

@@ -198,6 +198,13 @@ def tiny_networks(cfg):
     return Networks(cfg, "cpu", modules)
 
 
+def storage_config(uri, endpoint_url, keep, tmp_path):
+    return StorageConfig(
+        uri=uri, endpoint_url=endpoint_url, keep=keep, retries=2, multipart_mb=64,
+        staging_dir=str(tmp_path / "staging"),
+    )  # fmt: skip
+
+
 def eval_config(tmp_path, **overrides):
     values = dict(
         protocol="adm",
@@ -270,7 +277,7 @@ def test_reference_is_cached_locally_and_in_s3_and_keyed_by_weights(tmp_path, s3
     reads storage.uri, and other feature weights make a new key."""
     adm_npz(tmp_path / "ref.npz")
     cfg = eval_config(tmp_path, reference_npz=str(tmp_path / "ref.npz"), protocol="stylegan-xl")
-    storage = StorageConfig(uri=f"s3://{s3_bucket}/runs", endpoint_url=s3_env, keep=2)
+    storage = storage_config(f"s3://{s3_bucket}/runs", s3_env, 2, tmp_path)
     first = reference.load_reference(cfg, ["pr", "rfid"], 32, tiny_networks(cfg), None, storage)
     assert first["pr"].shape == (14, 9)  # VGG16 features under stylegan-xl
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
@@ -464,7 +471,7 @@ def test_training_fid_runs_every_kimg_logs_and_keeps_the_best_snapshot(tmp_path,
     monkeypatch.chdir(tmp_path)
     adm_npz(tmp_path / "ref.npz")
     cfg_eval = eval_config(tmp_path, reference_npz=str(tmp_path / "ref.npz"), every_kimg=1.0)
-    storage = StorageConfig(uri=str(tmp_path / "ckpt"), endpoint_url=None, keep=1)
+    storage = storage_config(str(tmp_path / "ckpt"), None, 1, tmp_path)
     tracking_cfg = TrackingConfig(f"sqlite:///{tmp_path}/mlflow.db", "t", "art", "run")
     generator = SimpleNamespace(num_classes=10, conditional=True)
     cfg = SimpleNamespace(
@@ -489,7 +496,8 @@ def test_training_fid_runs_every_kimg_logs_and_keeps_the_best_snapshot(tmp_path,
     lines = (tmp_path / "metrics" / "fid.csv").read_text().splitlines()
     assert lines[0] == "kimg,stage,resolution,fid8" and len(lines) == 3
     best_nimg = min((1000, 2100), key=lambda n: values[n])
-    assert store.best()["0"]["name"] == f"snapshot-{best_nimg:012d}.pt"
+    best = [r["name"] for r in store.records() if r["best"]]
+    assert best == [f"snapshot-{best_nimg:012d}.pt"]
     names = store._names()
     assert f"snapshot-{best_nimg:012d}.pt" in names and "snapshot-000000002100.pt" in names
     assert len(names) <= 2  # keep=1 plus the best one
@@ -497,6 +505,7 @@ def test_training_fid_runs_every_kimg_logs_and_keeps_the_best_snapshot(tmp_path,
     resumed = metrics.TrainingFID(cfg, store, "cpu", nets=tiny_networks(cfg_eval))
     with tracking.start_run(tracking_cfg, run_id=run.info.run_id):  # as train() on resume
         assert resumed.tick(g, 2500, 0, 32, done=False) is None  # 2100 was evaluated before
+        store.save({"cur_nimg": 2600}, 2600)  # train() ticks right after each snapshot
         assert resumed.tick(g, 2600, 0, 32, done=True) is not None  # a stage's end always is
     assert mlflow.active_run() is None
 
@@ -504,7 +513,7 @@ def test_training_fid_runs_every_kimg_logs_and_keeps_the_best_snapshot(tmp_path,
 def test_training_fid_off_when_every_kimg_is_zero(tmp_path):
     """every_kimg = 0 never evaluates (and never loads a network)."""
     cfg_eval = eval_config(tmp_path, every_kimg=0.0)
-    storage = StorageConfig(uri=str(tmp_path / "ckpt"), endpoint_url=None, keep=1)
+    storage = storage_config(str(tmp_path / "ckpt"), None, 1, tmp_path)
     cfg = SimpleNamespace(eval=cfg_eval, storage=storage)
     fid = metrics.TrainingFID(cfg, CheckpointStore(storage, "run"), "cpu")
     assert fid.tick(TinyGenerator(), 5000, 0, 32, done=True) is None and fid.nets is None

@@ -61,9 +61,7 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
     fid_curve = (repo / "metrics/fid.csv").read_text().splitlines()
     assert fid_curve[0] == "kimg,stage,resolution,fid8" and len(fid_curve) == 3
     best = json.loads((repo / "checkpoints/demo/best.json").read_text())
-    assert set(best) == {"0", "1"} and all(
-        (repo / "checkpoints/demo" / b["name"]).is_file() for b in best.values()
-    )
+    assert (repo / "checkpoints/demo" / best["name"]).is_file()  # kept by pruning
     with Image.open(repo / "samples/grid.png") as grid:
         assert grid.size == (32 * 8, 32 * 4)  # 8 seeds x 4 classes, at the last stage's size
 
