@@ -161,21 +161,19 @@ def cmd_checkpoints(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    import torch
+    import torch.distributed as dist
     from PIL import Image
 
-    from polyinr import data, metrics, tracking
+    from polyinr import metrics, tracking, train
     from polyinr.generator import load_generator, render_grid
 
     cfg = _config(args)
-    device = _device(args.device)
+    # Under torchrun every rank renders and scores its share; rank 0 writes the results.
+    device = train.setup_distributed() if args.device == "auto" else _device(args.device)
     g, meta = load_generator(args.generator, device)
-    beton = data.beton_path(cfg.data.out_dir, meta["resolution"])
-    reals = data.read_all(beton, batch_size=cfg.eval.batch)
-    torch.manual_seed(cfg.eval.seed)
-    result = metrics.evaluate(
-        g, reals, cfg.eval, cfg.generator.num_classes, device, progress=not args.quiet
-    )
+    result = metrics.evaluate_generator(cfg, g, meta["resolution"], device, not args.quiet)
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
     result["resolution"] = meta["resolution"]
     result["kimg"] = meta["cur_nimg"] / 1000
     result["discriminator_pretrained"] = meta["discriminator_pretrained"]
@@ -200,6 +198,7 @@ def cmd_evaluate(args) -> None:
                 {
                     "eval.protocol": result["protocol"],
                     "eval.inception_weights": result["inception_weights"],
+                    "eval.label": result["label"],
                 }
             )
             tracking.log_artifact(out)
@@ -464,8 +463,12 @@ def main(argv=None) -> int:
         "of the EMA generator's tensors), latest, best.",
         parent=actions,
     )
-    p = command("evaluate", cmd_evaluate, "FID and IS of the EMA generator; a sample grid.")
-    p.add_argument("--device", default="auto")
+    p = command(
+        "evaluate",
+        cmd_evaluate,
+        "FID, sFID, IS, precision/recall and rFID of the EMA generator (eval.protocol), a grid.",
+    )
+    p.add_argument("--device", default="auto", help="auto (torchrun-aware), cpu, cuda, cuda:N")
     p.add_argument("--generator", default="models/generator.pt", help="exported generator")
     p.add_argument("--out", default="metrics/eval.json", help="metrics JSON (a DVC metric)")
     p.add_argument("--grid", default="samples/grid.png", help="sample grid PNG")

@@ -1,33 +1,38 @@
-"""Inception features, statistics and the metrics: FID, sFID, IS, precision/recall (SPEC.md 4).
+"""FID, sFID, IS, precision/recall and rFID under the ADM or StyleGAN-XL protocol (SPEC.md 4).
 
-Everything is accumulated in float64 with TF32 off; reference statistics come from real batches.
+Float64 statistics with TF32 off, Frechet distance from eigenvalues; generation split over
+torchrun ranks with the same result; the cheap FID of training with its best snapshot.
 """
 
 from __future__ import annotations
 
-import contextlib
+import csv
 import dataclasses
-import io
-import os
+import json
+from pathlib import Path
 
 import numpy as np
 import scipy.linalg
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
+from polyinr import tracking
+from polyinr.featurenets import Networks, no_tf32
+from polyinr.featurestats import accumulate, rank_world
 from polyinr.generator import to_uint8  # samples are scored exactly as they are exported
+from polyinr.reference import load_reference
+from polyinr.storage import snapshot_name
 
 PROTOCOLS = ("stylegan-xl", "adm")
-WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
-PR_REFERENCE = 10_000  # ADM compares 10k reference images against all samples
 PR_K = 3
+PARTS = ("fid", "pr", "rfid")  # fid: FID + sFID (+ IS on samples); pr: precision/recall
+FID_CURVE = Path("metrics/fid.csv")
+FID_LOG = "fid.json"  # the training FID rows, kept in storage so they survive a resume
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """How samples are drawn and scored."""
+    """How samples are drawn and scored, and the cheap FID during training."""
 
     protocol: str
     num_samples: int
@@ -35,8 +40,13 @@ class EvalConfig:
     psi: float
     seed: int
     inception_weights: str
+    vgg16_weights: str
     allow_random_weights: bool
     random_seed: int
+    reference_npz: str | None
+    cache_dir: str
+    every_kimg: float
+    train_samples: int
     grid_classes: int
     grid_seeds: int
     grid_psi: float
@@ -44,153 +54,14 @@ class EvalConfig:
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
-        if self.num_samples < 2:
-            raise ValueError(f"num_samples must be >= 2, got {self.num_samples}")
-
-
-class MissingWeightsError(FileNotFoundError):
-    """The TF-2015 Inception weights are not on disk and random weights were not allowed."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Feature network
-
-
-class InceptionFeatures(nn.Module):
-    """torch-fidelity's TF-2015 Inception-v3 returning pool, logits and sFID spatial features."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-        self._spatial = None
-        net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
-
-    def _keep_spatial(self, module, inputs, output):
-        # ADM's sFID: the first 7 channels of mixed_6/conv (17x17), flattened in TF's NHWC
-        # order so that reference files (mu_s, sigma_s) from the ADM suite can be read directly.
-        self._spatial = output[:, :7].permute(0, 2, 3, 1).reshape(output.shape[0], -1)
-
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """images (N, 3, H, W) uint8 -> pool (N, 2048), logits (N, 1008), spatial (N, 2023)."""
-        pool, logits = self.net(images)
-        spatial, self._spatial = self._spatial, None
-        return {"pool": pool, "logits": logits, "spatial": spatial}
-
-
-def _inception_net(state_dict_file):
-    """torch-fidelity's TF-2015 Inception-v3 loaded strictly from a path or file object."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    return FeatureExtractorInceptionV3(
-        "inception-v3-compat",
-        ["2048", "logits_unbiased"],
-        feature_extractor_weights_path=state_dict_file,
-    )
-
-
-def _random_state_dict(seed: int) -> dict[str, torch.Tensor]:
-    """A Kaiming-initialised state dict with the exact keys and shapes of the TF-2015 net."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class _Unloaded(FeatureExtractorInceptionV3):
-        # torch-fidelity's constructor always loads strictly; an empty dict means "keep init".
-        def load_state_dict(self, state_dict, strict=True, assign=False):
-            if state_dict:
-                return super().load_state_dict(state_dict, strict, assign)
-
-    empty = io.BytesIO()
-    torch.save({}, empty)
-    empty.seek(0)
-    net = _Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
-    gen = torch.Generator().manual_seed(seed)
-    # PyTorch's default init shrinks activations layer by layer, so with eval BatchNorm the pool
-    # features vanish (FID ~ 1e-15, IS = 1); Kaiming keeps their scale and the metrics honest.
-    for module in net.modules():
-        if isinstance(module, nn.Conv2d):
-            std = (2.0 / module.weight[0].numel()) ** 0.5  # Kaiming: each conv feeds a ReLU
-            module.weight.data.normal_(0.0, std, generator=gen)
-        elif isinstance(module, nn.Linear):
-            # Unit weights rather than 1/sqrt(fan_in): pool features of different images differ
-            # by ~1e-2, and larger logits keep IS visibly above 1 instead of 1 + 1e-5.
-            module.weight.data.normal_(0.0, 1.0, generator=gen)
-            module.bias.data.zero_()
-        elif isinstance(module, nn.BatchNorm2d):
-            module.reset_parameters()  # identity: weight 1, bias 0, mean 0, var 1
-    return net.state_dict()
-
-
-def load_inception(
-    weights_path: str, allow_random: bool, random_seed: int, device
-) -> tuple[nn.Module, bool]:
-    """Return (InceptionFeatures in eval mode, whether the weights are the real TF-2015 ones)."""
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILE)
-    found = next((p for p in (weights_path, cached) if p and os.path.isfile(p)), None)
-    if found is not None:
-        net, real = _inception_net(found), True
-    elif allow_random:
-        buffer = io.BytesIO()
-        torch.save(_random_state_dict(random_seed), buffer)
-        buffer.seek(0)
-        net, real = _inception_net(buffer), False
-    else:
-        raise MissingWeightsError(
-            f"Inception weights {WEIGHTS_FILE} not found at {weights_path!r} nor at {cached!r}. "
-            f"Download {WEIGHTS_URL} to one of these paths (no network here), or set "
-            "eval.allow_random_weights=true for labelled random-weight numbers that are not "
-            "comparable to published ones."
-        )
-    return InceptionFeatures(net).to(device).eval(), real
-
-
-@contextlib.contextmanager
-def no_tf32():
-    """Disable TF32 matmuls and convolutions inside the block, restoring the flags after."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def extract(model: nn.Module, images_uint8: torch.Tensor) -> dict[str, np.ndarray]:
-    """images (N, 3, H, W) uint8 -> float64 arrays pool (N, 2048), logits (N, 1008), spatial."""
-    device = next(model.parameters()).device
-    with no_tf32(), torch.no_grad():
-        feats = model(images_uint8.to(device))
-    return {k: v.detach().cpu().numpy().astype(np.float64) for k, v in feats.items()}
+        if self.num_samples < 2 or self.train_samples < 2:
+            raise ValueError("num_samples and train_samples must be >= 2")
+        if self.every_kimg < 0:
+            raise ValueError(f"every_kimg must be >= 0 (0: off), got {self.every_kimg}")
 
 
 # ---------------------------------------------------------------------------------------------
-# Statistics and metrics
-
-
-class FeatureStats:
-    """Running float64 sum and sum of outer products of feature vectors."""
-
-    def __init__(self):
-        self.n = 0
-        self.sum = None
-        self.outer = None
-
-    def add(self, feats: np.ndarray) -> None:
-        """Accumulate a batch of features (N, D)."""
-        x = np.asarray(feats, dtype=np.float64)
-        if self.sum is None:
-            self.sum = np.zeros(x.shape[1])
-            self.outer = np.zeros((x.shape[1], x.shape[1]))
-        self.n += x.shape[0]
-        self.sum += x.sum(axis=0)
-        self.outer += x.T @ x
-
-    def mean_cov(self, ddof: int) -> tuple[np.ndarray, np.ndarray]:
-        """Mean (D,) and covariance (D, D) normalised by 1/(N - ddof)."""
-        if self.n <= ddof:
-            raise ValueError(f"need more than {ddof} samples, have {self.n}")
-        mu = self.sum / self.n
-        sigma = (self.outer - self.n * np.outer(mu, mu)) / (self.n - ddof)
-        return mu, sigma
+# Metrics
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -257,77 +128,167 @@ def precision_recall(
 # Evaluation of a generator
 
 
-def _label(cfg: EvalConfig, num_samples: int, real_weights: bool) -> str:
-    """The human-readable name of the numbers, flagging random weights."""
-    if real_weights:
-        return f"FID@{num_samples} ({cfg.protocol}, TF-2015 Inception weights)"
-    return (
-        f"FID@{num_samples} ({cfg.protocol}, RANDOM Inception weights (seed {cfg.random_seed}): "
-        "not comparable to published numbers)"
-    )
+def metric_name(num_samples: int) -> str:
+    """FID named by its sample count: fid50k, fid10k, fid256 (never compare different counts)."""
+    return f"fid{num_samples // 1000}k" if num_samples % 1000 == 0 else f"fid{num_samples}"
 
 
 def evaluate(
-    generator: nn.Module, real_batches, cfg: EvalConfig, num_classes: int, device, progress=True
+    generator: nn.Module,
+    reference: dict,
+    cfg: EvalConfig,
+    num_classes: int,
+    nets: Networks,
+    device,
+    parts=PARTS,
+    num_samples: int | None = None,
+    progress: bool = True,
 ) -> dict:
-    """Score cfg.num_samples generator samples against features of real (uint8, label) batches."""
-    model, real_weights = load_inception(
-        cfg.inception_weights, cfg.allow_random_weights, cfg.random_seed, device
-    )
-    ddof = 1 if cfg.protocol == "adm" else 0  # ADM: unbiased covariance; StyleGAN-XL: 1/N
+    """Score `num_samples` (default cfg.num_samples) samples of `generator` against `reference`.
 
-    real_stats = {"pool": FeatureStats(), "spatial": FeatureStats()}
-    real_pool, num_kept = [], 0
-    for images, _ in tqdm(real_batches, desc="reference", disable=not progress):
-        feats = extract(model, images)
-        for name, stats in real_stats.items():
-            stats.add(feats[name])
-        if num_kept < PR_REFERENCE:
-            real_pool.append(feats["pool"][: PR_REFERENCE - num_kept].astype(np.float32))
-            num_kept += len(real_pool[-1])
-
-    # All latents and classes are drawn up front so a sample does not depend on cfg.batch.
+    Latents and classes are drawn up front from cfg.seed, so a sample depends neither on the
+    batch size nor on the number of ranks; each rank renders every world-th batch.
+    """
+    n = num_samples or cfg.num_samples
+    ddof = 1 if cfg.protocol == "adm" else 0
     rng = torch.Generator().manual_seed(cfg.seed)
-    z_all = torch.randn(cfg.num_samples, generator.cfg.z_dim, generator=rng)
-    c_all = torch.randint(0, num_classes, (cfg.num_samples,), generator=rng)
-    fake_stats = {"pool": FeatureStats(), "spatial": FeatureStats()}
-    fake_pool, fake_logits = [], []
-    with torch.no_grad():
-        for start in tqdm(
-            range(0, cfg.num_samples, cfg.batch), desc="samples", disable=not progress
-        ):
-            z = z_all[start : start + cfg.batch].to(device)
-            c = c_all[start : start + cfg.batch].to(device)
-            feats = extract(model, to_uint8(generator(z, c, psi=cfg.psi)))
-            for name, stats in fake_stats.items():
-                stats.add(feats[name])
-            fake_pool.append(feats["pool"].astype(np.float32))
-            fake_logits.append(feats["logits"])
+    z_all = torch.randn(n, generator.cfg.z_dim, generator=rng)
+    c_all = torch.randint(0, max(num_classes, 1), (n,), generator=rng)
+    rank, world = rank_world()
 
-    fid, sfid = (
-        frechet_distance(*real_stats[n].mean_cov(ddof), *fake_stats[n].mean_cov(ddof))
-        for n in ("pool", "spatial")
+    def mine():
+        for start in range(rank * cfg.batch, n, world * cfg.batch):
+            z = z_all[start : start + cfg.batch].to(device)
+            c = c_all[start : start + cfg.batch].to(device) if num_classes else None
+            with torch.no_grad():
+                yield start, to_uint8(generator(z, c, psi=cfg.psi))
+
+    pr_key = nets.pr_network()[1]
+    stats_keys = (["pool", "spatial"] if "fid" in parts else []) + (
+        ["rpool"] if "rfid" in parts else []
     )
-    # 10 splits as published; tiny runs keep >= 2 samples per split (one sample has IS = 1).
-    splits = min(10, cfg.num_samples // 2)
-    is_mean, is_std = inception_score(np.concatenate(fake_logits), splits)
-    real_pool, fake_pool = np.concatenate(real_pool), np.concatenate(fake_pool)
-    if min(len(real_pool), len(fake_pool)) > PR_K:
-        precision, recall = precision_recall(real_pool, fake_pool, PR_K, device)
-    else:
-        precision = recall = None  # too few points for k-NN radii
-    return {
-        "fid": fid,
-        "sfid": sfid,
-        "is_mean": is_mean,
-        "is_std": is_std,
-        "precision": precision,
-        "recall": recall,
-        # StyleGAN-XL reports precision/recall on VGG16 features; here both use Inception pool.
-        "pr_features": "inception-pool",
-        "num_samples": int(cfg.num_samples),
-        "num_reference": int(real_stats["pool"].n),
-        "protocol": cfg.protocol,
-        "inception_weights": "real" if real_weights else f"random (seed {cfg.random_seed})",
-        "label": _label(cfg, cfg.num_samples, real_weights),
-    }
+    row_keys = (["logits"] if "fid" in parts else []) + ([pr_key] if "pr" in parts else [])
+    names = nets.names(parts)
+    out, rows = accumulate(
+        mine(),
+        nets,
+        names,
+        stats_keys,
+        row_keys,
+        lambda i: np.ones(len(i), bool),
+        "samples",
+        progress,
+    )
+
+    inception = nets.get("inception")
+    result = {"protocol": cfg.protocol, "num_samples": n, "seed": cfg.seed, "psi": cfg.psi}
+    if "fid" in parts:
+        result["fid"] = frechet_distance(
+            *out["pool"].mean_cov(ddof), reference["mu"], reference["sigma"]
+        )
+        result["sfid"] = frechet_distance(
+            *out["spatial"].mean_cov(ddof), reference["mu_s"], reference["sigma_s"]
+        )
+        # 10 consecutive splits as published; tiny runs keep >= 2 samples per split.
+        result["is_mean"], result["is_std"] = inception_score(rows["logits"], min(10, n // 2))
+        result["num_reference"] = int(reference["n"])
+    if "pr" in parts:
+        real = reference["pr"]
+        result["precision"], result["recall"] = precision_recall(real, rows[pr_key], PR_K, device)
+        result["num_pr_reference"] = len(real)
+        result["pr_features"] = "inception-pool" if pr_key == "pool" else "vgg16-fc7"
+        result["pr_weights"] = nets.get(nets.pr_network()[0]).label
+    if "rfid" in parts:
+        result["rfid"] = frechet_distance(
+            *out["rpool"].mean_cov(ddof), reference["mu_r"], reference["sigma_r"]
+        )
+        result["rfid_seed"] = cfg.random_seed
+    random = inception.weights_id.startswith("random")
+    result["inception_weights"] = f"random (seed {cfg.random_seed})" if random else "real"
+    result["reference"] = cfg.reference_npz or "training data"
+    caveats = [inception.label]
+    if "pr" in parts and result["pr_weights"].startswith("RANDOM") and not random:
+        caveats.append(f"precision/recall on {result['pr_weights']}")
+    comparable = not any(c.startswith("RANDOM") for c in caveats)
+    result["label"] = f"{metric_name(n)} ({cfg.protocol}, {', '.join(caveats)}" + (
+        ")" if comparable else ": not comparable to published numbers)"
+    )
+    return result
+
+
+def evaluate_generator(cfg, generator, resolution: int, device, progress=True) -> dict:
+    """The full evaluation of the `evaluate` stage: every part, cfg.eval.num_samples samples."""
+    nets = Networks(cfg.eval, device)
+    reference = load_reference(
+        cfg.eval, PARTS, resolution, nets, cfg.data.out_dir, cfg.storage, progress
+    )
+    num_classes = cfg.generator.num_classes if cfg.generator.conditional else 0
+    return evaluate(generator, reference, cfg.eval, num_classes, nets, device, progress=progress)
+
+
+class TrainingFID:
+    """The cheap FID of training: eval.train_samples samples every eval.every_kimg.
+
+    Logged to MLflow against kimg and to metrics/fid.csv (a DVC plot); the best snapshot is
+    marked in storage (CheckpointStore.mark_best) so pruning keeps it. Call `tick` on every rank.
+    """
+
+    def __init__(self, cfg, store, device, nets: Networks | None = None):
+        self.cfg, self.store, self.device = cfg, store, device
+        self.every = int(cfg.eval.every_kimg * 1000)
+        self.name = metric_name(cfg.eval.train_samples)
+        raw = store.read(FID_LOG) if self.every > 0 else None
+        self.rows = json.loads(raw) if raw else []
+        self.nets = nets  # loaded at the first evaluation
+        self.references = {}
+
+    def tick(self, g_ema, cur_nimg: int, stage: int, resolution: int, done: bool):
+        """FID of g_ema if an every_kimg boundary was crossed (or the stage ended), else None."""
+        if self.every <= 0:
+            return None
+        # Rows past cur_nimg come from a run that crashed after them: this run redoes them.
+        self.rows = [r for r in self.rows if r["kimg"] * 1000 < cur_nimg]
+        last = max((round(r["kimg"] * 1000) for r in self.rows), default=0)
+        if not done and cur_nimg // self.every <= last // self.every:
+            return None
+        if self.nets is None:
+            self.nets = Networks(self.cfg.eval, self.device)
+        if resolution not in self.references:
+            self.references[resolution] = load_reference(
+                self.cfg.eval,
+                ["fid"],
+                resolution,
+                self.nets,
+                self.cfg.data.out_dir,
+                self.cfg.storage,
+                progress=False,
+            )
+        num_classes = self.cfg.generator.num_classes if self.cfg.generator.conditional else 0
+        result = evaluate(
+            g_ema,
+            self.references[resolution],
+            self.cfg.eval,
+            num_classes,
+            self.nets,
+            self.device,
+            parts=["fid"],
+            num_samples=self.cfg.eval.train_samples,
+            progress=False,
+        )
+        fid = result["fid"]
+        kimg = cur_nimg / 1000
+        self.rows.append({"kimg": kimg, "stage": stage, "resolution": resolution, self.name: fid})
+        if rank_world()[0] == 0:
+            tracking.log_metrics({self.name: fid}, step=int(kimg))
+            self.store.write(FID_LOG, json.dumps(self.rows).encode())
+            self.store.mark_best(snapshot_name(cur_nimg), fid)
+            self.write_curve()
+        return fid
+
+    def write_curve(self) -> None:
+        """metrics/fid.csv: kimg, stage, resolution and the FID column named by sample count."""
+        FID_CURVE.parent.mkdir(parents=True, exist_ok=True)
+        with FID_CURVE.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["kimg", "stage", "resolution", self.name])
+            writer.writeheader()
+            writer.writerows(r for r in self.rows if self.name in r)

@@ -204,6 +204,14 @@ class CheckpointStore:
             return None
         return value if isinstance(value, dict) else None
 
+    def write(self, name: str, data: bytes) -> None:
+        """Store a small object (reference statistics, the FID log) beside the checkpoints."""
+        self._put(name, data)
+
+    def read(self, name: str) -> bytes | None:
+        """A small object written with `write`, or None when absent."""
+        return self._get(name)
+
     def save(self, state: dict, cur_nimg: int, info: dict | None = None) -> str:
         """Commit a checkpoint (object, record, then `latest.json`); prune old ones. -> its URI.
 

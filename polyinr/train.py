@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from polyinr import augment, data, distributed, embedding, loss, tracking
+from polyinr import augment, data, distributed, embedding, loss, metrics, tracking
 from polyinr.discriminator import ProjectedDiscriminator
 from polyinr.generator import Generator, render_grid, save_generator
 from polyinr.storage import CheckpointStore, tensors_sha256
@@ -289,6 +289,7 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag) -> dict:
             raise ValueError("train.embed_init needs generator.conditional=true")
         embedding.load(t.embed_init, cfg.generator.num_classes, cfg.generator.embed_dim)
     cur_nimg = state["cur_nimg"] if state else 0
+    fid = metrics.TrainingFID(cfg, store, device)  # FID every eval.every_kimg, best marked
     history = list(state["history"]) if state else []
 
     num_classes = cfg.generator.num_classes if cfg.generator.conditional else 0
@@ -453,6 +454,7 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag) -> dict:
                         f"stopped by SIGTERM at kimg {cur_nimg / 1000:g}; checkpoint {uri}; "
                         "rerun the same command to resume"
                     )
+                fid.tick(g_ema, cur_nimg, index, stage.resolution, done)  # all ranks
         bar.close()
 
     if rank == 0:
@@ -468,6 +470,7 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag) -> dict:
             },
         )
         _write_curve(history, TRAIN_CURVE)
+        fid.write_curve()
         tracking.log_artifact(TRAIN_CURVE)
         tracking.end_run()
     return {

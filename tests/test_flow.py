@@ -17,6 +17,7 @@ TINY = [  # the whole pipeline in a couple of minutes on 2 CPU cores
     "train.stages=[{resolution: 16, kimg: 0.064}]",
     "data.demo_per_class=8",
     "eval.num_samples=16",
+    "eval.every_kimg=0.0",  # no FID during training: tests/test_pipeline.py covers it
 ]
 
 

@@ -1,8 +1,11 @@
-"""Tests for polyinr.metrics: the metric formulas, the Inception loader and evaluate()."""
+"""Tests for the metrics suite (polyinr.metrics, .reference, .featurestats): the formulas,
+reference statistics (ADM npz, cache, storage), evaluate() under both protocols, one
+process vs two, and the FID during training."""
 
 import json
 import math
-import os
+import socket
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,38 +14,19 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 
-from polyinr import metrics
+from polyinr import metrics, reference
+from polyinr.featurenets import Networks, no_tf32
+from polyinr.featurestats import FeatureStats
 from polyinr.metrics import (
     EvalConfig,
-    FeatureStats,
-    MissingWeightsError,
-    extract,
     frechet_distance,
     inception_score,
-    load_inception,
     precision_recall,
     to_uint8,
 )
+from polyinr.storage import CheckpointStore, StorageConfig
 
-MISSING = "/nonexistent/inception.pth"
-
-
-def random_images(n, seed, size=32):
-    """Seeded uint8 images (n, 3, size, size): colour ramps, so images differ in content."""
-    g = torch.Generator().manual_seed(seed)
-    ramp = torch.linspace(0, 1, size)
-    scale = torch.rand(n, 3, 1, 1, generator=g)
-    offset = torch.rand(n, 3, 1, 1, generator=g)
-    img = (offset + scale * ramp[None, None, None, :] * ramp[None, None, :, None]) % 1.0
-    return (img * 255).to(torch.uint8)
-
-
-@pytest.fixture(scope="module")
-def random_inception():
-    """Random-weight Inception shared by the feature tests (building it takes ~2 s)."""
-    model, real = load_inception(MISSING, allow_random=True, random_seed=0, device="cpu")
-    assert not real
-    return model
+MISSING = "/nonexistent/weights.pth"
 
 
 def test_frechet_distance_of_identical_stats_is_zero():
@@ -125,59 +109,29 @@ def test_to_uint8_maps_range_endpoints_rounds_and_clamps():
     assert to_uint8(x).dtype == torch.uint8
 
 
-def test_missing_weights_raise_error_naming_both_paths_and_the_escape_hatch(tmp_path, monkeypatch):
-    """Without weights and without allow_random the loader refuses, saying where it looked."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(MissingWeightsError) as info:
-        load_inception(MISSING, allow_random=False, random_seed=0, device="cpu")
-    message = str(info.value)
-    cached = os.path.join(str(tmp_path), "hub", "checkpoints", metrics.WEIGHTS_FILE)
-    for needle in (MISSING, cached, metrics.WEIGHTS_URL, "eval.allow_random_weights=true"):
-        assert needle in message
+def test_recall_halves_when_the_fakes_cover_half_the_reals():
+    """Reals = a cluster plus a far-away copy, fakes = the cluster: precision 1, recall 1/2."""
+    fake = np.random.default_rng(7).normal(size=(40, 4))
+    real = np.concatenate([fake, fake + 100.0])
+    assert precision_recall(real, fake, k=3) == (1.0, 0.5)
 
 
-def test_weights_in_torch_home_cache_are_found_and_count_as_real(tmp_path, monkeypatch):
-    """A weights file in $TORCH_HOME/hub/checkpoints is used when the configured path is absent."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    cached = tmp_path / "hub" / "checkpoints" / metrics.WEIGHTS_FILE
-    cached.parent.mkdir(parents=True)
-    state = metrics._random_state_dict(seed=1)
-    torch.save(state, cached)
-    model, real = load_inception(MISSING, allow_random=False, random_seed=0, device="cpu")
-    assert real
-    torch.testing.assert_close(model.net.fc.weight, state["fc.weight"])
+def test_precision_counts_fakes_inside_the_kth_neighbour_radius_on_a_line():
+    """Reals 0..19 on a line have 3rd-neighbour radius 2 inside, 3 at the ends: a fake at 5.5
+    is inside, one at 22 (the last real's radius ends at 22) too, one at 22.5 is not."""
+    real = np.arange(20.0)[:, None]
+    fake = np.array([[5.5], [22.0], [22.5], [-3.5], [10.0]])
+    precision, _ = precision_recall(real, fake, k=3)
+    assert precision == pytest.approx(3 / 5)
 
 
-def test_random_weights_are_seeded():
-    """The same random_seed gives the same network; another seed a different one."""
-    a, b = metrics._random_state_dict(0), metrics._random_state_dict(0)
-    c = metrics._random_state_dict(1)
-    key = "Mixed_6d.branch1x1.conv.weight"
-    assert torch.equal(a[key], b[key]) and not torch.equal(a[key], c[key])
-
-
-def test_random_weight_inception_gives_non_degenerate_features(random_inception):
-    """Kaiming re-init keeps pool features from vanishing and images distinguishable."""
-    feats = extract(random_inception, random_images(4, seed=0))
-    assert feats["pool"].shape == (4, 2048) and feats["pool"].dtype == np.float64
-    assert feats["logits"].shape == (4, 1008)
-    assert feats["spatial"].shape == (4, 17 * 17 * 7)
-    assert feats["pool"].std() > 1e-3
-    assert feats["pool"].std(axis=0).mean() > 1e-3  # differs between images, not just constant
-    assert inception_score(feats["logits"], splits=1)[0] > 1.01
-
-
-def test_random_weight_fid_separates_different_image_sets(random_inception):
-    """FID of a set with itself is ~0 and clearly positive against a different set."""
-    # The first 256 pool features keep the eigen-decomposition cheap; evaluate() covers 2048.
-    a = extract(random_inception, random_images(6, seed=1))["pool"][:, :256]
-    b = extract(random_inception, 255 - random_images(6, seed=2))["pool"][:, :256]
-    stats_a, stats_b = FeatureStats(), FeatureStats()
-    stats_a.add(a)
-    stats_b.add(b)
-    # Rank-deficient covariances (6 images, 256-d) leave ~1e-6 of eigenvalue round-off.
-    assert abs(frechet_distance(*stats_a.mean_cov(0), *stats_a.mean_cov(0))) < 1e-4
-    assert frechet_distance(*stats_a.mean_cov(0), *stats_b.mean_cov(0)) > 1e-2
+def test_inception_score_of_one_hot_logits_over_k_classes_is_k():
+    """Each sample certain of one class, the K classes equally often: IS = K exactly."""
+    k = 10
+    logits = np.full((5 * k, k), -1e4)
+    logits[np.arange(5 * k), np.arange(5 * k) % k] = 0.0
+    mean, _ = inception_score(logits, splits=5)
+    assert mean == pytest.approx(k, rel=1e-12)
 
 
 def test_no_tf32_restores_the_backend_flags():
@@ -185,12 +139,16 @@ def test_no_tf32_restores_the_backend_flags():
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
-        with metrics.no_tf32():
+        with no_tf32():
             assert not torch.backends.cuda.matmul.allow_tf32
             assert not torch.backends.cudnn.allow_tf32
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+# ---------------------------------------------------------------------------------------------
+# Doubles: a tiny generator and tiny feature networks, so the plumbing tests take milliseconds.
 
 
 class TinyGenerator(nn.Module):
@@ -199,8 +157,10 @@ class TinyGenerator(nn.Module):
     def __init__(self, z_dim=8, num_classes=10):
         super().__init__()
         self.cfg = SimpleNamespace(z_dim=z_dim)
-        self.embed = nn.Embedding(num_classes, z_dim)
-        self.proj = nn.Linear(z_dim, 3 * 8 * 8)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.embed = nn.Embedding(num_classes, z_dim)
+            self.proj = nn.Linear(z_dim, 3 * 8 * 8)
         self.calls = []  # (z, c) of every call, to check what evaluate() draws
 
     def forward(self, z, c, psi=1.0):
@@ -210,16 +170,56 @@ class TinyGenerator(nn.Module):
         return nn.functional.interpolate(x, size=32, mode="nearest")  # (B, 3, 32, 32)
 
 
-def eval_config(**overrides):
+class TinyNet(nn.Module):
+    """A seeded random projection of 4x4-pooled pixels standing in for a feature network."""
+
+    def __init__(self, outputs: dict[str, int], seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.heads = nn.ParameterDict(
+            {k: nn.Parameter(torch.randn(48, d, generator=g)) for k, d in outputs.items()}
+        )
+        self.label, self.weights_id = f"tiny test double {seed}", f"tiny-{seed}"
+
+    def forward(self, images):
+        """uint8 (N, 3, H, W) -> {name: (N, d)}."""
+        x = nn.functional.adaptive_avg_pool2d(images.float() / 255, 4).flatten(1)  # (N, 48)
+        x = (x - 0.5) * 10.0  # block means of noise images differ by a few percent: spread them
+        return {k: torch.tanh(x @ w / 48**0.5) for k, w in self.heads.items()}
+
+
+def tiny_networks(cfg):
+    """Networks of `cfg` with tiny doubles for Inception, the rFID Inception and VGG16."""
+    modules = {
+        "inception": TinyNet({"pool": 6, "logits": 5, "spatial": 7}, seed=1),
+        "rinception": TinyNet({"pool": 6}, seed=2),
+        "vgg16": TinyNet({"vgg": 9}, seed=3),
+    }
+    return Networks(cfg, "cpu", modules)
+
+
+def storage_config(uri, endpoint_url, keep, tmp_path):
+    return StorageConfig(
+        uri=uri, endpoint_url=endpoint_url, keep=keep, retries=2, multipart_mb=64,
+        staging_dir=str(tmp_path / "staging"),
+    )  # fmt: skip
+
+
+def eval_config(tmp_path, **overrides):
     values = dict(
         protocol="adm",
-        num_samples=8,
+        num_samples=12,
         batch=4,
         psi=1.0,
         seed=0,
         inception_weights=MISSING,
+        vgg16_weights=MISSING,
         allow_random_weights=True,
         random_seed=0,
+        reference_npz=None,
+        cache_dir=str(tmp_path / "cache"),
+        every_kimg=1.0,
+        train_samples=8,
         grid_classes=2,
         grid_seeds=2,
         grid_psi=1.0,
@@ -227,45 +227,316 @@ def eval_config(**overrides):
     return EvalConfig(**(values | overrides))
 
 
-def real_batches():
-    """Two batches of four (uint8 images, labels) standing in for the training data."""
-    return [(random_images(4, seed=s), torch.zeros(4, dtype=torch.long)) for s in (10, 11)]
-
-
-def test_evaluate_returns_finite_json_numbers_and_labels_random_weights():
-    """A tiny generator scored with random weights gives finite metrics labelled as random."""
-    torch.manual_seed(0)
-    result = metrics.evaluate(
-        TinyGenerator(), real_batches(), eval_config(), num_classes=10, device="cpu", progress=False
+def adm_npz(path, n=14, seed=0):
+    """A small synthetic ADM reference batch: statistics of a 6-d and 7-d Gaussian, 32px images."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(6, 6)), rng.normal(size=(7, 7))
+    arrays = dict(
+        mu=rng.normal(size=6),
+        sigma=a @ a.T / 6,
+        mu_s=rng.normal(size=7),
+        sigma_s=b @ b.T / 7,
+        arr_0=rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8),
     )
+    np.savez(path, **arrays)
+    return arrays
+
+
+def test_metric_name_carries_the_sample_count():
+    """FIDs on different sample counts are never confused: fid50k, fid10k, fid256."""
+    assert [metrics.metric_name(n) for n in (50_000, 10_000, 256)] == ["fid50k", "fid10k", "fid256"]
+
+
+def test_adm_reference_npz_statistics_are_used_as_is(tmp_path):
+    """mu, sigma, mu_s, sigma_s of an ADM batch come through unchanged; P/R and rFID features
+    are computed from its arr_0 images (all of them: ADM uses 10k reference images)."""
+    arrays = adm_npz(tmp_path / "ref.npz")
+    cfg = eval_config(tmp_path, reference_npz=str(tmp_path / "ref.npz"))
+    ref = reference.load_reference(cfg, metrics.PARTS, 32, tiny_networks(cfg), None, None, False)
+    for key in ("mu", "sigma", "mu_s", "sigma_s"):
+        np.testing.assert_array_equal(ref[key], arrays[key])
+    assert int(ref["n"]) == 14 and ref["pr"].shape == (14, 6)  # Inception pool under adm
+    images = torch.from_numpy(arrays["arr_0"]).permute(0, 3, 1, 2)
+    expected = TinyNet({"pool": 6, "logits": 5, "spatial": 7}, seed=1)(images)["pool"]
+    np.testing.assert_allclose(ref["pr"], expected.detach().numpy(), rtol=1e-6)
+    rpool = TinyNet({"pool": 6}, seed=2)(images)["pool"].detach().double().numpy()
+    np.testing.assert_allclose(ref["mu_r"], rpool.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(ref["sigma_r"], np.cov(rpool, rowvar=False), rtol=1e-9, atol=1e-14)
+
+
+def test_reference_npz_without_adm_keys_is_refused(tmp_path):
+    """A file lacking mu/sigma/... is named with what it lacks."""
+    np.savez(tmp_path / "bad.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    cfg = eval_config(tmp_path, reference_npz=str(tmp_path / "bad.npz"))
+    with pytest.raises(ValueError, match="mu_s"):
+        reference.load_reference(cfg, ["fid"], 32, tiny_networks(cfg), None, None, False)
+
+
+def test_reference_is_cached_locally_and_in_s3_and_keyed_by_weights(tmp_path, s3_bucket, s3_env):
+    """Computed once: a second call reads the local cache, a fresh machine (empty cache dir)
+    reads storage.uri, and other feature weights make a new key."""
+    adm_npz(tmp_path / "ref.npz")
+    cfg = eval_config(tmp_path, reference_npz=str(tmp_path / "ref.npz"), protocol="stylegan-xl")
+    storage = storage_config(f"s3://{s3_bucket}/runs", s3_env, 2, tmp_path)
+    first = reference.load_reference(cfg, ["pr", "rfid"], 32, tiny_networks(cfg), None, storage)
+    assert first["pr"].shape == (14, 9)  # VGG16 features under stylegan-xl
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+
+    class Refuses(TinyNet):
+        def forward(self, images):
+            raise AssertionError("the cache should have answered")
+
+    refusing = Networks(cfg, "cpu", {"vgg16": Refuses({"vgg": 9}, 3), "inception": Refuses({}, 1)})
+    refusing._modules["rinception"] = Refuses({"pool": 6}, 2)
+    again = reference.load_reference(cfg, ["pr", "rfid"], 32, refusing, None, storage)
+    fresh = dataclasses_replace(cfg, cache_dir=str(tmp_path / "empty"))
+    from_s3 = reference.load_reference(fresh, ["pr", "rfid"], 32, refusing, None, storage)
+    for ref in (again, from_s3):
+        for key in ("pr", "mu_r", "sigma_r"):
+            np.testing.assert_array_equal(ref[key], first[key])
+    import boto3
+
+    listed = boto3.client("s3", endpoint_url=s3_env).list_objects_v2(Bucket=s3_bucket)
+    names = sorted(o["Key"] for o in listed["Contents"])
+    assert len(names) == 2 and all(n.startswith("runs/reference-stats/") for n in names)
+    other = Networks(cfg, "cpu", {"vgg16": TinyNet({"vgg": 9}, seed=4)})
+    other._modules |= {"inception": Refuses({}, 1), "rinception": Refuses({"pool": 6}, 2)}
+    changed = reference.load_reference(cfg, ["pr"], 32, other, None, None, False)
+    assert not np.array_equal(changed["pr"], first["pr"])
+
+
+def dataclasses_replace(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
+
+
+def test_data_fingerprint_ignores_timings_and_sees_the_data(tmp_path):
+    """The cache key of training data changes with the data, not with how long prepare took."""
+    manifest = {"resolution": 32, "written": 4, "classes": ["a"], "seconds": 1.0}
+    (tmp_path / "train_32.json").write_text(json.dumps(manifest))
+    (tmp_path / "train_32.beton").write_bytes(b"x" * 10)
+    before = reference.data_fingerprint(tmp_path, 32)
+    manifest["seconds"] = manifest["images_per_second"] = 9.0
+    (tmp_path / "train_32.json").write_text(json.dumps(manifest))
+    assert reference.data_fingerprint(tmp_path, 32) == before
+    (tmp_path / "train_32.beton").write_bytes(b"x" * 11)
+    assert reference.data_fingerprint(tmp_path, 32) != before
+
+
+@pytest.mark.slow
+def test_training_data_reference_reads_the_ffcv_file_once_with_an_even_pr_subset(
+    tmp_path, monkeypatch
+):
+    """From a prepared FFCV file: statistics of every image (1/N under stylegan-xl), P/R rows
+    of every stride-th image (here at most 3 of 8: images 0, 3, 6), then the cache answers."""
+    from polyinr import data
+
+    cfg_data = data.DataConfig(
+        source=str(tmp_path / "demo"), out_dir=str(tmp_path / "ffcv"), encoding="raw",
+        jpeg_quality=90, strict=True, workers=1, demo_classes=2, demo_per_class=4,
+        demo_size=16, demo_seed=0,
+    )  # fmt: skip
+    data.make_demo_dataset(Path(cfg_data.source), 2, 4, 16, 0)
+    data.prepare(cfg_data, [16], progress=False)
+    monkeypatch.setitem(reference.PR_REFERENCE, "stylegan-xl", 3)
+    cfg = eval_config(tmp_path, protocol="stylegan-xl", batch=3)
+    nets = tiny_networks(cfg)
+    ref = reference.load_reference(cfg, metrics.PARTS, 16, nets, cfg_data.out_dir, None, False)
+    images = torch.cat([x for x, _ in data.read_all(data.beton_path(cfg_data.out_dir, 16))])
+    feats = nets.features(images, ["inception", "vgg16"])
+    assert len(images) == 8 and int(ref["n"]) == 8
+    np.testing.assert_allclose(ref["mu"], feats["pool"].mean(0), rtol=1e-9)
+    np.testing.assert_allclose(
+        ref["sigma"], np.cov(feats["pool"], rowvar=False, ddof=0), atol=1e-12
+    )
+    np.testing.assert_allclose(ref["pr"], feats["vgg"][[0, 3, 6]], rtol=1e-5)  # float32 rows
+    monkeypatch.setattr(reference, "accumulate", None)  # a second pass would fail
+    cached = reference.load_reference(cfg, metrics.PARTS, 16, nets, cfg_data.out_dir, None)
+    assert len(list(Path(cfg.cache_dir).glob("*.npz"))) == 3
+    for key in ("mu", "sigma", "mu_s", "sigma_s", "pr", "mu_r", "sigma_r"):
+        np.testing.assert_array_equal(cached[key], ref[key])
+
+
+@pytest.mark.parametrize("protocol", ["adm", "stylegan-xl"])
+def test_evaluate_scores_every_part_with_the_protocols_covariance(tmp_path, protocol):
+    """evaluate() equals the formulas applied by hand to the same features: covariance 1/(N-1)
+    for adm and 1/N for stylegan-xl, P/R on Inception pool (adm) or VGG16 (stylegan-xl)."""
+    adm_npz(tmp_path / "ref.npz")
+    cfg = eval_config(tmp_path, reference_npz=str(tmp_path / "ref.npz"), protocol=protocol)
+    nets = tiny_networks(cfg)
+    ref = reference.load_reference(cfg, metrics.PARTS, 32, nets, None, None, False)
+    result = metrics.evaluate(TinyGenerator(), ref, cfg, 10, nets, "cpu", progress=False)
     json.dumps(result, allow_nan=False)
-    for key in ("fid", "sfid", "is_mean", "is_std", "precision", "recall"):
-        assert isinstance(result[key], float) and math.isfinite(result[key]), key
-    assert result["num_samples"] == 8 and result["num_reference"] == 8
-    assert result["protocol"] == "adm"
-    assert result["inception_weights"] == "random (seed 0)"
-    assert "RANDOM" in result["label"] and "FID@8" in result["label"]
-    assert result["fid"] > 1e-2 and result["sfid"] > 1e-4 and result["is_mean"] > 1 + 1e-6
-    assert 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
+
+    rng = torch.Generator().manual_seed(cfg.seed)
+    z = torch.randn(12, 8, generator=rng)
+    c = torch.randint(0, 10, (12,), generator=rng)
+    with torch.no_grad():
+        images = to_uint8(TinyGenerator()(z, c))
+    feats = nets.features(images, ["inception", "rinception", "vgg16"])
+    ddof = 1 if protocol == "adm" else 0
+
+    def fd(x, mu, sigma):
+        return frechet_distance(x.mean(0), np.cov(x, rowvar=False, ddof=ddof), mu, sigma)
+
+    assert result["fid"] == pytest.approx(fd(feats["pool"], ref["mu"], ref["sigma"]), rel=1e-9)
+    assert result["sfid"] == pytest.approx(fd(feats["spatial"], ref["mu_s"], ref["sigma_s"]))
+    assert result["rfid"] == pytest.approx(fd(feats["rpool"], ref["mu_r"], ref["sigma_r"]))
+    assert (result["is_mean"], result["is_std"]) == pytest.approx(
+        inception_score(feats["logits"], 6)
+    )
+    pr_key = "pool" if protocol == "adm" else "vgg"
+    assert (result["precision"], result["recall"]) == precision_recall(ref["pr"], feats[pr_key])
+    assert result["pr_features"] == ("inception-pool" if protocol == "adm" else "vgg16-fc7")
+    assert result["protocol"] == protocol and result["num_samples"] == 12
+    assert result["label"].startswith("fid12 (") and result["rfid_seed"] == 0
+    assert result["fid"] > 1e-3 and 0 <= result["precision"] <= 1
 
 
-def test_evaluate_draws_the_same_latents_and_classes_whatever_the_batch_size(monkeypatch):
-    """Samples depend on cfg.seed only: batch 3 and batch 8 feed the generator the same z and c."""
-
-    # Inception inference and 2048-d statistics cost seconds on CPU and are tested above; here
-    # small features computed from the pixels stand in, since only the generator's inputs matter.
-    def pixel_features(model, images):
-        x = images.double().flatten(1)[:, :12].numpy()
-        return {"pool": x[:, :4], "logits": x[:, 4:9] / 255, "spatial": x[:, 9:]}
-
-    monkeypatch.setattr(metrics, "load_inception", lambda *args: (nn.Identity(), False))
-    monkeypatch.setattr(metrics, "extract", pixel_features)
+def test_evaluate_draws_the_same_latents_and_classes_whatever_the_batch_size(tmp_path):
+    """Samples depend on cfg.seed only: batch 3 and batch 12 feed the generator the same z, c."""
+    adm_npz(tmp_path / "ref.npz")
     drawn = []
-    for batch in (3, 8):
+    for batch in (3, 12):
+        cfg = eval_config(tmp_path, reference_npz=str(tmp_path / "ref.npz"), batch=batch)
+        nets = tiny_networks(cfg)
+        ref = reference.load_reference(cfg, ["fid"], 32, nets, None, None, False)
         generator = TinyGenerator()
-        cfg = eval_config(batch=batch)
-        metrics.evaluate(generator, real_batches(), cfg, 10, "cpu", progress=False)
-        assert [len(z) for z, _ in generator.calls] == ([3, 3, 2] if batch == 3 else [8])
+        metrics.evaluate(generator, ref, cfg, 10, nets, "cpu", parts=["fid"], progress=False)
+        assert [len(z) for z, _ in generator.calls] == ([3, 3, 3, 3] if batch == 3 else [12])
         drawn.append([torch.cat(t) for t in zip(*generator.calls, strict=True)])
     torch.testing.assert_close(drawn[0], drawn[1], rtol=0, atol=0)
     assert drawn[0][1].max() < 10 and len(drawn[0][1].unique()) > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed: two gloo processes give the single-process result
+
+
+def _distributed_worker(rank, world, port, tmp, out):
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    torch.set_num_threads(1)
+    from pathlib import Path
+
+    cfg = eval_config(Path(tmp), reference_npz=f"{tmp}/ref.npz", cache_dir=f"{tmp}/cache{world}")
+    nets = tiny_networks(cfg)
+    ref = reference.load_reference(cfg, metrics.PARTS, 32, nets, None, None, False)
+    result = metrics.evaluate(TinyGenerator(), ref, cfg, 10, nets, "cpu", progress=False)
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+        np.save(f"{out}.pr.npy", ref["pr"])
+    dist.destroy_process_group()
+
+
+def test_two_processes_give_the_single_process_result(tmp_path):
+    """Reference pass and samples split over 2 gloo ranks (uneven: 14 reals, 12 samples in
+    batches of 4) give the same metrics and the same gathered P/R rows as one process."""
+    import torch.multiprocessing as mp
+
+    adm_npz(tmp_path / "ref.npz")
+    results = {}
+    for world in (1, 2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = str(tmp_path / f"result{world}.json")
+        mp.spawn(_distributed_worker, args=(world, port, str(tmp_path), out), nprocs=world)
+        results[world] = json.loads((tmp_path / f"result{world}.json").read_text())
+        results[world]["pr_rows"] = np.load(f"{out}.pr.npy")
+    np.testing.assert_array_equal(results[1].pop("pr_rows"), results[2].pop("pr_rows"))
+    assert results[1].keys() == results[2].keys()
+    for key, value in results[1].items():
+        if isinstance(value, float):
+            assert results[2][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        else:
+            assert results[2][key] == value, key
+
+
+# ---------------------------------------------------------------------------------------------
+# The FID during training
+
+
+def test_training_fid_runs_every_kimg_logs_and_keeps_the_best_snapshot(tmp_path, monkeypatch):
+    """Evaluated when an every_kimg boundary is crossed or a stage ends; logged to MLflow as
+    fid8 against kimg and to metrics/fid.csv; the stage's best snapshot survives pruning; a
+    resumed run reads the log back."""
+    from polyinr import tracking
+    from polyinr.tracking import TrackingConfig
+
+    monkeypatch.chdir(tmp_path)
+    adm_npz(tmp_path / "ref.npz")
+    cfg_eval = eval_config(tmp_path, reference_npz=str(tmp_path / "ref.npz"), every_kimg=1.0)
+    storage = storage_config(str(tmp_path / "ckpt"), None, 1, tmp_path)
+    tracking_cfg = TrackingConfig(f"sqlite:///{tmp_path}/mlflow.db", "t", "art", "run")
+    generator = SimpleNamespace(num_classes=10, conditional=True)
+    cfg = SimpleNamespace(
+        eval=cfg_eval, storage=storage, generator=generator, data=SimpleNamespace(out_dir=None)
+    )
+    store = CheckpointStore(storage, "run")
+    fid = metrics.TrainingFID(cfg, store, "cpu", nets=tiny_networks(cfg_eval))
+    g = TinyGenerator()
+    values = {}
+    with tracking.start_run(tracking_cfg) as run:
+        for cur_nimg, done in ((500, False), (1000, False), (1500, False), (2100, False)):
+            store.save({"cur_nimg": cur_nimg}, cur_nimg)
+            values[cur_nimg] = fid.tick(g, cur_nimg, 0, 32, done)
+            with torch.no_grad():  # the generator "trains": samples move away from the start
+                g.proj.bias += 0.5
+    assert values[500] is None and values[1500] is None
+    assert values[1000] is not None and values[2100] is not None
+    import mlflow
+
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "fid8")
+    assert [(m.step, m.value) for m in history] == [(1, values[1000]), (2, values[2100])]
+    lines = (tmp_path / "metrics" / "fid.csv").read_text().splitlines()
+    assert lines[0] == "kimg,stage,resolution,fid8" and len(lines) == 3
+    best_nimg = min((1000, 2100), key=lambda n: values[n])
+    best = [r["name"] for r in store.records() if r["best"]]
+    assert best == [f"snapshot-{best_nimg:012d}.pt"]
+    names = store._names()
+    assert f"snapshot-{best_nimg:012d}.pt" in names and "snapshot-000000002100.pt" in names
+    assert len(names) <= 2  # keep=1 plus the best one
+
+    resumed = metrics.TrainingFID(cfg, store, "cpu", nets=tiny_networks(cfg_eval))
+    with tracking.start_run(tracking_cfg, run_id=run.info.run_id):  # as train() on resume
+        assert resumed.tick(g, 2500, 0, 32, done=False) is None  # 2100 was evaluated before
+        store.save({"cur_nimg": 2600}, 2600)  # train() ticks right after each snapshot
+        assert resumed.tick(g, 2600, 0, 32, done=True) is not None  # a stage's end always is
+    assert mlflow.active_run() is None
+
+
+def test_training_fid_off_when_every_kimg_is_zero(tmp_path):
+    """every_kimg = 0 never evaluates (and never loads a network)."""
+    cfg_eval = eval_config(tmp_path, every_kimg=0.0)
+    storage = storage_config(str(tmp_path / "ckpt"), None, 1, tmp_path)
+    cfg = SimpleNamespace(eval=cfg_eval, storage=storage)
+    fid = metrics.TrainingFID(cfg, CheckpointStore(storage, "run"), "cpu")
+    assert fid.tick(TinyGenerator(), 5000, 0, 32, done=True) is None and fid.nets is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The real networks end to end (random weights)
+
+
+@pytest.mark.slow
+def test_evaluate_with_random_weight_networks_gives_finite_labelled_numbers(tmp_path):
+    """The real Inception (random, labelled) on an ADM npz: finite metrics, non-trivial FID,
+    IS above 1; rFID shares the random network with FID and says so."""
+    adm_npz(tmp_path / "ref.npz", n=8)
+    cfg = eval_config(tmp_path, reference_npz=str(tmp_path / "ref.npz"), num_samples=8)
+    nets = Networks(cfg, "cpu")
+    ref = reference.load_reference(cfg, ["pr", "rfid"], 32, nets, None, None, False)
+    ref |= {"mu": np.zeros(2048), "sigma": np.eye(2048), "mu_s": np.zeros(2023)}
+    ref |= {"sigma_s": np.eye(2023), "n": np.array(8)}
+    result = metrics.evaluate(TinyGenerator(), ref, cfg, 10, nets, "cpu", progress=False)
+    json.dumps(result, allow_nan=False)
+    for key in ("fid", "sfid", "is_mean", "is_std", "precision", "recall", "rfid"):
+        assert isinstance(result[key], float) and math.isfinite(result[key]), key
+    assert result["inception_weights"] == "random (seed 0)" and "RANDOM" in result["label"]
+    assert nets.get("rinception") is nets.get("inception")
+    assert result["is_mean"] > 1 + 1e-6 and result["rfid"] > 1e-2

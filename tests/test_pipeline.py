@@ -17,6 +17,7 @@ TINY = [
     "train.stages=[{resolution: 16, kimg: 0.064}, {resolution: 32, kimg: 0.032}]",
     "train.snapshot_kimg=0.032",
     "eval.num_samples=16",
+    "eval.train_samples=8",  # the FID during training runs at each stage's end
 ]
 
 
@@ -51,10 +52,16 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
     latest = json.loads((repo / "checkpoints/demo/latest.json").read_text())
     assert (repo / "checkpoints/demo" / latest["name"]).is_file()
     metrics = json.loads((repo / "metrics/eval.json").read_text())
-    assert metrics["num_samples"] == 16 and metrics["protocol"] == "stylegan-xl"
+    assert metrics["num_samples"] == 16 and metrics["protocol"] == "adm"
     assert metrics["resolution"] == 32 and metrics["kimg"] == 0.096
     assert metrics["inception_weights"].startswith("random") and "RANDOM" in metrics["label"]
     assert metrics["fid"] > 0 and metrics["is_mean"] >= 1.0
+    for key in ("sfid", "precision", "recall", "rfid"):
+        assert isinstance(metrics[key], float), key
+    fid_curve = (repo / "metrics/fid.csv").read_text().splitlines()
+    assert fid_curve[0] == "kimg,stage,resolution,fid8" and len(fid_curve) == 3
+    best = json.loads((repo / "checkpoints/demo/best.json").read_text())
+    assert (repo / "checkpoints/demo" / best["name"]).is_file()  # kept by pruning
     with Image.open(repo / "samples/grid.png") as grid:
         assert grid.size == (32 * 8, 32 * 4)  # 8 seeds x 4 classes, at the last stage's size
 
@@ -64,6 +71,7 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
     run = runs[0]
     assert run.data.params["train.batch"] == "32"
     assert "loss_g" in run.data.metrics and "eval/fid" in run.data.metrics
+    assert "fid8" in run.data.metrics
     assert run.data.tags["eval.inception_weights"].startswith("random")
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -1,0 +1,264 @@
+"""The metrics' frozen feature networks: TF-2015 Inception-v3 and VGG16 (SPEC.md 4).
+
+Weights come from local files only; seeded Kaiming-initialised random weights (rFID, tests,
+demos) are built here too, and every network carries a label and a weights id for caches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
+VGG16_FILE = "vgg16-397923af.pth"
+VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Disable TF32 matmuls and convolutions inside the block, restoring the flags after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def extract(model: nn.Module, images_uint8: torch.Tensor) -> dict[str, np.ndarray]:
+    """images (N, 3, H, W) uint8 -> the model's named features as float64 arrays (N, D)."""
+    device = next(model.parameters()).device
+    with no_tf32(), torch.no_grad():
+        feats = model(images_uint8.to(device))
+    return {k: v.detach().cpu().numpy().astype(np.float64) for k, v in feats.items()}
+
+
+class MissingWeightsError(FileNotFoundError):
+    """A feature network's weights are not on disk and random weights were not allowed."""
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file, read in 8 MiB blocks (weights ids key the reference-statistics cache)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _kaiming_(net: nn.Module, seed: int, linear_std=None) -> None:
+    """Seeded Kaiming (fan-in, ReLU gain) re-initialisation; BatchNorm reset to identity."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            std = linear_std if isinstance(module, nn.Linear) and linear_std else None
+            std = std or (2.0 / module.weight[0].numel()) ** 0.5
+            module.weight.data.normal_(0.0, std, generator=gen)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.BatchNorm2d):
+            module.reset_parameters()  # identity: weight 1, bias 0, mean 0, var 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Inception-v3 (TF-2015 weights, torch-fidelity's port)
+
+
+class InceptionFeatures(nn.Module):
+    """torch-fidelity's TF-2015 Inception-v3 returning pool, logits and sFID spatial features."""
+
+    def __init__(self, net: nn.Module, label: str, weights_id: str):
+        super().__init__()
+        self.net = net
+        self.label = label
+        self.weights_id = weights_id
+        self._spatial = None
+        net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+
+    def _keep_spatial(self, module, inputs, output):
+        # ADM's sFID: the first 7 channels of mixed_6/conv (17x17), flattened in TF's NHWC
+        # order so that reference files (mu_s, sigma_s) from the ADM suite can be read directly.
+        self._spatial = output[:, :7].permute(0, 2, 3, 1).reshape(output.shape[0], -1)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images (N, 3, H, W) uint8 -> pool (N, 2048), logits (N, 1008), spatial (N, 2023)."""
+        pool, logits = self.net(images)
+        spatial, self._spatial = self._spatial, None
+        return {"pool": pool, "logits": logits, "spatial": spatial}
+
+
+def _inception_net(state_dict_file):
+    """torch-fidelity's TF-2015 Inception-v3 loaded strictly from a path or file object."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    return FeatureExtractorInceptionV3(
+        "inception-v3-compat",
+        ["2048", "logits_unbiased"],
+        feature_extractor_weights_path=state_dict_file,
+    )
+
+
+def _random_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """A Kaiming-initialised state dict with the exact keys and shapes of the TF-2015 net."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class _Unloaded(FeatureExtractorInceptionV3):
+        # torch-fidelity's constructor always loads strictly; an empty dict means "keep init".
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            if state_dict:
+                return super().load_state_dict(state_dict, strict, assign)
+
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    net = _Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
+    # PyTorch's default init shrinks activations layer by layer, so with eval BatchNorm the pool
+    # features vanish (FID ~ 1e-15, IS = 1); Kaiming keeps their scale and the metrics honest.
+    # The classifier gets unit weights rather than 1/sqrt(fan_in): pool features of different
+    # images differ by ~1e-2, and larger logits keep IS visibly above 1 instead of 1 + 1e-5.
+    _kaiming_(net, seed, linear_std=1.0)
+    return net.state_dict()
+
+
+def random_inception(seed: int, device) -> InceptionFeatures:
+    """The Inception with seeded Kaiming random weights (rFID's network; tests and demos)."""
+    buffer = io.BytesIO()
+    torch.save(_random_state_dict(seed), buffer)
+    buffer.seek(0)
+    label = f"RANDOM Inception weights (seed {seed})"
+    model = InceptionFeatures(_inception_net(buffer), label, f"random-kaiming-seed{seed}")
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_inception(
+    weights_path: str, allow_random: bool, random_seed: int, device
+) -> tuple[InceptionFeatures, bool]:
+    """Return (InceptionFeatures in eval mode, whether the weights are the real TF-2015 ones)."""
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILE)
+    found = next((p for p in (weights_path, cached) if p and os.path.isfile(p)), None)
+    if found is not None:
+        model = InceptionFeatures(_inception_net(found), "TF-2015 Inception weights", "")
+        model.weights_id = f"inception-{file_sha256(found)[:16]}"
+        return model.to(device).eval().requires_grad_(False), True
+    if allow_random:
+        return random_inception(random_seed, device), False
+    raise MissingWeightsError(
+        f"Inception weights {WEIGHTS_FILE} not found at {weights_path!r} nor at {cached!r}. "
+        f"Download {WEIGHTS_URL} to one of these paths (no network here), or set "
+        "eval.allow_random_weights=true for labelled random-weight numbers that are not "
+        "comparable to published ones."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# VGG16 (precision/recall under the StyleGAN-XL protocol)
+
+
+class VGG16Features(nn.Module):
+    """VGG16 fc7 features (after ReLU, 4096-d) of uint8 images, as Kynkaanniemi et al. use."""
+
+    def __init__(self, net: nn.Module, label: str, weights_id: str):
+        super().__init__()
+        self.features, self.avgpool = net.features, net.avgpool
+        self.fc = net.classifier[:5]  # fc6, ReLU, dropout (identity in eval), fc7, ReLU
+        self.label = label
+        self.weights_id = weights_id
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images (N, 3, H, W) uint8 -> vgg (N, 4096)."""
+        x = images.float()
+        if x.shape[-2:] != (224, 224):
+            x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True)
+        x = (x - self.mean) / self.std  # (N, 3, 224, 224), ImageNet normalisation
+        x = torch.flatten(self.avgpool(self.features(x)), 1)  # (N, 25088)
+        return {"vgg": self.fc(x)}
+
+
+def load_vgg16(
+    weights_path: str, allow_random: bool, random_seed: int, device
+) -> tuple[VGG16Features, bool]:
+    """Return (VGG16Features in eval mode, whether the weights are the real ImageNet ones)."""
+    from torchvision.models import vgg16
+
+    with torch.random.fork_rng(devices=[]):  # torchvision's own init must not move the RNG
+        net = vgg16()
+    if weights_path and os.path.isfile(weights_path):
+        net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+        weights_id = f"vgg16-{file_sha256(weights_path)[:16]}"
+        model, real = VGG16Features(net, "torchvision VGG16 weights", weights_id), True
+    elif allow_random:
+        _kaiming_(net, random_seed)  # fan-in Kaiming everywhere: no layer shrinks the signal
+        label = f"RANDOM VGG16 weights (seed {random_seed})"
+        model, real = VGG16Features(net, label, f"random-kaiming-seed{random_seed}"), False
+    else:
+        raise MissingWeightsError(
+            f"VGG16 weights {VGG16_FILE} not found at {weights_path!r} (eval.vgg16_weights; "
+            f"precision/recall of the stylegan-xl protocol). Download {VGG16_URL} there (no "
+            "network here), or set eval.allow_random_weights=true for labelled random-weight "
+            "numbers."
+        )
+    return model.to(device).eval().requires_grad_(False), real
+
+
+# ---------------------------------------------------------------------------------------------
+# The networks of an evaluation
+
+
+class Networks:
+    """The feature networks an evaluation needs, loaded on first use."""
+
+    def __init__(self, cfg, device, modules: dict | None = None):
+        self.cfg, self.device = cfg, device
+        self._modules = dict(modules or {})  # tests inject small doubles here
+
+    def get(self, name: str) -> nn.Module:
+        """'inception', 'rinception' (random weights, rFID) or 'vgg16'; each has .label."""
+        if name not in self._modules:
+            c = self.cfg
+            if name == "inception":
+                net, _ = load_inception(
+                    c.inception_weights, c.allow_random_weights, c.random_seed, self.device
+                )
+            elif name == "rinception":
+                net = self.get("inception")  # a random-weight run already has rFID's network
+                if net.weights_id != f"random-kaiming-seed{c.random_seed}":
+                    net = random_inception(c.random_seed, self.device)
+            elif name == "vgg16":
+                net, _ = load_vgg16(
+                    c.vgg16_weights, c.allow_random_weights, c.random_seed, self.device
+                )
+            else:
+                raise KeyError(f"unknown feature network {name!r}")
+            self._modules[name] = net
+        return self._modules[name]
+
+    def pr_network(self) -> tuple[str, str]:
+        """(network, feature key) of precision/recall under the protocol."""
+        return ("inception", "pool") if self.cfg.protocol == "adm" else ("vgg16", "vgg")
+
+    def names(self, parts) -> list[str]:
+        """The networks that `parts` need."""
+        table = {"fid": "inception", "pr": self.pr_network()[0], "rfid": "rinception"}
+        return list(dict.fromkeys(table[p] for p in parts))
+
+    def features(self, images: torch.Tensor, names) -> dict[str, np.ndarray]:
+        """uint8 images (N, 3, H, W) -> pool, logits, spatial / rpool (rFID) / vgg, float64."""
+        feats, done = {}, {}
+        for name in names:
+            net = self.get(name)
+            if id(net) not in done:  # shared networks (random-weight runs) run once
+                done[id(net)] = extract(net, images)
+            f = done[id(net)]
+            feats |= {"rpool": f["pool"]} if name == "rinception" else f
+        return feats

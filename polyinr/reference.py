@@ -1,0 +1,182 @@
+"""Reference statistics: an ADM reference batch, or the training data read once and cached
+(locally and in storage.uri), keyed by data, resolution, protocol and feature weights."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from polyinr import data
+from polyinr.featurenets import file_sha256
+from polyinr.featurestats import accumulate, all_reduce, distributed, rank_world
+
+# Real images for precision/recall: ADM compares 10k reference images against all samples;
+# StyleGAN-XL (stylegan2-ada's pr50k3_full) uses up to 200k training images.
+PR_REFERENCE = {"adm": 10_000, "stylegan-xl": 200_000}
+CACHE_VERSION = 1  # bump when what a cached reference holds changes
+
+
+def data_fingerprint(out_dir, resolution: int) -> str:
+    """Identity of a prepared FFCV file: its manifest (without timings) and size."""
+    manifest = data.read_manifest(out_dir, resolution)
+    stable = manifest.get("fingerprint") or {
+        k: v for k, v in manifest.items() if k not in ("seconds", "images_per_second")
+    }
+    size = data.beton_path(out_dir, resolution).stat().st_size
+    return hashlib.sha256(json.dumps([stable, size], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _key(fingerprint: str, resolution: int, protocol: str, part: str, weights_id: str) -> str:
+    fields = [CACHE_VERSION, fingerprint, resolution, protocol, part, weights_id]
+    return f"{part}-{hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:20]}"
+
+
+class ReferenceCache:
+    """Reference arrays as npz files in a local folder and in storage.uri/reference-stats/."""
+
+    def __init__(self, cache_dir, storage_cfg=None):
+        from polyinr.storage import CheckpointStore
+
+        self.dir = Path(cache_dir)
+        self.store = CheckpointStore(storage_cfg, "reference-stats") if storage_cfg else None
+
+    def get(self, key: str) -> dict[str, np.ndarray] | None:
+        path = self.dir / f"{key}.npz"
+        raw = path.read_bytes() if path.is_file() else None
+        if raw is None and self.store is not None:
+            raw = self.store.read(f"{key}.npz")
+            if raw is not None:
+                self._write_local(path, raw)
+        if raw is None:
+            return None
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def put(self, key: str, arrays: dict[str, np.ndarray]) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        self._write_local(self.dir / f"{key}.npz", buffer.getvalue())
+        if self.store is not None:
+            self.store.write(f"{key}.npz", buffer.getvalue())
+
+    @staticmethod
+    def _write_local(path: Path, raw: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(raw)
+        tmp.replace(path)
+
+
+def _npz_length(path: Path) -> int:
+    """Number of images in an ADM batch's arr_0, read from its header without loading it."""
+    with np.load(path, allow_pickle=False) as npz, npz.zip.open("arr_0.npy") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read = (
+            np.lib.format.read_array_header_1_0
+            if major == 1
+            else np.lib.format.read_array_header_2_0
+        )
+        return read(f)[0][0]
+
+
+def _real_batches(source, batch: int):
+    """(uint8 (B, 3, R, R), labels) batches of an ADM batch's arr_0 or of an FFCV file."""
+    if isinstance(source, Path):  # an ADM batch: arr_0 is (N, H, W, 3) uint8
+        with np.load(source, allow_pickle=False) as npz:
+            source = npz["arr_0"]
+    if isinstance(source, np.ndarray):  # arr_0 of an ADM batch, NHWC uint8
+        images = torch.from_numpy(source).permute(0, 3, 1, 2)  # (N, 3, H, W)
+        return iter((images[i : i + batch], None) for i in range(0, len(images), batch))
+    out_dir, resolution = source
+    return data.read_all(data.beton_path(out_dir, resolution), batch_size=batch)
+
+
+def load_reference(
+    cfg, parts, resolution: int, nets, data_dir, storage_cfg, progress=True
+) -> dict[str, np.ndarray]:
+    """Reference arrays for `parts`: mu, sigma, mu_s, sigma_s, n (fid); pr (N, D); mu_r, sigma_r.
+
+    An ADM reference batch (eval.reference_npz) gives mu, sigma, mu_s, sigma_s as is and its
+    arr_0 images for the rest; otherwise the training FFCV file at `resolution` is read once
+    for every missing part and the result cached (eval.cache_dir and storage.uri).
+    """
+    ddof = 1 if cfg.protocol == "adm" else 0  # ADM: np.cov's 1/(N-1); StyleGAN-XL: 1/N
+    reference = {}
+    if cfg.reference_npz:
+        path = Path(cfg.reference_npz)
+        if not path.is_file():
+            raise FileNotFoundError(f"eval.reference_npz: no ADM reference batch at {path}")
+        with np.load(path, allow_pickle=False) as npz:
+            missing = {"mu", "sigma", "mu_s", "sigma_s", "arr_0"} - set(npz.files)
+            if missing:
+                raise ValueError(f"{path} is not an ADM reference batch: no {sorted(missing)}")
+            stats = ("mu", "sigma", "mu_s", "sigma_s")
+            reference |= {k: npz[k].astype(np.float64) for k in stats}
+        num_images = _npz_length(path)
+        reference["n"] = np.array(num_images)
+        parts = [p for p in parts if p != "fid"]  # the file's statistics are used as they are
+        fingerprint, source = f"npz-{_file_digest(path)}", path
+    else:
+        fingerprint = data_fingerprint(data_dir, resolution)
+        num_images = data.read_manifest(data_dir, resolution)["written"]
+        source = (data_dir, resolution)
+    cache = ReferenceCache(cfg.cache_dir, storage_cfg)
+    pr_name, pr_key = nets.pr_network()
+    weights = {"fid": "inception", "pr": pr_name, "rfid": "rinception"}
+    todo = {}
+    for part in parts:
+        key = _key(fingerprint, resolution, cfg.protocol, part, nets.get(weights[part]).weights_id)
+        found = cache.get(key)
+        missing = np.array([found is None], np.float64)
+        # Every rank must take part in the same passes, even if only one lacks the cache file.
+        if (all_reduce(missing, "max") if distributed() else missing)[0]:
+            todo[part] = key
+        else:
+            reference |= found
+    if not todo:
+        return reference
+
+    # One pass over the real images for every missing part; P/R keeps an evenly spaced subset.
+    stride = math.ceil(num_images / PR_REFERENCE[cfg.protocol])
+    stats_keys = (["pool", "spatial"] if "fid" in todo else []) + (
+        ["rpool"] if "rfid" in todo else []
+    )
+    rank, world = rank_world()
+
+    def mine():
+        start = 0
+        for b, (images, _) in enumerate(_real_batches(source, cfg.batch)):
+            if b % world == rank:
+                yield start, images
+            start += len(images)
+
+    keep = (lambda i: i % stride == 0) if "pr" in todo else (lambda i: np.zeros(len(i), bool))
+    row_keys = [pr_key] if "pr" in todo else []
+    names = nets.names(todo)
+    out, rows = accumulate(mine(), nets, names, stats_keys, row_keys, keep, "reference", progress)
+    computed = {}
+    if "fid" in todo:
+        mu, sigma = out["pool"].mean_cov(ddof)
+        mu_s, sigma_s = out["spatial"].mean_cov(ddof)
+        computed["fid"] = dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, n=out["pool"].n)
+    if "pr" in todo:
+        computed["pr"] = {"pr": rows[pr_key]}
+    if "rfid" in todo:
+        mu_r, sigma_r = out["rpool"].mean_cov(ddof)
+        computed["rfid"] = {"mu_r": mu_r, "sigma_r": sigma_r}
+    for part, arrays in computed.items():
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        if rank == 0:
+            cache.put(todo[part], arrays)
+        reference |= arrays
+    return reference
+
+
+def _file_digest(path) -> str:
+    return file_sha256(path)[:16]
