@@ -17,6 +17,7 @@ TINY = [
     "train.stages=[{resolution: 16, kimg: 0.064}, {resolution: 32, kimg: 0.032}]",
     "train.snapshot_kimg=0.032",
     "eval.num_samples=16",
+    "eval.every_kimg=2.0",
     "eval.train_samples=8",  # the FID during training runs at each stage's end
 ]
 
