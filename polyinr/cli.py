@@ -164,12 +164,12 @@ def cmd_evaluate(args) -> None:
     import torch.distributed as dist
     from PIL import Image
 
-    from polyinr import metrics, tracking, train
+    from polyinr import distributed, metrics, tracking
     from polyinr.generator import load_generator, render_grid
 
     cfg = _config(args)
     # Under torchrun every rank renders and scores its share; rank 0 writes the results.
-    device = train.setup_distributed() if args.device == "auto" else _device(args.device)
+    device = distributed.setup() if args.device == "auto" else _device(args.device)
     g, meta = load_generator(args.generator, device)
     result = metrics.evaluate_generator(cfg, g, meta["resolution"], device, not args.quiet)
     if dist.is_initialized() and dist.get_rank() > 0:
