@@ -10,7 +10,6 @@ the reference derived its table; this is our reading, and the README says so.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -97,8 +96,3 @@ def load(path, num_classes: int, embed_dim: int) -> torch.Tensor:
             f"({num_classes}, {embed_dim}) (generator.num_classes, generator.embed_dim)"
         )
     return table
-
-
-def fingerprint(path) -> str:
-    """sha256 of an embedding file, recorded with the run that used it."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

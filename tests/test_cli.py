@@ -1,5 +1,6 @@
 """The `polyinr` command: help on every subcommand, clear errors, the summary's counts."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageSequence
+from tiny import TINY_GENERATOR
 
 from polyinr import cli, sampling
-from polyinr.generator import Generator, GeneratorConfig, save_generator
+from polyinr.generator import Generator, save_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = [
@@ -71,19 +73,7 @@ def test_seed_ranges():
     assert cli._seeds("0-3,7") == [0, 1, 2, 3, 7]
 
 
-TINY = GeneratorConfig(
-    conditional=True,
-    num_classes=3,
-    z_dim=8,
-    w_dim=16,
-    embed_dim=12,
-    cond_dim=8,
-    mapping_lr_mult=0.1,
-    hidden=16,
-    levels=10,
-    clamp=256.0,
-    w_avg_beta=0.9,
-)
+TINY = dataclasses.replace(TINY_GENERATOR, levels=10)
 
 
 @pytest.fixture

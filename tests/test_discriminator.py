@@ -4,10 +4,11 @@ import dataclasses
 
 import pytest
 import torch
+from tiny import TINY_GENERATOR
 
 from polyinr import augment, discriminator, loss
 from polyinr.discriminator import DiscriminatorConfig, ProjectedDiscriminator
-from polyinr.generator import Generator, GeneratorConfig
+from polyinr.generator import Generator
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -24,19 +25,7 @@ CFG = DiscriminatorConfig(
     blur_sigma=2.0,
     blur_kimg=2.0,
 )
-G_CFG = GeneratorConfig(
-    conditional=True,
-    num_classes=CLASSES,
-    z_dim=8,
-    w_dim=16,
-    embed_dim=12,
-    cond_dim=8,
-    mapping_lr_mult=0.1,
-    hidden=16,
-    levels=3,
-    clamp=256.0,
-    w_avg_beta=0.9,
-)
+G_CFG = dataclasses.replace(TINY_GENERATOR, num_classes=CLASSES, levels=3)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from tiny import TINY_GENERATOR
 
 from benchmarks.plain import PlainSynthesis
 from polyinr import generator
@@ -12,19 +13,7 @@ from polyinr.generator import Generator, GeneratorConfig, coordinate_grid
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 R = 8
-TINY = GeneratorConfig(
-    conditional=True,
-    num_classes=3,
-    z_dim=8,
-    w_dim=16,
-    embed_dim=12,
-    cond_dim=8,
-    mapping_lr_mult=0.1,
-    hidden=16,
-    levels=4,
-    clamp=256.0,
-    w_avg_beta=0.9,
-)
+TINY = TINY_GENERATOR
 PAPER = GeneratorConfig(
     conditional=True,
     num_classes=1000,

@@ -6,24 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tiny import TINY_GENERATOR
 
 from polyinr import cli, config
-from polyinr.generator import Generator, GeneratorConfig, save_generator
+from polyinr.generator import Generator, save_generator
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = GeneratorConfig(
-    conditional=True,
-    num_classes=3,
-    z_dim=8,
-    w_dim=16,
-    embed_dim=12,
-    cond_dim=8,
-    mapping_lr_mult=0.1,
-    hidden=16,
-    levels=4,
-    clamp=256.0,
-    w_avg_beta=0.9,
-)
+TINY = TINY_GENERATOR
 
 
 @pytest.mark.slow

@@ -1,29 +1,20 @@
 """Tests for polyinr.sampling: exact chunked and super-resolved rendering, mixing, interpolation,
 views and the ADM npz writer."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
+from tiny import TINY_GENERATOR
 
 from polyinr import sampling
-from polyinr.generator import Generator, GeneratorConfig, coordinate_grid
+from polyinr.generator import Generator, coordinate_grid
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 R = 49  # 2401 pixels: chunks of 1024 or 1500 split an image unevenly
-TINY10 = GeneratorConfig(
-    conditional=True,
-    num_classes=3,
-    z_dim=8,
-    w_dim=16,
-    embed_dim=12,
-    cond_dim=8,
-    mapping_lr_mult=0.1,
-    hidden=16,
-    levels=10,
-    clamp=256.0,
-    w_avg_beta=0.9,
-)
+TINY10 = dataclasses.replace(TINY_GENERATOR, levels=10)
 
 
 @pytest.fixture(scope="module")
