@@ -1,15 +1,17 @@
 """Prefect flow `train-poly-inr`: the DVC pipeline's stages as tasks, then publish the result.
 
 DVC owns the DAG and decides what is up to date: a stage whose `dvc status` is clean is
-reported as `Skipped`, any other runs `dvc repro --single-item <stage>`. Training resumes
-from its latest checkpoint by itself, so rerunning a failed flow run redoes only what is
-missing. Overrides use DVC's grammar, `section.key=value`; `POLYINR_OVERRIDES` (a JSON list)
-adds deployment-wide ones from the environment, e.g. production's `storage.uri`.
+reported as `Skipped`, any other runs `dvc repro --single-item <stage>`. The tasks are
+demo_data, prepare@i (DVC's per-resolution stages), train@i (one per progressive stage of
+the DVC stage `train`: its command with --until-stage i, the last one the DVC stage itself)
+and evaluate, then publish. Training resumes from its latest checkpoint by itself, so
+rerunning a failed flow run redoes only what is missing. Overrides use DVC's grammar,
+`section.key=value`; `POLYINR_OVERRIDES` (a JSON list) adds deployment-wide ones from the
+environment, e.g. production's `storage.uri`.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import graphlib
 import json
@@ -19,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_link_artifact,
@@ -38,6 +41,9 @@ USAGE_ERROR = 2  # polyinr's exit status for a bad config or a missing file: ret
 # Lines of `polyinr train` that name checkpoints (see polyinr/train.py).
 RESUMED = re.compile(r"resuming from (\S+/snapshot-(\d+)\.pt)")
 SAVED = re.compile(r"-> (\S+/snapshot-\d+\.pt)\s*$")
+ALREADY_COMPLETE = re.compile(r"^stage \d+ \(\d+px\) is already complete")
+# The DVC stage's command ($POLYINR_TRAIN_LAUNCHER polyinr train), run per progressive stage.
+TRAIN_CMD = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["cmd"]
 
 
 class StageFailed(RuntimeError):
@@ -136,50 +142,101 @@ def _transient(task, task_run, state) -> bool:
     return True
 
 
-@task(
-    task_run_name="{stage}",
+def _stream(cmd: str | list[str], logger) -> tuple[int, list[str]]:
+    """Run a command (a shell line when a str) with its output in the Prefect log; returns
+    the exit status and every non-empty output line."""
+    logger.info("$ %s", cmd if isinstance(cmd, str) else " ".join(cmd))
+    lines = []
+    with subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=_env(),
+        shell=isinstance(cmd, str),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as proc:
+        for line in proc.stdout:
+            if line := line.rstrip():
+                lines.append(line)
+                logger.info(line)
+    return proc.returncode, lines
+
+
+def _checkpoints(stage: str, lines: list[str]) -> dict:
+    """What training said about checkpoints: the one it resumed from, the ones it wrote."""
+    result = {"stage": stage, "ran": True, "resumed_from": None, "checkpoints": []}
+    for line in lines:
+        if match := RESUMED.search(line):
+            result["resumed_from"] = match[1]
+            result["resumed_nimg"] = int(match[2])
+        elif match := SAVED.search(line):
+            result["checkpoints"].append(match[1])
+    return result
+
+
+def _skipped(name: str, message: str) -> Completed:
+    return Completed(name="Skipped", message=message, data={"stage": name, "ran": False})
+
+
+def _up_to_date(stage: str, logger) -> bool:
+    """DVC's own check: `dvc status <stage>` reports no change."""
+    changes = json.loads(_dvc("status", "--json", stage) or "{}")
+    if changes:
+        logger.info("%s changed: %s", stage, json.dumps(changes)[:2000])
+    return not changes
+
+
+STAGE_TASK = dict(
     retries=2,
     retry_delay_seconds=exponential_backoff(backoff_factor=10),  # 10 s, then 20 s
     retry_jitter_factor=0.5,
     retry_condition_fn=_transient,
-    cache_policy=NO_CACHE,  # DVC decides what is up to date
+    cache_policy=NO_CACHE,  # DVC (and the checkpoint store inside training) decide what is done
 )
+
+
+@task(task_run_name="{stage}", **STAGE_TASK)
 def run_stage(stage: str, force: bool = False):
     """One DVC stage: `Skipped` when `dvc status` says it is up to date, else `dvc repro
     --single-item`, its output streamed into the Prefect log. Returns what it did, with the
     checkpoints training resumed from and wrote."""
     logger = get_run_logger()
-    if not force:
-        changes = json.loads(_dvc("status", "--json", stage) or "{}")
-        if not changes:
-            logger.info("%s is up to date (dvc status): skipped", stage)
-            return Completed(
-                name="Skipped",
-                message=f"dvc: {stage} is up to date",
-                data={"stage": stage, "ran": False},
-            )
-        logger.info("%s changed: %s", stage, json.dumps(changes)[:2000])
+    if not force and _up_to_date(stage, logger):
+        logger.info("%s is up to date (dvc status): skipped", stage)
+        return _skipped(stage, f"dvc: {stage} is up to date")
     cmd = [DVC, "repro", "--single-item", stage] + (["--force"] if force else [])
-    logger.info("$ %s", " ".join(cmd))
-    result = {"stage": stage, "ran": True, "resumed_from": None, "checkpoints": []}
-    tail: collections.deque[str] = collections.deque(maxlen=40)
-    with subprocess.Popen(
-        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as proc:
-        for line in proc.stdout:
-            line = line.rstrip()
-            if not line:
-                continue
-            tail.append(line)
-            logger.info(line)
-            if match := RESUMED.search(line):
-                result["resumed_from"] = match[1]
-                result["resumed_nimg"] = int(match[2])
-            elif match := SAVED.search(line):
-                result["checkpoints"].append(match[1])
-    if proc.returncode != 0:
-        raise StageFailed(stage, proc.returncode, list(tail))
-    return result
+    returncode, lines = _stream(cmd, logger)
+    if returncode != 0:
+        raise StageFailed(stage, returncode, lines[-40:])
+    return _checkpoints(stage, lines)
+
+
+@task(task_run_name="train@{index} ({resolution}px)", **STAGE_TASK)
+def train_stage(index: int, resolution: int, final: bool, dvc_up_to_date: bool):
+    """Progressive stage `index` of the DVC stage `train`.
+
+    Skipped when DVC says `train` is up to date. Otherwise a stage before the last runs the
+    DVC stage's own command with `--until-stage index`, which resumes from the latest
+    checkpoint and exits at once (reported `Skipped`) when the checkpoints are already past
+    the stage; the last stage runs `dvc repro --single-item train`, which finishes the
+    schedule, exports the generator and records the result in dvc.lock.
+    """
+    logger = get_run_logger()
+    name = f"train@{index}"
+    if dvc_up_to_date:
+        logger.info("train is up to date (dvc status): %s skipped", name)
+        return _skipped(name, "dvc: train is up to date")
+    if final:
+        cmd = [DVC, "repro", "--single-item", "train"]
+    else:
+        cmd = f"{TRAIN_CMD} --until-stage {index}"
+    returncode, lines = _stream(cmd, logger)
+    if returncode != 0:
+        raise StageFailed(name, returncode, lines[-40:])
+    if any(ALREADY_COMPLETE.search(line) for line in lines):
+        return _skipped(name, f"checkpoints are past stage {index} ({resolution}px)")
+    return _checkpoints(name, lines)
 
 
 def _metrics_table(path: Path) -> str:
@@ -270,6 +327,11 @@ def _publish(logger, trained: dict | None, register_as: str | None, push: bool) 
     return out
 
 
+def _selected(name: str, stages: list[str] | None) -> bool:
+    """Whether a task runs: all do without a selection; `prepare` selects every `prepare@i`."""
+    return stages is None or name in stages or name.partition("@")[0] in stages
+
+
 @flow(name="train-poly-inr")
 def train_poly_inr(
     overrides: list[str] | None = None,
@@ -280,24 +342,50 @@ def train_poly_inr(
 ) -> dict | None:
     """Apply params overrides, run the DVC stages (all, or the named ones), then publish.
 
+    The tasks, in `dvc dag` order: demo_data, prepare@i (one per resolution), train@i (one
+    per progressive stage of the DVC stage `train`), evaluate; then publish.
     overrides: `section.key=value` strings, after those of $POLYINR_OVERRIDES.
-    stages: run only these DVC stages (no publish unless `evaluate` is among them).
+    stages: run only these (DVC stage names, `prepare` or `train` for all of theirs, or
+    `train@i`); no publish unless `evaluate` is among them.
     force: rerun the stages even when DVC says they are up to date.
     push: `dvc push` the outputs (FFCV files, final generator) to the DVC remote.
     register_as: the MLflow registered model to add the final generator to; null: don't.
     """
+    from polyinr.config import load
+
     apply_overrides(env_overrides() + list(overrides or []))
     order = stage_order()
-    unknown = sorted(set(stages or []) - set(order))
+    schedule = load(ROOT / "params.yaml").train.stages
+    trains = [f"train@{i}" for i in range(len(schedule))]
+    known = {*order, *trains, *(name.partition("@")[0] for name in order)}
+    unknown = sorted(set(stages or []) - known)
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; the pipeline has {order}")
+        raise ValueError(f"unknown stage(s) {unknown}; the pipeline has {order}, with {trains}")
     results = {}
     for stage in order:
-        if stages is None or stage in stages:
-            results[stage] = run_stage(stage, force=force, return_state=True).result()
+        if stage != "train":
+            if _selected(stage, stages):
+                results[stage] = run_stage(stage, force=force, return_state=True).result()
+            continue
+        up_to_date = not force and _up_to_date("train", get_run_logger())
+        for index, step in enumerate(schedule):
+            if _selected(trains[index], stages):
+                final = index == len(schedule) - 1
+                state = train_stage(index, step.resolution, final, up_to_date, return_state=True)
+                results[trains[index]] = state.result()
     if stages is not None and "evaluate" not in stages:
         return None
-    return publish(results.get("train"), register_as, push)
+    return publish(_training(results), register_as, push)
+
+
+def _training(results: dict) -> dict:
+    """The train@i results merged: where training resumed from first, every checkpoint written."""
+    out = {"resumed_from": None, "checkpoints": []}
+    for name, result in results.items():
+        if name.startswith("train@") and result.get("ran"):
+            out["resumed_from"] = out["resumed_from"] or result.get("resumed_from")
+            out["checkpoints"] += result.get("checkpoints", [])
+    return out
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ override it, with the same grammar as `dvc exp run -S`.
 
 PREPARE_HELP = """\
 Convert data.source to data.out_dir/train_<R>.beton (+ train_<R>.json, its manifest) for
-every resolution R in train.stages: centre square, Lanczos resize, data.encoding (jpg at
-data.jpeg_quality, or raw), labels = index of the sorted wnid.
+every resolution R in train.stages (or each --resolution R): centre square, Lanczos
+resize, data.encoding (jpg at data.jpeg_quality, or raw), labels = index of the sorted wnid.
 
 data.source is either an ImageNet folder (<source>/train/<wnid>/*.JPEG) or the official
 ILSVRC2012_img_train.tar (a tar of <wnid>.tar files), read in place without extracting.
@@ -123,7 +123,7 @@ def cmd_prepare(args) -> None:
     from polyinr import data
 
     cfg = _config(args)
-    resolutions = sorted({s.resolution for s in cfg.train.stages})
+    resolutions = args.resolution or sorted({s.resolution for s in cfg.train.stages})
     for manifest in data.prepare(cfg.data, resolutions, progress=not args.quiet):
         path = data.beton_path(cfg.data.out_dir, manifest["resolution"])
         print(
@@ -140,7 +140,7 @@ def cmd_train(args) -> None:
     cfg = _config(args)
     device = distributed.setup() if args.device == "auto" else _device(args.device)
     try:
-        summary = train.train(cfg, device, progress=not args.quiet)
+        summary = train.train(cfg, device, not args.quiet, args.until_stage)
         if dist.is_initialized() and dist.get_rank() > 0:
             return  # rank 0 reports for all (their weights are identical)
     finally:
@@ -451,8 +451,24 @@ def main(argv=None) -> int:
     )
     p.description = PREPARE_HELP
     p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument(
+        "--resolution",
+        type=int,
+        action="append",
+        metavar="R",
+        help="convert at R px only (repeatable; default: every resolution in train.stages). "
+        "DVC's prepare@<i> stages run one resolution each",
+    )
     p = command("train", cmd_train, "Train (or resume) the schedule in train.stages.")
     p.add_argument("--device", default="auto", help="auto (torchrun-aware), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--until-stage",
+        type=int,
+        metavar="I",
+        help="stop once progressive stage I (0-based index into train.stages) is complete "
+        "and checkpointed; exits at once if it already is. The generator is exported only "
+        "when the last stage completes (default: run the whole schedule)",
+    )
     p = sub.add_parser("checkpoints", help="The run's checkpoints (storage.uri).")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     command(

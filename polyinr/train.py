@@ -77,6 +77,10 @@ class TrainConfig:
     def __post_init__(self):
         if not self.stages:
             raise ValueError("stages must list at least one {resolution, kimg}")
+        resolutions = [s.resolution for s in self.stages]
+        if len(set(resolutions)) != len(resolutions):
+            # One FFCV file, one DVC `prepare@<index>` stage per resolution.
+            raise ValueError(f"stages must have distinct resolutions, got {resolutions}")
         if len(self.betas) != 2:
             raise ValueError(f"betas must be two numbers, got {self.betas}")
         if self.precision not in PRECISIONS:
@@ -250,15 +254,25 @@ def _resume(store, cfg, rank: int):
     return state
 
 
-def train(cfg, device: torch.device, progress: bool = True) -> dict:
-    """Run (or resume) the whole schedule of cfg.train.stages; returns a summary.
+def train(cfg, device: torch.device, progress: bool = True, until_stage: int | None = None) -> dict:
+    """Run (or resume) the schedule of cfg.train.stages; returns a summary.
 
+    until_stage: stop once progressive stage `until_stage` (an index into train.stages) is
+    complete and checkpointed, instead of running the whole schedule; the final generator is
+    exported only when the last stage completes. The Prefect flow runs one stage per task so.
     Under torchrun every rank calls this; rank 0 writes checkpoints, logs and samples.
     Raises Preempted after checkpointing when the process receives SIGTERM.
     """
+    stages = cfg.train.stages
+    last = len(stages) - 1 if until_stage is None else until_stage
+    if not 0 <= last < len(stages):
+        raise ValueError(
+            f"--until-stage {until_stage}: train.stages has stages 0 to {len(stages) - 1} "
+            f"({', '.join(f'{s.resolution}px' for s in stages)})"
+        )
     with distributed.StopFlag() as stop:
         try:
-            return _train(cfg, device, progress, stop)
+            return _train(cfg, device, progress, stop, last)
         except BaseException as e:
             # Close the MLflow run (a rerun continues it by id) so this process can start others.
             interrupted = isinstance(e, Preempted | KeyboardInterrupt)
@@ -266,7 +280,7 @@ def train(cfg, device: torch.device, progress: bool = True) -> dict:
             raise
 
 
-def _train(cfg, device, progress: bool, stop: distributed.StopFlag) -> dict:
+def _train(cfg, device, progress: bool, stop: distributed.StopFlag, last: int) -> dict:
     from polyinr.config import flatten, to_dict
 
     configure_backends()
@@ -289,6 +303,18 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag) -> dict:
             raise ValueError("train.embed_init needs generator.conditional=true")
         embedding.load(t.embed_init, cfg.generator.num_classes, cfg.generator.embed_dim)
     cur_nimg = state["cur_nimg"] if state else 0
+    ends = np.cumsum([int(s.kimg * 1000) for s in t.stages]).tolist()
+    starts = [0] + ends[:-1]
+    final = last == len(t.stages) - 1  # the whole schedule: export the generator at the end
+    if not final and cur_nimg >= ends[last]:
+        resolution = t.stages[last].resolution
+        if rank == 0:
+            print(
+                f"stage {last} ({resolution}px) is already complete: the checkpoint is at kimg "
+                f"{cur_nimg / 1000:g}, the stage ends at kimg {ends[last] / 1000:g}",
+                file=sys.stderr,
+            )
+        return {"cur_nimg": cur_nimg, "stage": last, "already_complete": True}
     fid = metrics.TrainingFID(cfg, store, device)  # FID every eval.every_kimg, best marked
     history = list(state["history"]) if state else []
 
@@ -299,11 +325,9 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag) -> dict:
         run_id = run.info.run_id
         tracking.set_tags({"discriminator.pretrained": str(cfg.discriminator.pretrained)})
 
-    ends = np.cumsum([int(s.kimg * 1000) for s in t.stages]).tolist()
-    starts = [0] + ends[:-1]
     grid_classes = torch.arange(min(max(num_classes, 1), 8)).repeat_interleave(8)
     g_ema = None
-    for index, stage in enumerate(t.stages):
+    for index, stage in enumerate(t.stages[: last + 1]):
         if cur_nimg >= ends[index] and not (state and state["stage"] == index):
             continue
         g, g_ema_new, d, opt_g, opt_d = _stage_models(cfg, stage, num_classes, device, g_ema)
@@ -457,15 +481,23 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag) -> dict:
                 fid.tick(g_ema, cur_nimg, index, stage.resolution, done)  # all ranks
         bar.close()
 
+    if not final:
+        if rank == 0:
+            tracking.end_run()  # the next stage's command continues this MLflow run by id
+            print(
+                f"stage {last} ({t.stages[last].resolution}px) complete at kimg "
+                f"{cur_nimg / 1000:g}; `polyinr train` continues with stage {last + 1}",
+                file=sys.stderr,
+            )
+        return {"cur_nimg": cur_nimg, "stage": last, "mlflow_run_id": run_id}
     if rank == 0:
-        last = t.stages[-1]
         save_generator(
             g_ema,
             GENERATOR_PATH,
             {
                 "mlflow_run_id": run_id,
                 "cur_nimg": cur_nimg,
-                "resolution": last.resolution,
+                "resolution": t.stages[-1].resolution,
                 "discriminator_pretrained": cfg.discriminator.pretrained,
             },
         )

@@ -381,3 +381,27 @@ def test_prepare_command_warns_in_one_line_or_fails_when_strict(tmp_path, capsys
     assert cli.main([*args, "data.strict=true", f"data.out_dir={tmp_path / 'strict'}"]) == 2
     assert "data.strict=true" in capsys.readouterr().err
     assert not (tmp_path / "strict" / "train_8.beton").exists()
+
+
+def test_prepare_command_converts_only_the_named_resolution(tmp_path, capsys):
+    """`polyinr prepare --resolution R` (DVC's prepare@i) writes R's file and no other."""
+    from polyinr import cli
+
+    data.make_demo_dataset(tmp_path / "src", 2, 4, 16, 0)
+    args = [
+        "prepare",
+        "--quiet",
+        "--params",
+        str(Path(__file__).resolve().parents[1] / "params.yaml"),
+        "--resolution",
+        "12",
+        f"data.source={tmp_path / 'src'}",
+        f"data.out_dir={tmp_path / 'out'}",
+        "train.stages=[{resolution: 8, kimg: 1.0}, {resolution: 12, kimg: 1.0}]",
+    ]
+    assert cli.main(args) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "train_12.beton",
+        "train_12.json",
+    ]
+    assert "8 images, 0 skipped" in capsys.readouterr().out

@@ -91,9 +91,6 @@ def test_flow_runs_every_stage_as_a_task(tmp_path, repo_copy):
     from prefect.testing.utilities import prefect_test_harness
 
     repo = repo_copy
-    stages = subprocess.run(
-        [DVC, "stage", "list", "--name-only"], cwd=repo, capture_output=True, text=True, check=True
-    ).stdout.split()
     with prefect_test_harness(server_startup_timeout=120):
         env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
         env.pop("POLYINR_OVERRIDES", None)
@@ -105,8 +102,14 @@ def test_flow_runs_every_stage_as_a_task(tmp_path, repo_copy):
             task_runs = client.read_task_runs()
             artifacts = client.read_artifacts()
     assert flow_run.name and flow_run.state.is_completed()
-    states = {t.name: t.state.name for t in task_runs if t.name in stages}
-    assert states == {stage: "Completed" for stage in stages}
+    stages = subprocess.run(  # of params.yaml with the overrides written in
+        [DVC, "stage", "list", "--name-only"], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout.split()
+    # DVC's stages, with `train` run as one task per progressive stage (TINY has one).
+    expected = [s for s in stages if s != "train"] + ["train@0 (16px)"]
+    assert "prepare@0" in expected and "prepare@1" not in expected
+    states = {t.name: t.state.name for t in task_runs}
+    assert {name: states.get(name) for name in expected} == dict.fromkeys(expected, "Completed")
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
     (artifact,) = [a for a in artifacts if a.key == "poly-inr-eval"]
     assert all(name in artifact.data for name in metrics)
@@ -153,9 +156,10 @@ def _wait_state(client, run_id, done, timeout: float, what: str):
 @pytest.mark.slow
 def test_deployment_run_on_the_local_stack_resumes_after_a_crash(repo_copy):
     """`scripts/stack.sh up` (S3 on disk, MLflow server, Prefect server, worker); `prefect
-    deployment run train-poly-inr/local` is killed mid-training; the rerun skips the stages
-    DVC finished, resumes training from the checkpoint in S3 and completes; metrics, samples
-    and model are in MLflow with artifacts in S3, checkpoints and DVC outputs are in S3."""
+    deployment run train-poly-inr/local` is killed in the second progressive stage; the rerun
+    skips the stages DVC finished and the first training stage, resumes the second from the
+    checkpoint in S3 and completes; metrics, samples and model are in MLflow with artifacts
+    in S3, checkpoints and DVC outputs are in S3."""
     import re
     import time
 
@@ -183,9 +187,9 @@ def test_deployment_run_on_the_local_stack_resumes_after_a_crash(repo_copy):
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
     )
     stack = ["bash", str(repo / "scripts" / "stack.sh")]
-    overrides = [  # 8 steps of 32 images, a checkpoint every 2
+    overrides = [  # 4 steps of 32 images at 16 px, 8 at 32 px, a checkpoint every 2
         "data.demo_per_class=8",
-        "train.stages=[{resolution: 16, kimg: 0.256}]",
+        "train.stages=[{resolution: 16, kimg: 0.128}, {resolution: 32, kimg: 0.256}]",
         "train.snapshot_kimg=0.064",
         "eval.num_samples=16",
     ]
@@ -216,21 +220,25 @@ def test_deployment_run_on_the_local_stack_resumes_after_a_crash(repo_copy):
 
         with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
             with get_client(sync_client=True) as client:
-                # Run 1: killed (flow process and its children) once a checkpoint is in S3.
+                # Run 1: killed (flow process and its children) once a checkpoint of the
+                # second stage (32 px, after image 128) is in S3.
+                def nimgs():
+                    found = keys("checkpoints/demo/snapshot-")
+                    return [int(k[-15:-3]) for k in found if k.endswith(".pt")]  # not .json
+
                 first = deployment_run()
-                deadline = time.monotonic() + 300
-                while not [k for k in keys("checkpoints/demo/") if k.endswith(".pt")]:
+                deadline = time.monotonic() + 400
+                while max(nimgs(), default=0) <= 128:
                     run = client.read_flow_run(first)
                     assert not run.state.is_final(), f"run 1 ended early: {run.state}"
-                    assert time.monotonic() < deadline, "no checkpoint after 300 s"
+                    assert time.monotonic() < deadline, "no 32 px checkpoint after 400 s"
                     time.sleep(0.2)
                 run = client.read_flow_run(first)
                 _kill_tree(int(str(run.infrastructure_pid).rpartition(":")[2]))
-                snapshots = [k for k in keys("checkpoints/demo/snapshot-") if k.endswith(".pt")]
-                killed_at = max(int(k[-15:-3]) for k in snapshots)  # beside them: .json records
+                killed_at = max(nimgs())
                 run = _wait_state(client, first, lambda s: s.is_final(), 60, "killed run")
                 assert run.state.is_crashed() or run.state.is_failed(), run.state
-                assert 0 < killed_at < 256
+                assert 128 < killed_at < 384
 
                 # Run 2: the same deployment again; DVC skips what run 1 finished.
                 second = deployment_run()
@@ -239,19 +247,21 @@ def test_deployment_run_on_the_local_stack_resumes_after_a_crash(repo_copy):
                 ids = FlowRunFilter(id=FlowRunFilterId(any_=[second]))
                 tasks = {t.name: t for t in client.read_task_runs(flow_run_filter=ids)}
                 artifacts = {a.key: a for a in client.read_artifacts(flow_run_filter=ids)}
-                train_id = LogFilterTaskRunId(any_=[tasks["train"].id])
+                train_id = LogFilterTaskRunId(any_=[tasks["train@1 (32px)"].id])
                 logs = client.read_logs(LogFilter(task_run_id=train_id))
     finally:
         down = subprocess.run([*stack, "down"], cwd=repo, env=env, capture_output=True, text=True)
     assert down.returncode == 0, down.stdout + down.stderr
 
-    assert tasks["demo_data"].state.name == "Skipped"
-    assert tasks["prepare"].state.name == "Skipped"
-    assert tasks["train"].state.name == "Completed"
-    assert tasks["evaluate"].state.name == "Completed"
+    states = {name: task.state.name for name, task in tasks.items()}
+    for name in ("demo_data", "prepare@0", "prepare@1"):
+        assert states[name] == "Skipped"  # dvc status: up to date
+    assert states["train@0 (16px)"] == "Skipped"  # the checkpoints are past the 16 px stage
+    assert states["train@1 (32px)"] == "Completed"
+    assert states["evaluate"] == "Completed"
     train_logs = "\n".join(log.message for log in logs)
     resumed = int(re.search(r"resuming from \S+/snapshot-(\d+)\.pt", train_logs)[1])
-    assert killed_at <= resumed < 256  # from the last checkpoint, not from the start
+    assert killed_at <= resumed < 384  # from the last checkpoint, not from the start
 
     # Artifacts of the run: metrics table, MLflow link, checkpoint URIs (resumed + written).
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())

@@ -148,6 +148,41 @@ def test_second_stage_starts_from_first_stage_ema(prepared, tmp_path, monkeypatc
     assert logged["name"].endswith("000000000024.pt")
 
 
+def test_stage_by_stage_equals_the_whole_schedule(prepared, tmp_path, monkeypatch, capsys):
+    """`--until-stage 0`, again (nothing to do), then the rest: the same weights and one MLflow
+    run as one uninterrupted call; the generator is exported only at the end."""
+    stages = "[{resolution: 16, kimg: 0.016}, {resolution: 24, kimg: 0.008}]"
+    cpu = torch.device("cpu")
+    whole_dir, staged_dir = tmp_path / "whole", tmp_path / "staged"
+    for d in (whole_dir, staged_dir):
+        d.mkdir()
+    monkeypatch.chdir(whole_dir)
+    whole = train.train(run_cfg(prepared, whole_dir, stages=stages), cpu, progress=False)
+
+    monkeypatch.chdir(staged_dir)
+    cfg = run_cfg(prepared, staged_dir, stages=stages)
+    first = train.train(cfg, cpu, progress=False, until_stage=0)
+    assert first["cur_nimg"] == 16 and first["stage"] == 0
+    assert not (staged_dir / "models/generator.pt").exists()
+    capsys.readouterr()
+    again = train.train(cfg, cpu, progress=False, until_stage=0)
+    assert again == {"cur_nimg": 16, "stage": 0, "already_complete": True}
+    assert "stage 0 (16px) is already complete" in capsys.readouterr().err
+    rest = train.train(cfg, cpu, progress=False)
+    assert rest["cur_nimg"] == 24 and rest["mlflow_run_id"] == first["mlflow_run_id"]
+    assert rest["weights_sha256"] == whole["weights_sha256"]
+    _, meta = load_generator(staged_dir / "models/generator.pt")
+    assert meta["resolution"] == 24
+    with pytest.raises(ValueError, match="stages 0 to 1 \\(16px, 24px\\)"):
+        train.train(cfg, cpu, progress=False, until_stage=2)
+
+
+def test_schedule_with_a_repeated_resolution_is_refused(prepared):
+    stages = "[{resolution: 16, kimg: 0.016}, {resolution: 16, kimg: 0.008}]"
+    with pytest.raises(config.ConfigError, match="distinct resolutions"):
+        config.load(REPO / "params.yaml", tiny_overrides(prepared, stages=stages))
+
+
 def test_resumed_run_sees_the_batches_an_uninterrupted_run_sees(prepared, tmp_path, monkeypatch):
     """Stopped mid-epoch and rerun, training gets the same real batches (order and flips) as
     one uninterrupted run; the checkpoint stores the loader position (epoch, batch)."""
