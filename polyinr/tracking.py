@@ -95,29 +95,3 @@ def run_url(cfg: TrackingConfig, run_id: str) -> str:
     if cfg.uri.startswith(("http://", "https://")):
         return f"{cfg.uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return f"{cfg.uri} experiment {experiment_id} run {run_id} (`mlflow ui --backend-store-uri`)"
-
-
-def register_model(
-    cfg: TrackingConfig, run_id: str, path: str | Path, name: str, tags: dict[str, str]
-) -> str:
-    """Attach the file at `path` to the run (under `model/`) and register it as a new version
-    of the registered model `name`, tagged with `tags` (metrics, labels); -> the version.
-    A version of the same run with the same tags is returned as it is (a rerun that changed
-    nothing registers nothing)."""
-    import mlflow
-
-    _connect(cfg)
-    client = mlflow.MlflowClient()
-    for existing in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
-        if {k: existing.tags.get(k) for k in tags} == tags:
-            return str(existing.version)
-    client.log_artifact(run_id, str(path), artifact_path="model")
-    try:
-        client.create_registered_model(name)
-    except mlflow.exceptions.MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    version = client.create_model_version(
-        name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags
-    )
-    return str(version.version)
