@@ -65,6 +65,19 @@ def test_env_overrides_reads_a_json_list(train_flow, monkeypatch):
         train_flow.env_overrides()
 
 
+def test_stage_selection_takes_groups_and_single_stages(train_flow):
+    """`stages`: `prepare` is every prepare@i, `train` every train@i; names select themselves."""
+    names = ["demo_data", "prepare@0", "prepare@1", "train@0", "train@1", "evaluate"]
+    pick = train_flow._selected
+    assert [n for n in names if pick(n, ["prepare", "train@1"])] == [
+        "prepare@0",
+        "prepare@1",
+        "train@1",
+    ]
+    assert [n for n in names if pick(n, None)] == names
+    assert [n for n in names if pick(n, ["train"])] == ["train@0", "train@1"]
+
+
 def test_stage_failures_retry_unless_the_inputs_are_wrong(train_flow):
     """A stage that polyinr rejects (exit 2: bad config, missing file) is not retried; a crash
     or a killed stage (any other status, any other error) is."""
