@@ -303,20 +303,71 @@ class Synthesis(nn.Module):
         return torch.addmm(rgb[1], h, rgb[0]).view(B, P, 3)
 
     def _level(self, x, h, lift, weight, bias, inplace: bool):
-        """One level on (B*P, C) rows: x (B, P, 3), h (B*P, C) or None -> h (B*P, C)."""
+        """One level on (B*P, C) rows: x (B, P, 3), h (B*P, C) or None -> h (B*P, C).
+
+        With autograd (inplace=False) through _TrainingLevel; without, in place on the rows.
+        """
+        if not inplace:
+            return _TrainingLevel.apply(x, h, lift, weight, bias, self.clamp)
         B, P, C = x.shape[0], x.shape[1], self.hidden
         # The lift g_i = x_i A_i + a_i (warp folded in, see lifts()).
         g = torch.bmm(x, lift).view(B * P, C)  # (B*P, C)
+        # h <- h * lrelu(g): one order higher (level 0 starts the polynomial with g).
+        h = g if h is None else h.mul_(F.leaky_relu_(g, 0.2))
+        return _bias_act_(torch.addmm(bias, h.to(weight.dtype), weight), self.clamp)
+
+
+def _bias_act_(z: torch.Tensor, clamp: float) -> torch.Tensor:
+    """StyleGAN's bias_act after the C x C product, in place: clamp(lrelu(z), -c, c)."""
+    return F.leaky_relu_(z, 0.2).clamp_(-clamp, clamp)
+
+
+class _TrainingLevel(torch.autograd.Function):
+    """One level under autograd, h' = clamp(lrelu((h * lrelu(x L)) W + b)), hand-differentiated.
+
+    Autograd on the same in-place ops copies the pre-clamp activations in forward and, in
+    backward, replays the in-place lrelu on the lift's view (a clone, copies, a zero fill)
+    and rebuilds the clamp's mask: about eight extra passes over (B*P, C) per level. Here
+    backward reads the activation's slope from its output, and a level keeps three
+    (B*P, C) tensors instead of four: lrelu(g), the matmul input m and the output (h is
+    the previous level's output). Under autocast m, W, b and h' are in the fast dtype,
+    the lift and its gradient in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, h, lift, weight, bias, clamp: float):
+        B, P, C = x.shape[0], x.shape[1], lift.shape[2]
+        g = torch.bmm(x, lift).view(B * P, C)  # (B*P, C) the lift
+        a = None if h is None else F.leaky_relu_(g, 0.2)
+        m = (g if h is None else h * a).to(weight.dtype)  # (B*P, C)
+        y = _bias_act_(torch.addmm(bias, m, weight), clamp)  # (B*P, C)
+        ctx.save_for_backward(x, h, lift, a, m, weight, y)
+        ctx.clamp = clamp
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, h, lift, a, m, weight, y = ctx.saved_tensors
+        B, P, C = x.shape[0], x.shape[1], lift.shape[2]
+        need_x, _, _, need_weight, need_bias, _ = ctx.needs_input_grad
+        # y = clamp(lrelu(z), -c, c): dy/dz is 0 where |y| >= c, else 1 where y > 0 and
+        # 0.2 where y <= 0 (lrelu keeps the sign). Two fused passes, no saved z. (At
+        # |lrelu(z)| == c exactly torch.clamp passes the gradient; here it is 0.)
+        grad_z = torch.ops.aten.hardtanh_backward(grad_y, y, -ctx.clamp, ctx.clamp)
+        grad_z = torch.ops.aten.leaky_relu_backward(grad_z, y, 0.2, True)
+        grad_weight = m.t() @ grad_z if need_weight else None  # (C_in, C_out)
+        grad_bias = grad_z.sum(0) if need_bias else None
+        grad_m = (grad_z @ weight.t()).to(lift.dtype)  # (B*P, C), a fresh buffer
         if h is None:
-            h = g  # level 0 starts the polynomial
+            grad_g, grad_h = grad_m, None
         else:
-            # h <- h * lrelu(g): one order higher.
-            g = F.leaky_relu_(g, 0.2)
-            h = h.mul_(g) if inplace else h * g
-        # h <- clamp(lrelu(h W + b)) = lrelu(clamp(h W + b)) with the clamp's lower end
-        # divided by the slope: both monotonic, and in place under autograd too.
-        h = torch.addmm(bias, h.to(weight.dtype), weight)  # (B*P, C)
-        return F.leaky_relu_(h.clamp_(-self.clamp / 0.2, self.clamp), 0.2)
+            # m = h * a with a = lrelu(g): dm/dh = a, dm/dg = h * lrelu'(g); a > 0 iff g > 0.
+            grad_g = torch.ops.aten.leaky_relu_backward(grad_m * h, a, 0.2, True)
+            grad_h = grad_m.mul_(a).to(h.dtype)
+        grad_g = grad_g.view(B, P, C)
+        grad_lift = torch.bmm(x.transpose(1, 2), grad_g)  # (B, 3, C)
+        grad_x = torch.bmm(grad_g, lift.transpose(1, 2)) if need_x else None  # (B, P, 3)
+        return grad_x, grad_h, grad_lift, grad_weight, grad_bias, None
 
 
 class Generator(nn.Module):

@@ -346,22 +346,48 @@ def test_chunks_and_threads_do_not_change_the_images(g):
     torch.testing.assert_close(batched, whole.detach(), atol=1e-5 * scale, rtol=1e-4)
 
 
-def test_gradients_match_the_plain_spec_version(g):
-    """Every parameter's gradient equals the plain version's (its heads' grads, concatenated)."""
+@pytest.mark.parametrize("clamp", [256.0, 0.5])
+def test_gradients_match_the_plain_spec_version(clamp):
+    """Every synthesis parameter's gradient equals the plain version's (heads concatenated),
+    also where the clamps are active (clamp 0.5)."""
+    torch.manual_seed(0)
+    g = Generator(dataclasses.replace(TINY, clamp=clamp), R)
     z, c = latents(n=3)
     plain, ws, expected, _ = _plain_and_scale(g, z, c)
     weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2))
     (expected * weights).sum().backward()
     (g.synthesis(ws.detach().requires_grad_(False)) * weights).sum().backward()
+    pairs = [(g.synthesis.to_rgb.weight, [plain.to_rgb.weight])]
+    pairs.append((g.synthesis.to_rgb.bias, [plain.to_rgb.bias]))
     for ours, level in zip(g.synthesis.levels, plain.levels, strict=True):
         heads = [level.warp, level.shift, level.lift, level.lift_bias]
         for name in ("weight", "bias"):
-            want = torch.cat([getattr(h, name).grad for h in heads])
-            got = getattr(ours.affine, name).grad
-            torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-3)
-        want = level.linear.weight.grad
-        got = ours.linear.weight.grad
-        torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-3)
+            pairs.append((getattr(ours.affine, name), [getattr(h, name) for h in heads]))
+            pairs.append((getattr(ours.linear, name), [getattr(level.linear, name)]))
+            if ours.style is not None:
+                pairs.append((getattr(ours.style, name), [getattr(level.style, name)]))
+    assert len(pairs) == 2 + 4 * TINY.levels + 2 * (TINY.levels - 1)
+    for got, want in pairs:
+        want = torch.cat([p.grad for p in want])
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got.grad, want, atol=1e-4 * want.abs().max().item(), rtol=1e-3)
+
+
+def test_training_level_passes_gradcheck():
+    """The hand-written backward of one level equals finite differences (float64, clamps active)."""
+    gen = torch.Generator().manual_seed(3)
+    B, P, C = 2, 5, 4
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    x, h, lift, weight, bias = rand(B, P, 3), rand(B * P, C), rand(B, 3, C), rand(C, C), rand(C)
+    level = generator._TrainingLevel.apply
+    assert torch.autograd.gradcheck(lambda *t: level(*t, 1.5), (x, h, lift, weight, bias))
+    first = (x, lift, weight, bias)  # level 0: no h
+    assert torch.autograd.gradcheck(lambda *t: level(t[0], None, *t[1:], 1.5), first)
+    out = level(x, h, lift, weight, bias, 1.5)
+    assert (out.abs() == 1.5).any() and (out.abs() < 1.5).any()  # both sides of the clamp
 
 
 def test_bf16_autocast_stays_close_to_float32(g):
