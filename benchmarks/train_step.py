@@ -70,7 +70,7 @@ def measure(params: str, resolution: int, batch: int, plain: bool, iters: int) -
 
 
 def run(quick: bool) -> list[dict]:
-    iters = 1 if quick else 2
+    iters = 1 if quick else 5  # best of: one iteration swings by 10-30 % on shared cores
     ctx = multiprocessing.get_context("spawn")
     rows = []
     for name, params, resolution, batch in CASES[quick] if device().type == "cpu" else GPU_CASES:
