@@ -303,7 +303,9 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag, last: int) -
             raise ValueError("train.embed_init needs generator.conditional=true")
         embedding.load(t.embed_init, cfg.generator.num_classes, cfg.generator.embed_dim)
     cur_nimg = state["cur_nimg"] if state else 0
-    ends = np.cumsum([int(s.kimg * 1000) for s in t.stages]).tolist()
+    # Stages run whole iterations: each one's kimg rounded up to a multiple of the batch, so
+    # the next stage starts where this one stopped (its blur and EMA ramps from image 0).
+    ends = np.cumsum([-(-int(s.kimg * 1000) // t.batch) * t.batch for s in t.stages]).tolist()
     starts = [0] + ends[:-1]
     final = last == len(t.stages) - 1  # the whole schedule: export the generator at the end
     if not final and cur_nimg >= ends[last]:

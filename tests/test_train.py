@@ -177,6 +177,23 @@ def test_stage_by_stage_equals_the_whole_schedule(prepared, tmp_path, monkeypatc
         train.train(cfg, cpu, progress=False, until_stage=2)
 
 
+def test_stages_run_whole_batches_and_the_next_starts_at_its_image_zero(
+    prepared, tmp_path, monkeypatch
+):
+    """12 images at batch 8 round up to 16; stage 1 then starts at image 16 (its blur at full
+    strength), not mid-way at 12 (a quarter of its 16-image blur fade already gone)."""
+    monkeypatch.chdir(tmp_path)
+    stages = "[{resolution: 16, kimg: 0.012}, {resolution: 24, kimg: 0.008}]"
+    cfg = run_cfg(prepared, tmp_path, stages=stages)
+    result = train.train(cfg, torch.device("cpu"), progress=False)
+    assert result["cur_nimg"] == 24
+    history = torch.load(tmp_path / "checkpoints/test/snapshot-000000000024.pt", weights_only=True)[
+        "history"
+    ]
+    assert [(row["kimg"], row["stage"]) for row in history] == [(0.016, 0), (0.024, 1)]
+    assert history[-1]["blur_sigma"] == cfg.discriminator.blur_sigma  # stage 1's first step
+
+
 def test_schedule_with_a_repeated_resolution_is_refused(prepared):
     stages = "[{resolution: 16, kimg: 0.016}, {resolution: 16, kimg: 0.008}]"
     with pytest.raises(config.ConfigError, match="distinct resolutions"):
