@@ -38,6 +38,7 @@ class DataConfig:
     jpeg_quality: int
     strict: bool
     workers: int
+    scan_cache: str | None
     demo_classes: int
     demo_per_class: int
     demo_size: int
@@ -298,11 +299,63 @@ def _scan_tar(archive: Path, progress: bool) -> Source:
     return Source(**_collect(classes, prefixes, listings, archive, "tar"), unlisted=unlisted)
 
 
-def scan_source(source, progress: bool = False) -> Source:
+def scan_source(source, progress: bool = False, cache_dir=None) -> Source:
     """List every image of `source`: a folder `<source>/train/<wnid>/*` or a tar of per-class
-    tars (`ILSVRC2012_img_train.tar`, read in place); classes sorted by wnid -> labels 0..K-1."""
+    tars (`ILSVRC2012_img_train.tar`, read in place); classes sorted by wnid -> labels 0..K-1.
+
+    A tar's listing (1.28 M header reads for ImageNet, scattered over the archive) is kept in
+    `cache_dir`, keyed by the archive's path, size and mtime, so that each resolution's
+    `prepare` after the first reads it back instead of scanning again.
+    """
     path = Path(source)
-    return _scan_tar(path, progress) if path.is_file() else _scan_folder(path, progress)
+    if not path.is_file():
+        return _scan_folder(path, progress)
+    if cache_dir is None:
+        return _scan_tar(path, progress)
+    stat = path.stat()
+    key = f"{path.resolve()}\t{stat.st_size}\t{stat.st_mtime_ns}"
+    cached = Path(cache_dir) / f"tar-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
+    if cached.is_file():
+        try:
+            return _read_listing(cached, path)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"warning: rescanning {path}: unreadable listing {cached} ({e})", file=sys.stderr)
+    source = _scan_tar(path, progress)
+    _write_listing(source, cached)
+    return source
+
+
+def _write_listing(source: Source, path: Path) -> None:
+    """A tar Source's listing as an npz (plain arrays, no pickles), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        np.savez(
+            f,
+            classes=np.asarray(source.classes, dtype=str),
+            prefixes=np.asarray(source.prefixes, dtype=str),
+            names=np.asarray(source.names, dtype=str),
+            labels=source.labels,
+            sizes=source.sizes,
+            offsets=source.offsets,
+            unlisted=np.asarray(json.dumps(source.unlisted)),
+        )
+    os.replace(tmp, path)
+
+
+def _read_listing(cached: Path, archive: Path) -> Source:
+    with np.load(cached, allow_pickle=False) as z:
+        return Source(
+            location=archive,
+            kind="tar",
+            classes=z["classes"].tolist(),
+            prefixes=z["prefixes"].tolist(),
+            names=z["names"].tolist(),
+            labels=z["labels"],
+            sizes=z["sizes"],
+            offsets=z["offsets"],
+            unlisted=json.loads(str(z["unlisted"])),
+        )
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -474,7 +527,7 @@ def prepare(cfg: DataConfig, resolutions: Sequence[int], progress: bool = True) 
     any is rewritten without them, so bad files cost one extra pass, good ones none.
     """
     start = time.perf_counter()
-    source = scan_source(cfg.source, progress)
+    source = scan_source(cfg.source, progress, cfg.scan_cache)
     scan_seconds = time.perf_counter() - start
     empty = source.sizes == 0
     skipped = list(source.unlisted)

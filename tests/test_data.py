@@ -3,6 +3,7 @@
 import dataclasses
 import io
 import multiprocessing as mp
+import os
 import tarfile
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def config(source, out_dir, **overrides) -> data.DataConfig:
         jpeg_quality=90,
         strict=False,
         workers=2,
+        scan_cache=None,
         demo_classes=CLASSES,
         demo_per_class=PER_CLASS,
         demo_size=SIZE,
@@ -405,3 +407,36 @@ def test_prepare_command_converts_only_the_named_resolution(tmp_path, capsys):
         "train_12.json",
     ]
     assert "8 images, 0 skipped" in capsys.readouterr().out
+
+
+def test_tar_listing_is_scanned_once_and_rescanned_when_the_archive_changes(
+    tmp_path, monkeypatch, capsys
+):
+    """data.scan_cache keeps a tar's listing: the next scan reads it back (equal Source), a
+    changed archive (size or mtime) or an unreadable cache file is scanned again."""
+    data.make_demo_dataset(tmp_path / "src", 2, 3, SIZE, seed=0)
+    archive = tmp_path / "train.tar"
+    make_ilsvrc_tar(tmp_path / "src", archive)
+    cache = tmp_path / "cache"
+    scans = []
+    original = data._scan_tar
+    monkeypatch.setattr(data, "_scan_tar", lambda *a: scans.append(1) or original(*a))
+
+    first = data.scan_source(archive, cache_dir=cache)
+    again = data.scan_source(archive, cache_dir=cache)
+    assert len(scans) == 1 and len(list(cache.iterdir())) == 1
+    for field in ("location", "kind", "classes", "prefixes", "names", "unlisted"):
+        assert getattr(again, field) == getattr(first, field), field
+    for field in ("labels", "sizes", "offsets"):
+        assert np.array_equal(getattr(again, field), getattr(first, field)), field
+    assert again.read(4) == first.read(4) and again.fingerprint() == first.fingerprint()
+
+    os.utime(archive, ns=(0, 10**9))  # the archive changed: a new key
+    data.scan_source(archive, cache_dir=cache)
+    assert len(scans) == 2
+    for stale in cache.iterdir():
+        stale.write_bytes(b"not an npz")
+    data.scan_source(archive, cache_dir=cache)
+    assert len(scans) == 3 and "rescanning" in capsys.readouterr().err
+    data.scan_source(archive)  # no cache_dir: always scans
+    assert len(scans) == 4
