@@ -86,6 +86,7 @@ def _config(source: Path, out: Path, workers: int) -> data.DataConfig:
         jpeg_quality=90,
         strict=False,
         workers=workers,
+        scan_cache=None,
         demo_classes=1,
         demo_per_class=1,
         demo_size=RESOLUTION,
