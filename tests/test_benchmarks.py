@@ -71,3 +71,11 @@ def test_unknown_module_names_the_available_ones(capsys):
     with pytest.raises(SystemExit):
         runner.main(["--only", "nope"])
     assert "generator" in capsys.readouterr().err
+
+
+def test_loader_benchmark_builds_a_valid_data_config(tmp_path):
+    """The loader benchmark's hand-built DataConfig keeps up with the config's fields."""
+    from benchmarks import loader
+
+    cfg = loader._config(tmp_path / "src", tmp_path / "out", workers=1)
+    assert cfg.scan_cache is None and cfg.source == str(tmp_path / "src")
