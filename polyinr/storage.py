@@ -260,8 +260,11 @@ class CheckpointStore:
         """The committed checkpoints, oldest first: each record plus `latest` and `best` flags."""
         latest = (self._json(LATEST) or {}).get("name")
         best = self._json(BEST) or {}
+        names = self._names()
+        if latest in names:  # newer ones were never committed: a crash before the pointer
+            names = names[: names.index(latest) + 1]
         out = []
-        for name in self._names():
+        for name in names:
             record = self._json(_record_name(name))
             if record is None:  # never committed (a crash mid-commit) or from an older version
                 continue

@@ -98,6 +98,19 @@ def test_pointer_wins_over_an_unvouched_newer_snapshot(tmp_path):
     assert uri.endswith("snapshot-000000000001.pt")
 
 
+def test_a_crash_between_record_and_pointer_lists_what_resume_uses(tmp_path):
+    """Killed after a snapshot's record but before latest.json: the listing stops where the
+    pointer is, as load_latest does (a rerun resumes there and rewrites the newer one)."""
+    store = local_store(tmp_path)
+    store.save(state(1), 1)
+    pointer = (tmp_path / "ckpt/run/latest.json").read_bytes()
+    store.save(state(2), 2)
+    (tmp_path / "ckpt/run/latest.json").write_bytes(pointer)  # as if killed before the pointer
+    assert [r["name"] for r in store.records()] == [storage.snapshot_name(1)]
+    assert store.records()[-1]["latest"]
+    assert_state_equal(store.load_latest()[0], state(1))
+
+
 def test_without_pointer_unloadable_newest_falls_back(tmp_path, capsys):
     """With latest.json gone, a truncated newest snapshot is skipped with a warning."""
     store = local_store(tmp_path)
