@@ -19,16 +19,20 @@ from polyinr.generator import EqualizedLinear, GeneratorConfig, Synthesis, coord
 class PlainLevel(nn.Module):
     """One level with SPEC's four heads as separate layers."""
 
-    def __init__(self, w_dim: int, hidden: int, first: bool, clamp: float):
+    def __init__(self, w_dim: int, hidden: int, first: bool, clamp: float, mixing: str):
         super().__init__()
         self.clamp = clamp
+        self.gain = 1.0 if mixing == "plain" else math.sqrt(2)  # StyleGAN's bias_act gain
         self.style = None if first else EqualizedLinear(w_dim, hidden, activation=True)
         head_in = w_dim if first else hidden
         self.warp = nn.Linear(head_in, 4)  # M_i (2x2)
         self.shift = nn.Linear(head_in, 2)  # b_i (2)
         self.lift = nn.Linear(head_in, 2 * hidden)  # A_i (2xC)
         self.lift_bias = nn.Linear(head_in, hidden)  # a_i (C)
-        self.linear = EqualizedLinear(hidden, hidden)  # Linear_CxC; lrelu and gain below
+        # Linear_CxC; lrelu and gain below.
+        self.linear = (
+            nn.Linear(hidden, hidden) if mixing == "plain" else EqualizedLinear(hidden, hidden)
+        )
 
     def forward(self, x, h, w):
         """x (B, P, 2), h (B, P, C) or None, w (B, w_dim) -> x (B, P, 2), h (B, P, C)."""
@@ -37,7 +41,7 @@ class PlainLevel(nn.Module):
         x = x @ self.warp(u).view(B, 2, 2) + self.shift(u).view(B, 1, 2)  # (B, P, 2)
         g = x @ self.lift(u).view(B, 2, -1) + self.lift_bias(u).view(B, 1, -1)  # (B, P, C)
         h = g if h is None else h * F.leaky_relu(g, 0.2)
-        h = F.leaky_relu(self.linear(h), 0.2) * math.sqrt(2)  # StyleGAN's bias_act gain
+        h = F.leaky_relu(self.linear(h), 0.2) * self.gain
         return x, h.clamp(-self.clamp, self.clamp)
 
 
@@ -47,7 +51,10 @@ class PlainSynthesis(nn.Module):
     def __init__(self, cfg: GeneratorConfig, resolution: int):
         super().__init__()
         self.levels = nn.ModuleList(
-            [PlainLevel(cfg.w_dim, cfg.hidden, i == 0, cfg.clamp) for i in range(cfg.levels)]
+            [
+                PlainLevel(cfg.w_dim, cfg.hidden, i == 0, cfg.clamp, cfg.mixing)
+                for i in range(cfg.levels)
+            ]
         )
         self.to_rgb = nn.Linear(cfg.hidden, 3)
         self.register_buffer("grid", coordinate_grid(resolution), persistent=False)

@@ -78,14 +78,16 @@ def blur_sigma(stage_nimg: int, sigma0: float, fade_kimg: float) -> float:
 
 
 def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with reflected borders; identity for sigma ~ 0."""
-    radius = min(int(math.ceil(3 * sigma)), (min(x.shape[-2:]) - 1))
-    if sigma <= 1e-3 or radius < 1:
+    """The reference's blur of D's inputs: separable 2^-(t/sigma)^2 over radius floor(3 sigma).
+
+    Zero padding, as upfirdn2d pads; the identity once the radius is 0 (sigma < 1/3).
+    """
+    radius = int(math.floor(3 * sigma))
+    if radius < 1:
         return x
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = torch.exp2(-((t / sigma) ** 2))
     k = k / k.sum()
     C = x.shape[1]
-    x = F.pad(x, [radius, radius, radius, radius], mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), padding=(0, radius), groups=C)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), padding=(radius, 0), groups=C)

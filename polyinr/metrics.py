@@ -229,8 +229,9 @@ def evaluate_generator(cfg, generator, resolution: int, device, progress=True) -
 class TrainingFID:
     """The cheap FID of training: eval.train_samples samples every eval.every_kimg.
 
-    Logged to MLflow against kimg and to metrics/fid.csv (a DVC plot); the best snapshot is
-    marked in storage (CheckpointStore.mark_best) so pruning keeps it. Call `tick` on every rank.
+    Logged to MLflow against kimg and to metrics/fid.csv (a DVC plot); each stage's best
+    snapshot is marked in storage (CheckpointStore.mark_best) so pruning keeps it, and the
+    next stage starts from it. Call `tick` on every rank.
     """
 
     def __init__(self, cfg, store, device, nets: Networks | None = None):
@@ -281,9 +282,18 @@ class TrainingFID:
         if rank_world()[0] == 0:
             tracking.log_metrics({self.name: fid}, step=int(kimg))
             self.store.write(FID_LOG, json.dumps(self.rows).encode())
-            self.store.mark_best(snapshot_name(cur_nimg), fid)
+            self.store.mark_best(snapshot_name(cur_nimg), fid, stage)
             self.write_curve()
         return fid
+
+    def best(self, stage: int) -> dict | None:
+        """The lowest-FID snapshot of a stage: {name, kimg, fid}; None when none was scored."""
+        rows = [r for r in self.rows if r["stage"] == stage and self.name in r]
+        if not rows:
+            return None
+        row = min(rows, key=lambda r: r[self.name])
+        name = snapshot_name(round(row["kimg"] * 1000))
+        return {"name": name, "kimg": row["kimg"], "fid": row[self.name]}
 
     def write_curve(self) -> None:
         """metrics/fid.csv: kimg, stage, resolution and the FID column named by sample count."""

@@ -235,31 +235,39 @@ class CheckpointStore:
         return record["uri"]
 
     def _prune(self) -> None:
-        """Keep the newest `keep` checkpoints and the best one; records go with their objects."""
-        best = (self._json(BEST) or {}).get("name")
+        """Keep the newest `keep` checkpoints and each stage's best; records go with them."""
+        best = {b["name"] for b in self._bests().values()}
         for old in self._names()[: -self.keep]:
-            if old != best:
+            if old not in best:
                 self._delete(old)
                 self._delete(_record_name(old))
 
-    def mark_best(self, name: str, fid: float) -> bool:
-        """Record checkpoint `name` as the best so far if its FID beats the current best's.
+    def _bests(self) -> dict[str, dict]:
+        """Per progressive stage (as a string), the best checkpoint's {name, fid}."""
+        return (self._json(BEST) or {}).get("stages", {})
 
-        The best checkpoint survives pruning. Returns whether `name` is now the best.
+    def mark_best(self, name: str, fid: float, stage: int = 0) -> bool:
+        """Record checkpoint `name` as its stage's best so far if its FID beats the current one.
+
+        FIDs are compared within a stage only (one resolution). Each stage's best survives
+        pruning. Returns whether `name` is now the best of its stage.
         """
-        if name not in self._names():
+        names = self._names()
+        if name not in names:
             raise StorageError(f"no checkpoint {self.uri}/{name} to mark as best")
-        current = self._json(BEST)
-        if current and current.get("name") in self._names() and current["fid"] <= fid:
+        bests = self._bests()
+        current = bests.get(str(stage))
+        if current and current["name"] in names and current["fid"] <= fid:
             return current["name"] == name
-        self._put(BEST, json.dumps({"name": name, "fid": float(fid)}).encode())
+        bests[str(stage)] = {"name": name, "fid": float(fid)}
+        self._put(BEST, json.dumps({"stages": bests}).encode())
         self._prune()
         return True
 
     def records(self) -> list[dict]:
         """The committed checkpoints, oldest first: each record plus `latest` and `best` flags."""
         latest = (self._json(LATEST) or {}).get("name")
-        best = self._json(BEST) or {}
+        best = {b["name"]: b["fid"] for b in self._bests().values()}
         names = self._names()
         if latest in names:  # newer ones were never committed: a crash before the pointer
             names = names[: names.index(latest) + 1]
@@ -269,9 +277,9 @@ class CheckpointStore:
             if record is None:  # never committed (a crash mid-commit) or from an older version
                 continue
             record["latest"] = name == latest
-            record["best"] = name == best.get("name")
+            record["best"] = name in best
             if record["best"]:
-                record["fid"] = best.get("fid")
+                record["fid"] = best[name]
             out.append(record)
         return out
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from polyinr import augment, data, distributed, embedding, loss, metrics, tracking
-from polyinr.discriminator import ProjectedDiscriminator
+from polyinr.discriminator import ProjectedDiscriminator, head_accuracy, weights_label
 from polyinr.generator import Generator, render_grid, save_generator
 from polyinr.storage import CheckpointStore, tensors_sha256
 
@@ -153,14 +153,23 @@ def _update_ema(g_ema: Generator, g: Generator, beta: float) -> None:
         b_ema.copy_(b)
 
 
+def _sanitize_grads(params) -> None:
+    """As the reference: NaN gradients become 0 and +-inf become +-1e5, in place."""
+    for p in params:
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+
+
 def training_step(
     g, d, opt_g, opt_d, reals, z_g, z_d, sigma: float, world: int = 1, precision: str = "fp32"
-):
-    """One G step then one D step; returns this rank's hinge losses (G, D).
+) -> dict:
+    """One G step then one D step; returns this rank's losses and D's per-head accuracy.
 
     reals: per accumulation round, (images (b, 3, R, R) in [-1, 1], labels (b,));
     z_g, z_d: per round, the latents (b, z_dim) of the G and the D step. Each round's loss
     is divided by the number of rounds, so accumulated gradients are the mean over the batch.
+    Returns {"loss_g", "loss_d", "acc_real": [per head], "acc_fake": [per head]}, where an
+    accuracy is the share of patch logits on the right side of 0 (0.5: D at chance).
     """
     rounds = len(reals)
     amp = _autocast(reals[0][0].device.type, precision)
@@ -178,13 +187,14 @@ def training_step(
         lg.backward()
         loss_g += lg.item()
     distributed.all_reduce_grads(g_params, world)
+    _sanitize_grads(g_params)
     opt_g.step()
 
     # D step: hinge loss on blurred reals and fakes.
     for p in d_params:
         p.requires_grad_(True)
     opt_d.zero_grad(set_to_none=True)
-    loss_d = 0.0
+    loss_d, acc_real, acc_fake = 0.0, 0.0, 0.0
     for (x, c), z in zip(reals, z_d, strict=True):
         with amp:
             with torch.no_grad():
@@ -193,9 +203,18 @@ def training_step(
         ld = loss.d_hinge(real_logits, fake_logits) / rounds
         ld.backward()
         loss_d += ld.item()
+        real_acc, fake_acc = head_accuracy(real_logits, fake_logits)
+        acc_real = acc_real + np.asarray(real_acc) / rounds
+        acc_fake = acc_fake + np.asarray(fake_acc) / rounds
     distributed.all_reduce_grads(d_params, world)
+    _sanitize_grads(d_params)
     opt_d.step()
-    return loss_g, loss_d
+    return {
+        "loss_g": loss_g,
+        "loss_d": loss_d,
+        "acc_real": list(map(float, acc_real)),
+        "acc_fake": list(map(float, acc_fake)),
+    }
 
 
 def _batches(loader):
@@ -205,18 +224,18 @@ def _batches(loader):
 
 
 def _stage_models(cfg, stage: Stage, num_classes: int, device, g_ema_prev):
-    """G, G_ema, D and their optimisers for a stage; later stages start from the last EMA."""
+    """G, G_ema, D and their optimisers for a stage; later stages start from g_ema_prev."""
+    table = None
+    if cfg.train.embed_init:
+        # The class-embedding init of G (docs/model.md 2) and of every D head (section 3).
+        table = embedding.load(cfg.train.embed_init, num_classes, cfg.generator.embed_dim)
     with torch.random.fork_rng(devices=[]):
         # Initial weights (and the frozen random parts of D, which checkpoints do not
         # carry) are a function of the seed alone: every rank and every rerun builds the same.
         torch.manual_seed(cfg.train.seed)
         if g_ema_prev is None:
             g = Generator(cfg.generator, stage.resolution).to(device)
-            if cfg.train.embed_init:
-                # SPEC 2: the class embedding starts from a pretrained classifier, then trains.
-                table = embedding.load(
-                    cfg.train.embed_init, cfg.generator.num_classes, cfg.generator.embed_dim
-                )
+            if table is not None:
                 with torch.no_grad():
                     g.mapping.embed.weight.copy_(table)
         else:
@@ -225,11 +244,36 @@ def _stage_models(cfg, stage: Stage, num_classes: int, device, g_ema_prev):
         g.synthesis.checkpoint_levels = cfg.train.checkpoint_levels
         g_ema = copy.deepcopy(g).eval().requires_grad_(False)
         d = ProjectedDiscriminator(cfg.discriminator, stage.resolution, num_classes).to(device)
+        if table is not None:
+            d.init_class_embeddings(table.to(device))
     t = cfg.train
     opt_g = torch.optim.Adam(g.parameters(), lr=t.lr_g, betas=tuple(t.betas), eps=t.eps)
     d_params = [p for p in d.parameters() if p.requires_grad]
     opt_d = torch.optim.Adam(d_params, lr=t.lr_d, betas=tuple(t.betas), eps=t.eps)
     return g, g_ema, d, opt_g, opt_d
+
+
+def _handoff(store, fid, g_ema, index: int, stages, rank: int):
+    """The generator stage `index` starts from: the best-FID snapshot of the stage before
+    when FID during training ran there (as the reference), else its last EMA."""
+    prev = stages[index - 1]
+    best = fid.best(index - 1)
+    state = store.load(best["name"]) if best else None
+    if state is None:
+        how = f"the last EMA of stage {index - 1} ({prev.resolution}px)"
+        if best:
+            how += f" (its best snapshot {best['name']} did not load)"
+    else:
+        g_ema = copy.deepcopy(g_ema)
+        g_ema.load_state_dict(state["G_ema"])
+        how = (
+            f"the best-FID snapshot of stage {index - 1} ({prev.resolution}px): kimg "
+            f"{best['kimg']:g}, {fid.name} {best['fid']:.3f}"
+        )
+    if rank == 0:
+        print(f"stage {index} ({stages[index].resolution}px) starts from {how}", file=sys.stderr)
+        tracking.set_tags({f"stage{index}.start": how})
+    return g_ema
 
 
 def _resume(store, cfg, rank: int):
@@ -298,9 +342,15 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag, last: int) -
     store = CheckpointStore(cfg.storage, cfg.tracking.run_name)
     distributed.on_rank0(store.check, rank, world)
     state = _resume(store, cfg, rank)
-    if state is None and t.embed_init:
+    if t.embed_init:
         if not cfg.generator.conditional:
             raise ValueError("train.embed_init needs generator.conditional=true")
+        if cfg.discriminator.embed_dim != cfg.generator.embed_dim:
+            raise ValueError(
+                f"train.embed_init initialises G's and D's class embeddings from one table: "
+                f"generator.embed_dim ({cfg.generator.embed_dim}) and discriminator.embed_dim "
+                f"({cfg.discriminator.embed_dim}) must be equal"
+            )
         embedding.load(t.embed_init, cfg.generator.num_classes, cfg.generator.embed_dim)
     cur_nimg = state["cur_nimg"] if state else 0
     # Stages run whole iterations: each one's kimg rounded up to a multiple of the batch, so
@@ -325,21 +375,28 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag, last: int) -
     if rank == 0:
         run = tracking.start_run(cfg.tracking, run_id=run_id, params=flatten(cfg))
         run_id = run.info.run_id
-        tracking.set_tags({"discriminator.pretrained": str(cfg.discriminator.pretrained)})
+        tracking.set_tags(
+            {
+                "discriminator.pretrained": str(cfg.discriminator.pretrained),
+                "discriminator.weights": weights_label(cfg.discriminator),
+            }
+        )
 
     grid_classes = torch.arange(min(max(num_classes, 1), 8)).repeat_interleave(8)
     g_ema = None
     for index, stage in enumerate(t.stages[: last + 1]):
         if cur_nimg >= ends[index] and not (state and state["stage"] == index):
             continue
-        g, g_ema_new, d, opt_g, opt_d = _stage_models(cfg, stage, num_classes, device, g_ema)
-        g_ema = g_ema_new
+        resuming = state is not None and state["stage"] == index
+        if g_ema is not None and not resuming:
+            g_ema = _handoff(store, fid, g_ema, index, t.stages, rank)
+        g, g_ema, d, opt_g, opt_d = _stage_models(cfg, stage, num_classes, device, g_ema)
         position = None  # (epoch, batches served) of this rank's loader, when resuming
-        if state is not None and state["stage"] == index:
+        if resuming:
             position = state.get("data_position")
             g.load_state_dict(state["G"])
             g_ema.load_state_dict(state["G_ema"])
-            d.load_state_dict(state["D"], strict=False)
+            d.load_trainable_state_dict(state["D"])
             opt_g.load_state_dict(state["opt_G"])
             opt_d.load_state_dict(state["opt_D"])
             state = None
@@ -373,7 +430,12 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag, last: int) -
             desc=f"stage {index} ({stage.resolution}px)",
             disable=not progress or rank > 0,
         )
-        sums, count, next_snapshot = np.zeros(2), 0, _next_tick(cur_nimg, t.snapshot_kimg)
+        heads = len(d.branches) * 4
+        sums, count, next_snapshot = (
+            np.zeros(2 + 2 * heads),
+            0,
+            _next_tick(cur_nimg, t.snapshot_kimg),
+        )
         next_sample = _next_tick(cur_nimg, t.sample_kimg)
         positions = [distributed.positions(q, rank, world, batch_gpu) for q in range(rounds)]
         while cur_nimg < ends[index]:
@@ -384,7 +446,7 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag, last: int) -
                 stage_nimg, cfg.discriminator.blur_sigma, cfg.discriminator.blur_kimg
             )
             reals = [next(batches) for _ in range(rounds)]
-            loss_g, loss_d = training_step(
+            stats = training_step(
                 g,
                 d,
                 opt_g,
@@ -408,10 +470,14 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag, last: int) -
                 ema_nimg = min(ema_nimg, (cur_nimg - starts[index]) * t.ema_rampup)
             _update_ema(g_ema, g, 0.5 ** (t.batch / max(ema_nimg, 1e-8)))
 
-            sums += (loss_g, loss_d)
+            sums += [stats["loss_g"], stats["loss_d"], *stats["acc_real"], *stats["acc_fake"]]
             count += 1
             bar.update(t.batch)
-            bar.set_postfix(loss_g=f"{loss_g:.3f}", loss_d=f"{loss_d:.3f}")
+            bar.set_postfix(
+                loss_g=f"{stats['loss_g']:.3f}",
+                loss_d=f"{stats['loss_d']:.3f}",
+                d_acc=f"{np.mean(stats['acc_real'] + stats['acc_fake']):.2f}",
+            )
             done = cur_nimg >= ends[index]
             if rank == 0 and (cur_nimg >= next_sample or done):
                 next_sample = _next_tick(cur_nimg, t.sample_kimg)
@@ -427,15 +493,8 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag, last: int) -
             if cur_nimg >= next_snapshot or done or stopping:
                 next_snapshot = _next_tick(cur_nimg, t.snapshot_kimg)
                 mean = distributed.mean_over_ranks(sums / max(count, 1), world, device)
-                sums, count = np.zeros(2), 0
-                row = {
-                    "kimg": cur_nimg / 1000,
-                    "stage": index,
-                    "resolution": stage.resolution,
-                    "loss_g": float(mean[0]),
-                    "loss_d": float(mean[1]),
-                    "blur_sigma": sigma,
-                }
+                sums, count = np.zeros_like(sums), 0
+                row = _curve_row(cur_nimg, index, stage.resolution, mean, heads, sigma)
                 history.append(row)
                 rng = [None] * world
                 if world > 1:
@@ -464,15 +523,16 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag, last: int) -
                 }
                 if rank == 0:
                     tracking.log_metrics(
-                        {k: row[k] for k in ("loss_g", "loss_d", "blur_sigma")},
+                        {k: v for k, v in row.items() if k not in ("kimg", "stage", "resolution")},
                         step=cur_nimg // 1000 if cur_nimg >= 1000 else 0,
                     )
                 save = functools.partial(store.save, checkpoint, cur_nimg, info)
                 uri = distributed.on_rank0(save, rank, world)
                 if rank == 0:
                     tqdm.write(
-                        f"kimg {cur_nimg / 1000:g}: loss_g {mean[0]:.3f} "
-                        f"loss_d {mean[1]:.3f} -> {uri}"
+                        f"kimg {cur_nimg / 1000:g}: loss_g {row['loss_g']:.3f} loss_d "
+                        f"{row['loss_d']:.3f} D acc real {row['acc_real']:.2f} fake "
+                        f"{row['acc_fake']:.2f} -> {uri}"
                     )
                 if stopping:
                     bar.close()
@@ -520,11 +580,29 @@ def _next_tick(cur_nimg: int, every_kimg: float) -> int:
     return (cur_nimg // every + 1) * every
 
 
+def _curve_row(cur_nimg, stage, resolution, mean, heads: int, sigma: float) -> dict:
+    """One row of the training curve from the means of training_step's numbers."""
+    real, fake = mean[2 : 2 + heads], mean[2 + heads :]
+    row = {
+        "kimg": cur_nimg / 1000,
+        "stage": stage,
+        "resolution": resolution,
+        "loss_g": float(mean[0]),
+        "loss_d": float(mean[1]),
+        "acc_real": float(np.mean(real)),
+        "acc_fake": float(np.mean(fake)),
+        "blur_sigma": sigma,
+    }
+    row |= {f"acc_real_{i}": float(a) for i, a in enumerate(real)}
+    row |= {f"acc_fake_{i}": float(a) for i, a in enumerate(fake)}
+    return row
+
+
 def _write_curve(history: list[dict], path: Path) -> None:
     """The training curve as CSV, which `dvc plots` and the MLflow run show."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["kimg", "stage", "resolution", "loss_g", "loss_d", "blur_sigma"]
+    fields = list(dict.fromkeys(k for row in history for k in row))
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(history)

@@ -110,19 +110,38 @@ def test_blur_sigma_zero_is_identity():
     assert torch.equal(augment.blur(x, 0.0), x)
 
 
-def test_blur_keeps_a_constant_image_and_smooths_noise():
-    """Blur keeps a constant image (reflected borders) and lowers the variance of noise."""
-    const = torch.full((2, 3, H, H), 0.3)
-    torch.testing.assert_close(augment.blur(const, 2.0), const)
+def test_blur_is_the_reference_kernel_with_zero_padding():
+    """Radius floor(3 sigma), 2^-(t/sigma)^2 weights, zero borders: a constant image's
+    centre stays, its corner drops to the reference's 0.38 at sigma 2."""
+    const = torch.ones(1, 1, 32, 32)
+    y = augment.blur(const, 2.0)
+    t = torch.arange(-6, 7, dtype=torch.float64)
+    k = torch.exp2(-((t / 2.0) ** 2))
+    corner = float((k[6:].sum() / k.sum()) ** 2)
+    assert corner == pytest.approx(0.38, abs=0.01)
+    assert float(y[0, 0, 0, 0]) == pytest.approx(corner, abs=1e-6)
+    assert float(y[0, 0, 16, 16]) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_blur_smooths_noise_and_keeps_the_mean_inside():
+    """Blur lowers the variance of noise and keeps its level away from the borders."""
     x = images()
     y = augment.blur(x, 1.0)
     assert y.shape == x.shape
     assert y.var() < 0.5 * x.var()
-    torch.testing.assert_close(y.mean(), x.mean(), atol=0.02, rtol=0)
+    inner = (..., slice(3, -3), slice(3, -3))
+    torch.testing.assert_close(y[inner].mean(), x[inner].mean(), atol=0.02, rtol=0)
+
+
+def test_blur_stops_once_the_radius_is_zero():
+    """sigma < 1/3 (radius floor(3 sigma) = 0) returns the images unchanged."""
+    x = images()
+    assert torch.equal(augment.blur(x, 0.33), x)
+    assert not torch.equal(augment.blur(x, 0.34), x)
 
 
 def test_blur_on_tiny_images_does_not_crash():
-    """A large sigma on a 4x4 image clips the kernel radius to fit reflect padding."""
+    """A kernel wider than a 4x4 image still gives a 4x4 image (zero padding)."""
     x = images(shape=(1, 3, 4, 4))
     assert augment.blur(x, 2.0).shape == x.shape
 

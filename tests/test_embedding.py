@@ -54,8 +54,10 @@ def test_feature_network_loads_the_local_pretrained_file(weights_dir):
 
 
 def test_missing_pretrained_file_names_it(tmp_path):
-    with pytest.raises(MissingWeightsError, match=r"tf_efficientnet_lite0\.safetensors"):
-        FeatureNetwork(embedding.NETWORK, pretrained=True, weights_dir=str(tmp_path))
+    """A network with neither a local file nor a packaged one names where to put it."""
+    name = "deit_base_distilled_patch16_224"
+    with pytest.raises(MissingWeightsError, match=rf"{name}\.safetensors"):
+        FeatureNetwork(name, pretrained=True, weights_dir=str(tmp_path))
 
 
 def test_class_embeddings_are_per_class_feature_means(weights_dir, prepared, single_thread):
@@ -97,15 +99,18 @@ def test_cli_writes_embeddings_and_training_starts_from_them(
         "train.stages=[{resolution: 16, kimg: 1}]",
     ]
     # Without pretrained weights the command refuses rather than writing meaningless rows.
-    assert cli.main(["class-embeddings", "--quiet", "--out", str(out), *common]) == 2
+    random = ["discriminator.pretrained=false"]
+    assert cli.main(["class-embeddings", "--quiet", "--out", str(out), *common, *random]) == 2
     assert "pretrained" in capsys.readouterr().err
     pretrained = ["discriminator.pretrained=true", f"discriminator.weights_dir={folder}"]
     assert cli.main(["class-embeddings", "--quiet", "--out", str(out), *common, *pretrained]) == 0
     table = embedding.load(out, 3, 320)
     cfg = config.load(REPO / "params.yaml", [*common, f"train.embed_init={out}"])
-    g, *_ = train._stage_models(cfg, cfg.train.stages[0], 3, torch.device("cpu"), None)
+    g, _, d, *_ = train._stage_models(cfg, cfg.train.stages[0], 3, torch.device("cpu"), None)
     assert torch.equal(g.mapping.embed.weight.detach(), table)
     assert g.mapping.embed.weight.requires_grad  # it stays trainable
+    heads = [h for b in d.branches for h in b.heads]
+    assert all(torch.equal(h.embed.weight.detach(), table) for h in heads)  # D's too
 
 
 def test_wrong_or_missing_embedding_file_is_a_clear_error(tmp_path):

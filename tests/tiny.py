@@ -14,4 +14,5 @@ TINY_GENERATOR = GeneratorConfig(
     levels=4,
     clamp=256.0,
     w_avg_beta=0.9,
+    mixing="plain",
 )
