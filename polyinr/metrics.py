@@ -203,6 +203,10 @@ def evaluate(
             *out["rpool"].mean_cov(ddof), reference["mu_r"], reference["sigma_r"]
         )
         result["rfid_seed"] = cfg.random_seed
+        result["rfid_label"] = (
+            f"rFID with a seeded Kaiming-initialised random Inception (seed {cfg.random_seed}); "
+            "StyleGAN-XL uses one fixed random network file: not comparable to the paper's rFID"
+        )
     random = inception.weights_id.startswith("random")
     result["inception_weights"] = f"random (seed {cfg.random_seed})" if random else "real"
     result["reference"] = cfg.reference_npz or "training data"

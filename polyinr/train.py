@@ -561,6 +561,7 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag, last: int) -
                 "cur_nimg": cur_nimg,
                 "resolution": t.stages[-1].resolution,
                 "discriminator_pretrained": cfg.discriminator.pretrained,
+                "discriminator_weights": weights_label(cfg.discriminator),
             },
         )
         _write_curve(history, TRAIN_CURVE)
