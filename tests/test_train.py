@@ -300,8 +300,8 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(prepared, t
     depend on the split. Conditions for equality: (1) DiffAugment off: its draws come from each
     rank's RNG stream, so with it on the runs agree in distribution only; (2) the same
     number of accumulation rounds: spectral norm runs one power iteration per D forward;
-    (3) no BatchNorm in D's heads (true at a 16 px input: maps of 8 px or less): it normalises over each
-    rank's share of a round.
+    (3) no BatchNorm in D's heads (true at a 16 px input: maps of 8 px or less): it
+    normalises over each rank's share of a round.
     """
     common = tiny_overrides(prepared, kimg=0.032) + [
         "discriminator.diffaugment=''",
