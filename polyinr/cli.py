@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -44,6 +45,10 @@ and nothing is written. data.workers processes decode in parallel (0: every core
 
   polyinr prepare data.source=/data/ILSVRC2012_img_train.tar data.workers=0
 """
+
+
+# `section.key=value` (DVC's `-S` grammar), told apart from paths and option values.
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
 
 
 def _seeds(text: str) -> list[int]:
@@ -126,10 +131,7 @@ def cmd_prepare(args) -> None:
     resolutions = args.resolution or sorted({s.resolution for s in cfg.train.stages})
     for manifest in data.prepare(cfg.data, resolutions, progress=not args.quiet):
         path = data.beton_path(cfg.data.out_dir, manifest["resolution"])
-        print(
-            f"{path}: {manifest['written']} images, {len(manifest['skipped'])} skipped, "
-            f"{manifest['images_per_second']:.0f} img/s"
-        )
+        print(f"{path}: {manifest['written']} images, {len(manifest['skipped'])} skipped")
 
 
 def cmd_train(args) -> None:
@@ -600,18 +602,25 @@ def main(argv=None) -> int:
     p = command("summary", cmd_summary, "Parameter counts and multiply-adds as JSON.")
     p.add_argument("--skip-discriminator", action="store_true", help="generator only (fast)")
 
-    # Overrides may come on both sides of an option (`list a=1 --params f b=2`); argparse
-    # leaves the later ones over.
-    args, extra = parser.parse_known_args(argv)
+    # Overrides are taken out before argparse sees them, so that they work anywhere on every
+    # command: after a positional (`demo-data DIR a.b=1`) or after an option that takes
+    # several values (`interpolate --out w.gif w.png a.b=1`).
+    argv = sys.argv[1:] if argv is None else list(argv)
+    overrides = [a for a in argv if OVERRIDE.match(a)]
+    args, extra = parser.parse_known_args([a for a in argv if not OVERRIDE.match(a)])
     if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if extra:
-        args.overrides += extra
+    if overrides and not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *extra, *overrides]
     from polyinr.config import ConfigError
     from polyinr.storage import StorageError
     from polyinr.train import Preempted
 
     try:
+        if getattr(args, "overrides", None):
+            _config(args)  # a typo in an override is an error even where params are unused
         args.func(args)
     except Preempted as e:
         print(f"polyinr {args.command}: {e}", file=sys.stderr)

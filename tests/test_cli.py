@@ -156,3 +156,26 @@ def test_sampling_commands_explain_bad_input(tiny_generator, capsys):
     assert "shape, style or START:STOP" in capsys.readouterr().err
     assert cli.main(["interpolate", *base, "--out", "walk.avi"]) == 2
     assert ".gif or .mp4" in capsys.readouterr().err
+
+
+def test_demo_data_takes_trailing_overrides(tmp_path, monkeypatch):
+    """`polyinr demo-data DIR section.key=value`: DIR is the folder, the rest overrides."""
+    monkeypatch.chdir(ROOT)
+    argv = ["demo-data", str(tmp_path / "demo"), "data.demo_classes=2", "data.demo_per_class=1"]
+    assert cli.main([*argv, "data.demo_size=8", "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "demo" / "train").iterdir()) == [
+        "n00000000",
+        "n00000001",
+    ]
+
+
+def test_overrides_after_a_many_valued_option_are_overrides(tiny_generator, tmp_path, capsys):
+    """`interpolate --out w.gif w.png section.key=value`: --out keeps the files only, and the
+    override is still checked (a typo exits 2 naming it)."""
+    outs = [str(tmp_path / "w.gif"), str(tmp_path / "w.png")]
+    base = ["interpolate", "--generator", tiny_generator, "--seeds", "0-1", "--steps", "2"]
+    argv = [*base, "--params", str(ROOT / "params.yaml"), "--out", *outs]
+    run(*argv, "tracking.run_name=walk")
+    assert all(Path(p).is_file() for p in outs)
+    assert cli.main([*argv, "tracking.run_nam=walk", "--device", "cpu", "--quiet"]) == 2
+    assert "tracking.run_nam" in capsys.readouterr().err
