@@ -544,3 +544,24 @@ def test_bf16_training_step_moves_the_models_with_finite_losses(prepared):
 def test_unknown_precision_names_the_valid_ones(prepared):
     with pytest.raises(config.ConfigError, match=r"precision must be one of \['bf16', 'fp32'\]"):
         config.load(REPO / "params.yaml", [*tiny_overrides(prepared), "train.precision=fp16"])
+
+
+def test_data_that_disagree_with_the_config_stop_training_before_any_compute(
+    prepared, tmp_path, monkeypatch
+):
+    """A class count other than the data's, or a stage without its FFCV file, is one line
+    naming both values before models, storage or MLflow are touched."""
+    monkeypatch.chdir(tmp_path)
+    built = []
+    monkeypatch.setattr(train, "_stage_models", lambda *a: built.append(1))
+    wrong_classes = config.load(
+        REPO / "params.yaml", [*tiny_overrides(prepared), "generator.num_classes=1000"]
+    )
+    with pytest.raises(data.DataError, match="num_classes=1000 but .* lists 2 classes"):
+        train.train(wrong_classes, torch.device("cpu"), progress=False)
+    stages = "[{resolution: 16, kimg: 0.016}, {resolution: 32, kimg: 0.016}]"
+    unprepared = config.load(REPO / "params.yaml", tiny_overrides(prepared, stages=stages))
+    with pytest.raises(data.DataError, match="train_32.beton; run `polyinr prepare` first"):
+        train.train(unprepared, torch.device("cpu"), progress=False)
+    assert not built and not (prepared / "mlflow.db").exists()
+    assert not (prepared / "checkpoints").exists()
