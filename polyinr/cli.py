@@ -173,9 +173,11 @@ def cmd_evaluate(args) -> None:
     # Under torchrun every rank renders and scores its share; rank 0 writes the results.
     device = distributed.setup() if args.device == "auto" else _device(args.device)
     g, meta = load_generator(args.generator, device)
-    result = metrics.evaluate_generator(cfg, g, meta["resolution"], device, not args.quiet)
+    _note_shape(cfg.generator, g.cfg, args.generator)
+    result, seconds = metrics.evaluate_generator(cfg, g, meta["resolution"], device, not args.quiet)
     if dist.is_initialized() and dist.get_rank() > 0:
         return
+    print("evaluate: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()), file=sys.stderr)
     result["resolution"] = meta["resolution"]
     result["kimg"] = meta["cur_nimg"] / 1000
     result["discriminator_pretrained"] = meta["discriminator_pretrained"]
@@ -196,6 +198,7 @@ def cmd_evaluate(args) -> None:
         with tracking.start_run(cfg.tracking, run_id=meta["mlflow_run_id"]):
             numbers = {k: v for k, v in result.items() if isinstance(v, float | int)}
             tracking.log_metrics({f"eval/{k}": v for k, v in numbers.items()})
+            tracking.log_metrics({f"eval_seconds/{k}": v for k, v in seconds.items()})
             tracking.set_tags(
                 {
                     "eval.protocol": result["protocol"],
@@ -207,6 +210,20 @@ def cmd_evaluate(args) -> None:
             tracking.log_artifact(args.grid)
     print(result["label"] if "label" in result else json.dumps(result))
     print(f"wrote {out} and {args.grid}")
+
+
+def _note_shape(params, stored, path) -> None:
+    """Say so when params.yaml's generator section differs from the generator file's: the
+    file wins (it is what was trained), and the log shows which values were ignored."""
+    differ = [
+        f"{f.name}={getattr(stored, f.name)} (params: {getattr(params, f.name)})"
+        for f in dataclasses.fields(stored)
+        if getattr(stored, f.name) != getattr(params, f.name)
+    ]
+    if differ:
+        print(
+            f"note: the generator's shape comes from {path}: {', '.join(differ)}", file=sys.stderr
+        )
 
 
 def cmd_generate(args) -> None:

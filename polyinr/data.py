@@ -379,10 +379,12 @@ def read_manifest(out_dir, resolution: int) -> dict:
     return json.loads(path.read_text())
 
 
-def check_prepared(out_dir, resolution: int, num_classes: int | None = None) -> dict:
+def check_prepared(
+    out_dir, resolution: int, num_classes: int | None = None, owner: str = "generator.num_classes"
+) -> dict:
     """The manifest of the FFCV file at `resolution`, once it agrees with the file and with
-    the config; else one DataError line naming both values. num_classes None: unconditional.
-    """
+    `num_classes` (None: unconditional), which `owner` names in the message; else one
+    DataError line naming both values."""
     from ffcv.reader import Reader
 
     path, listed = beton_path(out_dir, resolution), manifest_path(out_dir, resolution)
@@ -392,9 +394,10 @@ def check_prepared(out_dir, resolution: int, num_classes: int | None = None) -> 
         raise DataError(f"{listed} is for {manifest['resolution']} px, not {resolution} px")
     classes = len(manifest["classes"])
     if num_classes is not None and classes != num_classes:
+        fix = f"set {owner}={classes}, or " if owner.startswith("generator.") else ""
         raise DataError(
-            f"generator.num_classes={num_classes} but {listed} lists {classes} classes: set "
-            f"generator.num_classes={classes}, or prepare data with {num_classes} classes"
+            f"{owner}={num_classes} but {listed} lists {classes} classes: "
+            f"{fix}prepare data with {num_classes} classes"
         )
     reader = Reader(str(path))
     image = reader.metadata[f"f{reader.field_names.index('image')}"]

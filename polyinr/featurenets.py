@@ -6,10 +6,12 @@ demos) are built here too, and every network carries a label and a weights id fo
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import io
 import os
+import time
 
 import numpy as np
 import torch
@@ -221,6 +223,7 @@ class Networks:
     def __init__(self, cfg, device, modules: dict | None = None):
         self.cfg, self.device = cfg, device
         self._modules = dict(modules or {})  # tests inject small doubles here
+        self.seconds = collections.Counter()  # per network: time spent in features()
 
     def get(self, name: str) -> nn.Module:
         """'inception', 'rinception' (random weights, rFID) or 'vgg16'; each has .label."""
@@ -258,7 +261,9 @@ class Networks:
         for name in names:
             net = self.get(name)
             if id(net) not in done:  # shared networks (random-weight runs) run once
+                start = time.perf_counter()
                 done[id(net)] = extract(net, images)
+                self.seconds[name] += time.perf_counter() - start
             f = done[id(net)]
             feats |= {"rpool": f["pool"]} if name == "rinception" else f
         return feats
