@@ -237,7 +237,11 @@ def cmd_generate(args) -> None:
     g, meta = load_generator(args.generator, _device(args.device))
     seeds = _seeds(args.seeds)
     if args.classes == ["random"]:
-        classes, pair_seeds = sampling.random_classes(seeds, g.cfg.num_classes), seeds
+        if g.cfg.conditional:
+            classes = sampling.random_classes(seeds, g.cfg.num_classes)
+        else:
+            classes = [0] * len(seeds)  # an unconditional generator: label 0 throughout
+        pair_seeds = seeds
         rows = -(-len(seeds) // 8)
     else:
         ids = _ids(args.classes)
@@ -380,9 +384,12 @@ def cmd_publish(args) -> None:
     from polyinr.generator import load_generator
 
     cfg = _config(args)
-    _, meta = load_generator(args.generator)
+    g, meta = load_generator(args.generator)
+    # The served model's shape is the file's; the version's tags say what it can serve.
+    shape = {f"generator.{k}": str(getattr(g.cfg, k)) for k in ("conditional", "num_classes")}
+    shape["resolution"] = str(meta["resolution"])
     uri = registry.publish(
-        args.generator, meta["resolution"], cfg.tracking, args.name, args.mlflow_run
+        args.generator, meta["resolution"], cfg.tracking, args.name, args.mlflow_run, shape
     )
     print(f"registered {uri} (tracking {cfg.tracking.uri})")
     print(f"serve it: mlflow models serve -m {uri} --env-manager local --port 5001")
