@@ -79,13 +79,19 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """Mean and std over consecutive splits of exp(E[KL(p(y|x) || p(y))])."""
+    """Mean and std over consecutive splits of exp(E[KL(p(y|x) || p(y))]).
+
+    Split i holds samples [i N // splits, (i + 1) N // splits), torch-fidelity's boundaries
+    for any N (its isc_features_to_metric with shuffle=False; it shuffles by default).
+    """
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    if not 1 <= splits <= logits.shape[0]:
-        raise ValueError(f"splits must be in [1, {logits.shape[0]}], got {splits}")
+    n = logits.shape[0]
+    if not 1 <= splits <= n:
+        raise ValueError(f"splits must be in [1, {n}], got {splits}")
     log_p = torch.log_softmax(logits, dim=1).numpy()
     scores = []
-    for part in np.array_split(log_p, splits):
+    for i in range(splits):
+        part = log_p[i * n // splits : (i + 1) * n // splits]
         log_marginal = np.log(np.exp(part).mean(axis=0, keepdims=True))
         kl = (np.exp(part) * (part - log_marginal)).sum(axis=1).mean()
         scores.append(np.exp(kl))

@@ -134,6 +134,18 @@ def test_inception_score_of_one_hot_logits_over_k_classes_is_k():
     assert mean == pytest.approx(k, rel=1e-12)
 
 
+@pytest.mark.parametrize("n", [12, 25, 50])
+def test_inception_score_equals_torch_fidelity_for_any_sample_count(n):
+    """Splits at i N // 10 as torch-fidelity (unshuffled), also when N is not a multiple of 10."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    logits = np.random.default_rng(n).normal(scale=3.0, size=(n, 7))
+    theirs = isc_features_to_metric(torch.from_numpy(logits), splits=10, shuffle=False)
+    mean, std = inception_score(logits, 10)
+    assert mean == pytest.approx(theirs["inception_score_mean"], rel=1e-12)
+    assert std == pytest.approx(theirs["inception_score_std"], rel=1e-9)
+
+
 def test_no_tf32_restores_the_backend_flags():
     """The TF32 guard turns both flags off inside and restores them afterwards."""
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
