@@ -565,3 +565,25 @@ def test_data_that_disagree_with_the_config_stop_training_before_any_compute(
         train.train(unprepared, torch.device("cpu"), progress=False)
     assert not built and not (prepared / "mlflow.db").exists()
     assert not (prepared / "checkpoints").exists()
+
+
+def test_resuming_with_another_generator_section_is_refused(prepared, tmp_path, monkeypatch):
+    """A run's checkpoint made with other generator params is not resumed with these: one
+    error naming the checkpoint and the section, before any model is built."""
+    monkeypatch.chdir(tmp_path)
+    train.train(run_cfg(prepared, tmp_path, kimg=0.008), torch.device("cpu"), progress=False)
+    built = []
+    monkeypatch.setattr(train, "_stage_models", lambda *a: built.append(1))
+    cfg = run_cfg(prepared, tmp_path, kimg=0.016)
+    other = dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, hidden=24))
+    with pytest.raises(ValueError, match="different generator section"):
+        train.train(other, torch.device("cpu"), progress=False)
+    assert not built
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused(prepared, tmp_path):
+    """train.batch must be a multiple of batch_gpu x world size: one line naming them."""
+    cfg = run_cfg(prepared, tmp_path)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch=8, batch_gpu=3))
+    with pytest.raises(ValueError, match=r"train.batch=8 is not a multiple of batch_gpu \(3\)"):
+        train.train(cfg, torch.device("cpu"), progress=False)
