@@ -396,7 +396,7 @@ def cmd_publish(args) -> None:
 
 
 def cmd_class_embeddings(args) -> None:
-    from polyinr import embedding
+    from polyinr import data, embedding
 
     cfg = _config(args)
     if not cfg.generator.conditional:
@@ -409,6 +409,7 @@ def cmd_class_embeddings(args) -> None:
         )
     out = args.out or cfg.train.embed_init or "weights/class_embeddings.pt"
     resolution = max(s.resolution for s in cfg.train.stages)
+    data.check_prepared(cfg.data.out_dir, resolution, cfg.generator.num_classes)
     table = embedding.compute(
         cfg.data,
         resolution,

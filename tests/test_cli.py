@@ -222,3 +222,20 @@ def test_a_generator_file_of_another_version_is_refused_in_one_line(tmp_path, ca
     torch.save(state, path)
     assert cli.main([*argv, "--device", "cpu", "--quiet"]) == 2
     assert "weights do not fit" in capsys.readouterr().err
+
+
+def test_class_embeddings_of_data_with_another_class_count_are_refused(tmp_path, capsys):
+    """`class-embeddings` compares generator.num_classes with the prepared data first."""
+    from polyinr import data
+
+    data.make_demo_dataset(tmp_path / "demo", 3, 1, 8, 0)
+    common = [
+        "--params", str(ROOT / "params.yaml"), f"data.source={tmp_path / 'demo'}",
+        f"data.out_dir={tmp_path / 'ffcv'}", "data.workers=1",
+        "train.stages=[{resolution: 8, kimg: 1}]",
+    ]  # fmt: skip
+    assert cli.main(["prepare", "--quiet", *common]) == 0
+    argv = ["class-embeddings", "--allow-random-weights", "--device", "cpu", "--quiet", *common]
+    assert cli.main([*argv, "generator.num_classes=5"]) == 2
+    err = capsys.readouterr().err
+    assert "generator.num_classes=5 but" in err and "lists 3 classes" in err
