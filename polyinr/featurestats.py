@@ -127,12 +127,8 @@ class PartialPass:
         with np.load(self.path, allow_pickle=False) as z:
             stats = {}
             for k in stats_keys:
-                stats[k] = FeatureStats()
-                stats[k].n, stats[k].sum, stats[k].outer = (
-                    int(z[f"n_{k}"]),
-                    z[f"sum_{k}"],
-                    z[f"outer_{k}"],
-                )
+                s = stats[k] = FeatureStats()
+                s.n, s.sum, s.outer = int(z[f"n_{k}"]), z[f"sum_{k}"], z[f"outer_{k}"]
             rows = {k: [z[f"rows_{k}"]] for k in row_keys}
             return int(z["done"]), stats, [z["index"]], rows
 
