@@ -249,7 +249,7 @@ def evaluate_generator(cfg, generator, resolution: int, device, progress=True, n
         cfg.eval, PARTS, resolution, nets, cfg.data.out_dir, cfg.storage, progress
     )
     seconds = collections.Counter({"reference": time.perf_counter() - start})
-    seconds |= {f"reference_{k}": v for k, v in nets.seconds.items()}
+    seconds.update({f"reference_{k}": v for k, v in nets.seconds.items()})
     nets.seconds.clear()
     began = time.perf_counter()
     result = evaluate(
@@ -257,7 +257,7 @@ def evaluate_generator(cfg, generator, resolution: int, device, progress=True, n
         seconds=seconds,
     )  # fmt: skip
     seconds["samples"] = time.perf_counter() - began
-    seconds |= {f"samples_{k}": v for k, v in nets.seconds.items()}
+    seconds.update({f"samples_{k}": v for k, v in nets.seconds.items()})
     features = sum(v for k, v in seconds.items() if k.startswith("samples_"))
     seconds["metrics"] = seconds["samples"] - seconds["render"] - features
     seconds["total"] = time.perf_counter() - start
