@@ -22,7 +22,7 @@ import benchmarks
 from benchmarks import ROW_KEYS, cpu_flags, fast_bf16
 
 # Table order; any other module of the package with a run() follows in name order.
-ORDER = ["generator", "train_step", "loader", "metrics"]
+ORDER = ["generator", "train_step", "loader", "metrics", "evaluate"]
 
 
 def discover() -> tuple[dict, dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -44,6 +45,10 @@ and nothing is written. data.workers processes decode in parallel (0: every core
 
   polyinr prepare data.source=/data/ILSVRC2012_img_train.tar data.workers=0
 """
+
+
+# `section.key=value` (DVC's `-S` grammar), told apart from paths and option values.
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
 
 
 def _seeds(text: str) -> list[int]:
@@ -126,10 +131,7 @@ def cmd_prepare(args) -> None:
     resolutions = args.resolution or sorted({s.resolution for s in cfg.train.stages})
     for manifest in data.prepare(cfg.data, resolutions, progress=not args.quiet):
         path = data.beton_path(cfg.data.out_dir, manifest["resolution"])
-        print(
-            f"{path}: {manifest['written']} images, {len(manifest['skipped'])} skipped, "
-            f"{manifest['images_per_second']:.0f} img/s"
-        )
+        print(f"{path}: {manifest['written']} images, {len(manifest['skipped'])} skipped")
 
 
 def cmd_train(args) -> None:
@@ -171,9 +173,11 @@ def cmd_evaluate(args) -> None:
     # Under torchrun every rank renders and scores its share; rank 0 writes the results.
     device = distributed.setup() if args.device == "auto" else _device(args.device)
     g, meta = load_generator(args.generator, device)
-    result = metrics.evaluate_generator(cfg, g, meta["resolution"], device, not args.quiet)
+    _note_shape(cfg.generator, g.cfg, args.generator)
+    result, seconds = metrics.evaluate_generator(cfg, g, meta["resolution"], device, not args.quiet)
     if dist.is_initialized() and dist.get_rank() > 0:
         return
+    print("evaluate: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()), file=sys.stderr)
     result["resolution"] = meta["resolution"]
     result["kimg"] = meta["cur_nimg"] / 1000
     result["discriminator_pretrained"] = meta["discriminator_pretrained"]
@@ -194,6 +198,7 @@ def cmd_evaluate(args) -> None:
         with tracking.start_run(cfg.tracking, run_id=meta["mlflow_run_id"]):
             numbers = {k: v for k, v in result.items() if isinstance(v, float | int)}
             tracking.log_metrics({f"eval/{k}": v for k, v in numbers.items()})
+            tracking.log_metrics({f"eval_seconds/{k}": v for k, v in seconds.items()})
             tracking.set_tags(
                 {
                     "eval.protocol": result["protocol"],
@@ -207,6 +212,20 @@ def cmd_evaluate(args) -> None:
     print(f"wrote {out} and {args.grid}")
 
 
+def _note_shape(params, stored, path) -> None:
+    """Say so when params.yaml's generator section differs from the generator file's: the
+    file wins (it is what was trained), and the log shows which values were ignored."""
+    differ = [
+        f"{f.name}={getattr(stored, f.name)} (params: {getattr(params, f.name)})"
+        for f in dataclasses.fields(stored)
+        if getattr(stored, f.name) != getattr(params, f.name)
+    ]
+    if differ:
+        print(
+            f"note: the generator's shape comes from {path}: {', '.join(differ)}", file=sys.stderr
+        )
+
+
 def cmd_generate(args) -> None:
     import numpy as np
     from PIL import Image
@@ -218,7 +237,11 @@ def cmd_generate(args) -> None:
     g, meta = load_generator(args.generator, _device(args.device))
     seeds = _seeds(args.seeds)
     if args.classes == ["random"]:
-        classes, pair_seeds = sampling.random_classes(seeds, g.cfg.num_classes), seeds
+        if g.cfg.conditional:
+            classes = sampling.random_classes(seeds, g.cfg.num_classes)
+        else:
+            classes = [0] * len(seeds)  # an unconditional generator: label 0 throughout
+        pair_seeds = seeds
         rows = -(-len(seeds) // 8)
     else:
         ids = _ids(args.classes)
@@ -361,16 +384,19 @@ def cmd_publish(args) -> None:
     from polyinr.generator import load_generator
 
     cfg = _config(args)
-    _, meta = load_generator(args.generator)
+    g, meta = load_generator(args.generator)
+    # The served model's shape is the file's; the version's tags say what it can serve.
+    shape = {f"generator.{k}": str(getattr(g.cfg, k)) for k in ("conditional", "num_classes")}
+    shape["resolution"] = str(meta["resolution"])
     uri = registry.publish(
-        args.generator, meta["resolution"], cfg.tracking, args.name, args.mlflow_run
+        args.generator, meta["resolution"], cfg.tracking, args.name, args.mlflow_run, shape
     )
     print(f"registered {uri} (tracking {cfg.tracking.uri})")
     print(f"serve it: mlflow models serve -m {uri} --env-manager local --port 5001")
 
 
 def cmd_class_embeddings(args) -> None:
-    from polyinr import embedding
+    from polyinr import data, embedding
 
     cfg = _config(args)
     if not cfg.generator.conditional:
@@ -383,6 +409,7 @@ def cmd_class_embeddings(args) -> None:
         )
     out = args.out or cfg.train.embed_init or "weights/class_embeddings.pt"
     resolution = max(s.resolution for s in cfg.train.stages)
+    data.check_prepared(cfg.data.out_dir, resolution, cfg.generator.num_classes)
     table = embedding.compute(
         cfg.data,
         resolution,
@@ -600,18 +627,25 @@ def main(argv=None) -> int:
     p = command("summary", cmd_summary, "Parameter counts and multiply-adds as JSON.")
     p.add_argument("--skip-discriminator", action="store_true", help="generator only (fast)")
 
-    # Overrides may come on both sides of an option (`list a=1 --params f b=2`); argparse
-    # leaves the later ones over.
-    args, extra = parser.parse_known_args(argv)
+    # Overrides are taken out before argparse sees them, so that they work anywhere on every
+    # command: after a positional (`demo-data DIR a.b=1`) or after an option that takes
+    # several values (`interpolate --out w.gif w.png a.b=1`).
+    argv = sys.argv[1:] if argv is None else list(argv)
+    overrides = [a for a in argv if OVERRIDE.match(a)]
+    args, extra = parser.parse_known_args([a for a in argv if not OVERRIDE.match(a)])
     if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if extra:
-        args.overrides += extra
+    if overrides and not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *extra, *overrides]
     from polyinr.config import ConfigError
     from polyinr.storage import StorageError
     from polyinr.train import Preempted
 
     try:
+        if getattr(args, "overrides", None):
+            _config(args)  # a typo in an override is an error even where params are unused
         args.func(args)
     except Preempted as e:
         print(f"polyinr {args.command}: {e}", file=sys.stderr)

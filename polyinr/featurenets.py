@@ -6,10 +6,12 @@ demos) are built here too, and every network carries a label and a weights id fo
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import io
 import os
+import time
 
 import numpy as np
 import torch
@@ -146,15 +148,23 @@ def load_inception(
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILE)
     found = next((p for p in (weights_path, cached) if p and os.path.isfile(p)), None)
     if found is not None:
-        model = InceptionFeatures(_inception_net(found), "TF-2015 Inception weights", "")
+        try:
+            net = _inception_net(found)
+        except RuntimeError:  # e.g. pytorch-fid's pt_inception-*.pth: other keys, other layout
+            raise ValueError(
+                f"{found} is not torch-fidelity's TF-2015 Inception ({WEIGHTS_FILE}): its "
+                f"tensors do not fit. Download {WEIGHTS_URL} there instead"
+            ) from None
+        model = InceptionFeatures(net, "TF-2015 Inception weights", "")
         model.weights_id = f"inception-{file_sha256(found)[:16]}"
         return model.to(device).eval().requires_grad_(False), True
     if allow_random:
         return random_inception(random_seed, device), False
+    looked = " nor at ".join(repr(p) for p in (weights_path, cached) if p)
     raise MissingWeightsError(
-        f"Inception weights {WEIGHTS_FILE} not found at {weights_path!r} nor at {cached!r}. "
-        f"Download {WEIGHTS_URL} to one of these paths (no network here), or set "
-        "eval.allow_random_weights=true for labelled random-weight numbers that are not "
+        f"no Inception weights at {looked} (eval.inception_weights, then the torch hub "
+        f"cache). Download {WEIGHTS_URL} to {weights_path or cached!r} (no network here), or "
+        "set eval.allow_random_weights=true for labelled random-weight numbers that are not "
         "comparable to published ones."
     )
 
@@ -221,6 +231,7 @@ class Networks:
     def __init__(self, cfg, device, modules: dict | None = None):
         self.cfg, self.device = cfg, device
         self._modules = dict(modules or {})  # tests inject small doubles here
+        self.seconds = collections.Counter()  # per network: time spent in features()
 
     def get(self, name: str) -> nn.Module:
         """'inception', 'rinception' (random weights, rFID) or 'vgg16'; each has .label."""
@@ -258,7 +269,9 @@ class Networks:
         for name in names:
             net = self.get(name)
             if id(net) not in done:  # shared networks (random-weight runs) run once
+                start = time.perf_counter()
                 done[id(net)] = extract(net, images)
+                self.seconds[name] += time.perf_counter() - start
             f = done[id(net)]
             feats |= {"rpool": f["pool"]} if name == "rinception" else f
         return feats

@@ -6,6 +6,10 @@ order, so a result does not depend on the number of ranks.
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -62,6 +66,13 @@ def rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
 
 
+def rank_share(num_images: int, batch: int) -> int:
+    """Images in this rank's batches: every world-th batch of `batch`, from batch `rank`."""
+    rank, world = rank_world()
+    starts = range(rank * batch, num_images, world * batch)
+    return sum(min(batch, num_images - start) for start in starts)
+
+
 def _comm_device() -> torch.device:
     """NCCL reduces CUDA tensors only; gloo CPU ones."""
     if dist.get_backend() == "nccl":
@@ -97,16 +108,70 @@ def _gather_rows(index: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray:
     return rows[torch.argsort(index, stable=True)].cpu().numpy()
 
 
-def accumulate(batches, nets, names, stats_keys, row_keys, keep, desc, progress):
+class PartialPass:
+    """A pass's running sums and rows on disk, so that an interrupted pass resumes.
+
+    One file per rank (`<stem>.partial-<rank>of<world>.npz`), saved at most every `every`
+    seconds of computing; a different world size starts over.
+    """
+
+    def __init__(self, stem: Path, every: float = 60.0):
+        rank, world = rank_world()
+        self.path = Path(f"{stem}.partial-{rank}of{world}.npz")
+        self.every = every
+
+    def load(self, stats_keys, row_keys):
+        """(batches done, stats, [index], rows) as saved, or None."""
+        if not self.path.is_file():
+            return None
+        with np.load(self.path, allow_pickle=False) as z:
+            stats = {}
+            for k in stats_keys:
+                s = stats[k] = FeatureStats()
+                s.n, s.sum, s.outer = int(z[f"n_{k}"]), z[f"sum_{k}"], z[f"outer_{k}"]
+            rows = {k: [z[f"rows_{k}"]] for k in row_keys}
+            return int(z["done"]), stats, [z["index"]], rows
+
+    def save(self, done: int, stats, index, rows) -> None:
+        arrays = {"done": np.array(done), "index": np.concatenate(index)}
+        for k, s in stats.items():
+            arrays |= {f"n_{k}": np.array(s.n), f"sum_{k}": s.sum, f"outer_{k}": s.outer}
+        arrays |= {f"rows_{k}": np.concatenate(r) for k, r in rows.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def accumulate(
+    batches, nets, names, stats_keys, row_keys, keep, desc, progress, total=None, partial=None
+):
     """One pass over this rank's (start index, uint8 images) batches through networks `names`.
 
     Returns ({key: FeatureStats} all-reduced for `stats_keys`, {key: rows (M, D)} for
     `row_keys`: the rows whose global index passes `keep`, from every rank in index order).
+    `total`: this rank's image count, for the progress bar's ETA. `partial` (a PartialPass):
+    resume from its saved state, skipping the batches it holds, and save as the pass goes.
     """
     rank, _ = rank_world()
     stats = {k: FeatureStats() for k in stats_keys}
     index, rows = [], {k: [] for k in row_keys}
-    for start, images in tqdm(batches, desc=desc, disable=not progress or rank > 0):
+    done, skipped, bar = 0, 0, None
+    saved = partial.load(stats_keys, row_keys) if partial is not None else None
+    if saved is not None:
+        done, stats, index, rows = saved
+    last_save = time.monotonic()
+    for b, (start, images) in enumerate(batches):
+        if b < done:  # computed before the interruption: read (cheap), not recomputed
+            skipped += len(images)
+            continue
+        if bar is None:
+            disable = not progress or rank > 0
+            bar = tqdm(total=total, initial=skipped, desc=desc, unit="img", disable=disable)
         feats = nets.features(images, names)
         for key, s in stats.items():
             s.add(feats[key])
@@ -114,6 +179,13 @@ def accumulate(batches, nets, names, stats_keys, row_keys, keep, desc, progress)
         index.append(start + selected)
         for key in row_keys:
             rows[key].append(feats[key][selected].astype(np.float32))
+        done = b + 1
+        bar.update(len(images))
+        if partial is not None and time.monotonic() - last_save >= partial.every:
+            partial.save(done, stats, index, rows)
+            last_save = time.monotonic()
+    if bar is not None:
+        bar.close()
     stats = {key: s.all_reduce() for key, s in stats.items()}
     index = np.concatenate(index) if index else np.zeros(0, np.int64)
     for key in row_keys:

@@ -472,7 +472,24 @@ def load_generator(path: str | Path, device=None) -> tuple[Generator, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `polyinr train` first")
     state = torch.load(path, map_location="cpu", weights_only=True)
+    # The file carries its own shape; a file of another polyinr version fails in one line.
+    known = {f.name for f in dataclasses.fields(GeneratorConfig)}
+    if set(state["config"]) != known:
+        unknown, lacking = (
+            sorted(set(state["config"]) - known),
+            sorted(known - set(state["config"])),
+        )
+        raise ValueError(
+            f"{path} comes from another polyinr version: its generator config has "
+            f"{unknown or 'no extra'} keys and lacks {lacking or 'none'} of this version's"
+        )
     cfg = GeneratorConfig(**state["config"])
     g = Generator(cfg, state["meta"]["resolution"])
-    g.load_state_dict(state["g_ema"])
+    try:
+        g.load_state_dict(state["g_ema"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise ValueError(
+            f"{path}: its weights do not fit this polyinr's generator ({first})"
+        ) from None
     return g.to(device).eval().requires_grad_(False), state["meta"]

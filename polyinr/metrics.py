@@ -6,9 +6,11 @@ torchrun ranks with the same result; the cheap FID of training with its best sna
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +18,9 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 
-from polyinr import tracking
+from polyinr import data, tracking
 from polyinr.featurenets import Networks, no_tf32
-from polyinr.featurestats import accumulate, rank_world
+from polyinr.featurestats import accumulate, rank_share, rank_world
 from polyinr.generator import to_uint8  # samples are scored exactly as they are exported
 from polyinr.reference import load_reference
 from polyinr.storage import snapshot_name
@@ -77,13 +79,19 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """Mean and std over consecutive splits of exp(E[KL(p(y|x) || p(y))])."""
+    """Mean and std over consecutive splits of exp(E[KL(p(y|x) || p(y))]).
+
+    Split i holds samples [i N // splits, (i + 1) N // splits), torch-fidelity's boundaries
+    for any N (its isc_features_to_metric with shuffle=False; it shuffles by default).
+    """
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    if not 1 <= splits <= logits.shape[0]:
-        raise ValueError(f"splits must be in [1, {logits.shape[0]}], got {splits}")
+    n = logits.shape[0]
+    if not 1 <= splits <= n:
+        raise ValueError(f"splits must be in [1, {n}], got {splits}")
     log_p = torch.log_softmax(logits, dim=1).numpy()
     scores = []
-    for part in np.array_split(log_p, splits):
+    for i in range(splits):
+        part = log_p[i * n // splits : (i + 1) * n // splits]
         log_marginal = np.log(np.exp(part).mean(axis=0, keepdims=True))
         kl = (np.exp(part) * (part - log_marginal)).sum(axis=1).mean()
         scores.append(np.exp(kl))
@@ -143,11 +151,13 @@ def evaluate(
     parts=PARTS,
     num_samples: int | None = None,
     progress: bool = True,
+    seconds: collections.Counter | None = None,
 ) -> dict:
     """Score `num_samples` (default cfg.num_samples) samples of `generator` against `reference`.
 
     Latents and classes are drawn up front from cfg.seed, so a sample depends neither on the
-    batch size nor on the number of ranks; each rank renders every world-th batch.
+    batch size nor on the number of ranks; each rank renders every world-th batch. The time
+    spent rendering is added to seconds["render"].
     """
     n = num_samples or cfg.num_samples
     ddof = 1 if cfg.protocol == "adm" else 0
@@ -160,8 +170,12 @@ def evaluate(
         for start in range(rank * cfg.batch, n, world * cfg.batch):
             z = z_all[start : start + cfg.batch].to(device)
             c = c_all[start : start + cfg.batch].to(device) if num_classes else None
+            began = time.perf_counter()
             with torch.no_grad():
-                yield start, to_uint8(generator(z, c, psi=cfg.psi))
+                images = to_uint8(generator(z, c, psi=cfg.psi))
+            if seconds is not None:
+                seconds["render"] += time.perf_counter() - began
+            yield start, images
 
     pr_key = nets.pr_network()[1]
     stats_keys = (["pool", "spatial"] if "fid" in parts else []) + (
@@ -178,6 +192,7 @@ def evaluate(
         lambda i: np.ones(len(i), bool),
         "samples",
         progress,
+        total=rank_share(n, cfg.batch),
     )
 
     inception = nets.get("inception")
@@ -220,14 +235,37 @@ def evaluate(
     return result
 
 
-def evaluate_generator(cfg, generator, resolution: int, device, progress=True) -> dict:
-    """The full evaluation of the `evaluate` stage: every part, cfg.eval.num_samples samples."""
-    nets = Networks(cfg.eval, device)
+def evaluate_generator(cfg, generator, resolution: int, device, progress=True, nets=None):
+    """The scoring of the `evaluate` stage: every part, cfg.eval.num_samples samples of the
+    generator, whose shape (classes) comes from the generator itself, never from cfg.
+
+    Returns (result, seconds): where the time went (reference pass, its networks, rendering,
+    the networks on samples, the metrics' arithmetic, total), for the log, not the result.
+    """
+    start = time.perf_counter()
+    num_classes = generator.cfg.num_classes if generator.cfg.conditional else 0
+    if not cfg.eval.reference_npz:
+        # Reference images of other classes than the generator's would make every number wrong.
+        owner = "the generator's num_classes"
+        data.check_prepared(cfg.data.out_dir, resolution, num_classes or None, owner)
+    nets = nets or Networks(cfg.eval, device)
     reference = load_reference(
         cfg.eval, PARTS, resolution, nets, cfg.data.out_dir, cfg.storage, progress
     )
-    num_classes = cfg.generator.num_classes if cfg.generator.conditional else 0
-    return evaluate(generator, reference, cfg.eval, num_classes, nets, device, progress=progress)
+    seconds = collections.Counter({"reference": time.perf_counter() - start})
+    seconds.update({f"reference_{k}": v for k, v in nets.seconds.items()})
+    nets.seconds.clear()
+    began = time.perf_counter()
+    result = evaluate(
+        generator, reference, cfg.eval, num_classes, nets, device, progress=progress,
+        seconds=seconds,
+    )  # fmt: skip
+    seconds["samples"] = time.perf_counter() - began
+    seconds.update({f"samples_{k}": v for k, v in nets.seconds.items()})
+    features = sum(v for k, v in seconds.items() if k.startswith("samples_"))
+    seconds["metrics"] = seconds["samples"] - seconds["render"] - features
+    seconds["total"] = time.perf_counter() - start
+    return result, dict(seconds)
 
 
 class TrainingFID:

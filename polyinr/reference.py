@@ -14,22 +14,36 @@ import torch
 
 from polyinr import data
 from polyinr.featurenets import file_sha256
-from polyinr.featurestats import accumulate, all_reduce, distributed, rank_world
+from polyinr.featurestats import (
+    PartialPass,
+    accumulate,
+    all_reduce,
+    distributed,
+    rank_share,
+    rank_world,
+)
 
 # Real images for precision/recall: ADM compares 10k reference images against all samples;
 # StyleGAN-XL (stylegan2-ada's pr50k3_full) uses up to 200k training images.
 PR_REFERENCE = {"adm": 10_000, "stylegan-xl": 200_000}
-CACHE_VERSION = 1  # bump when what a cached reference holds changes
+PARTIAL_SECONDS = 60.0  # how often an unfinished reference pass saves its running state
+CACHE_VERSION = 2  # bump when what a cached reference holds changes
+# What a prepared file's images are: the manifest's content fields. Not its timings, worker
+# count, source path or kind (a folder and its tar give the same images), nor the FFCV file's
+# size (its page layout depends on the worker count).
+CONTENT = ("resolution", "written", "classes", "per_class", "encoding", "jpeg_quality")
+VOLATILE = ("seconds", "images_per_second", "scan_seconds", "workers", "source", "skipped")
 
 
 def data_fingerprint(out_dir, resolution: int) -> str:
-    """Identity of a prepared FFCV file: its manifest (without timings) and size."""
+    """Identity of a prepared FFCV file's content, from its manifest (the source's
+    fingerprint and how it was converted): equal for equal data wherever and however made."""
     manifest = data.read_manifest(out_dir, resolution)
-    stable = manifest.get("fingerprint") or {
-        k: v for k, v in manifest.items() if k not in ("seconds", "images_per_second")
-    }
-    size = data.beton_path(out_dir, resolution).stat().st_size
-    return hashlib.sha256(json.dumps([stable, size], sort_keys=True).encode()).hexdigest()[:16]
+    if "source_fingerprint" in manifest:
+        stable = {k: manifest[k] for k in (*CONTENT, "source_fingerprint")}
+    else:  # a manifest of an older polyinr
+        stable = {k: v for k, v in manifest.items() if k not in VOLATILE}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _key(fingerprint: str, resolution: int, protocol: str, part: str, weights_id: str) -> str:
@@ -159,7 +173,14 @@ def load_reference(
     keep = (lambda i: i % stride == 0) if "pr" in todo else (lambda i: np.zeros(len(i), bool))
     row_keys = [pr_key] if "pr" in todo else []
     names = nets.names(todo)
-    out, rows = accumulate(mine(), nets, names, stats_keys, row_keys, keep, "reference", progress)
+    # Features computed so far are kept on disk: a pass cut short (hours on a CPU for
+    # ImageNet) continues where it stopped when the command is run again.
+    stem = hashlib.sha256(json.dumps(sorted(todo.values())).encode()).hexdigest()[:20]
+    partial = PartialPass(cache.dir / f"pass-{stem}", PARTIAL_SECONDS)
+    total = rank_share(num_images, cfg.batch)
+    out, rows = accumulate(
+        mine(), nets, names, stats_keys, row_keys, keep, "reference", progress, total, partial
+    )
     computed = {}
     if "fid" in todo:
         mu, sigma = out["pool"].mean_cov(ddof)
@@ -175,6 +196,7 @@ def load_reference(
         if rank == 0:
             cache.put(todo[part], arrays)
         reference |= arrays
+    partial.remove()
     return reference
 
 

@@ -58,10 +58,20 @@ def mapping(g: Generator, classes: Sequence[int], seeds: Sequence[int], psi: flo
     if len(classes) != len(seeds):
         raise ValueError(f"{len(classes)} classes but {len(seeds)} seeds: pass one per sample")
     device = next(g.parameters()).device
+    # The generator's own config decides what it can draw (never params.yaml).
     if g.cfg.conditional:
-        bad = [c for c in classes if not 0 <= c < g.cfg.num_classes]
+        bad = sorted({c for c in classes if not 0 <= c < g.cfg.num_classes})
         if bad:
-            raise ValueError(f"class ids {bad} outside [0, {g.cfg.num_classes})")
+            raise ValueError(
+                f"class {', '.join(map(str, bad))} requested, but the generator has "
+                f"{g.cfg.num_classes} classes (0 to {g.cfg.num_classes - 1})"
+            )
+    elif any(c != 0 for c in classes):
+        bad = sorted({c for c in classes if c != 0})
+        raise ValueError(
+            f"class {', '.join(map(str, bad))} requested, but the generator is unconditional "
+            "(no classes: leave --classes at 0)"
+        )
     z = seed_latents(seeds, g.cfg.z_dim, device)  # (N, z_dim)
     ws = []
     for i, c in enumerate(classes):

@@ -314,6 +314,10 @@ def train(cfg, device: torch.device, progress: bool = True, until_stage: int | N
             f"--until-stage {until_stage}: train.stages has stages 0 to {len(stages) - 1} "
             f"({', '.join(f'{s.resolution}px' for s in stages)})"
         )
+    # The prepared data must fit the config: one line now, not an IndexError minutes later.
+    classes = cfg.generator.num_classes if cfg.generator.conditional else None
+    for stage in stages[: last + 1]:
+        data.check_prepared(cfg.data.out_dir, stage.resolution, classes)
     with distributed.StopFlag() as stop:
         try:
             return _train(cfg, device, progress, stop, last)

@@ -79,3 +79,15 @@ def test_loader_benchmark_builds_a_valid_data_config(tmp_path):
 
     cfg = loader._config(tmp_path / "src", tmp_path / "out", workers=1)
     assert cfg.scan_cache is None and cfg.source == str(tmp_path / "src")
+
+
+def test_evaluate_benchmark_joins_the_table_and_sets_up_a_valid_stage(tmp_path):
+    """benchmarks.evaluate is discovered, and its set-up (params, data, generator, samples)
+    keeps up with the config and the evaluate stage."""
+    from benchmarks import evaluate
+
+    assert "evaluate" in runner.discover()[0]
+    cfg, g, weights = evaluate._setup(tmp_path, n=8, resolution=16, batch=4)
+    assert all(path.is_file() for path in weights.values())
+    assert cfg.eval.num_samples == 8 and not cfg.eval.allow_random_weights
+    assert tuple(evaluate._samples(cfg, g, "cpu").shape) == (8, 3, 16, 16)

@@ -156,3 +156,86 @@ def test_sampling_commands_explain_bad_input(tiny_generator, capsys):
     assert "shape, style or START:STOP" in capsys.readouterr().err
     assert cli.main(["interpolate", *base, "--out", "walk.avi"]) == 2
     assert ".gif or .mp4" in capsys.readouterr().err
+
+
+def test_demo_data_takes_trailing_overrides(tmp_path, monkeypatch):
+    """`polyinr demo-data DIR section.key=value`: DIR is the folder, the rest overrides."""
+    monkeypatch.chdir(ROOT)
+    argv = ["demo-data", str(tmp_path / "demo"), "data.demo_classes=2", "data.demo_per_class=1"]
+    assert cli.main([*argv, "data.demo_size=8", "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "demo" / "train").iterdir()) == [
+        "n00000000",
+        "n00000001",
+    ]
+
+
+def test_overrides_after_a_many_valued_option_are_overrides(tiny_generator, tmp_path, capsys):
+    """`interpolate --out w.gif w.png section.key=value`: --out keeps the files only, and the
+    override is still checked (a typo exits 2 naming it)."""
+    outs = [str(tmp_path / "w.gif"), str(tmp_path / "w.png")]
+    base = ["interpolate", "--generator", tiny_generator, "--seeds", "0-1", "--steps", "2"]
+    argv = [*base, "--params", str(ROOT / "params.yaml"), "--out", *outs]
+    run(*argv, "tracking.run_name=walk")
+    assert all(Path(p).is_file() for p in outs)
+    assert cli.main([*argv, "tracking.run_nam=walk", "--device", "cpu", "--quiet"]) == 2
+    assert "tracking.run_nam" in capsys.readouterr().err
+
+
+def test_sampling_takes_the_class_count_from_the_generator_file(tmp_path, capsys):
+    """Classes come from the file: class 7 of a 3-class generator, or any class but 0 of an
+    unconditional one, is refused in one line naming both; random classes of an
+    unconditional generator are all 0."""
+    torch.manual_seed(0)
+    conditional, unconditional = str(tmp_path / "c.pt"), str(tmp_path / "u.pt")
+    save_generator(Generator(TINY, 8), conditional, {"resolution": 8, "cur_nimg": 0})
+    plain = dataclasses.replace(TINY, conditional=False)
+    save_generator(Generator(plain, 8), unconditional, {"resolution": 8, "cur_nimg": 0})
+    base = ["--device", "cpu", "--quiet", "--seeds", "0", "--out", str(tmp_path / "x.png")]
+    assert cli.main(["generate", "--generator", conditional, "--classes", "7", *base]) == 2
+    err = capsys.readouterr().err
+    assert "class 7 requested" in err and "has 3 classes" in err and len(err.splitlines()) == 1
+    for command in ("generate", "interpolate", "mix"):
+        flag = "--source-classes" if command == "mix" else "--classes"
+        argv = [command, "--generator", unconditional, flag, "2", "--device", "cpu", "--quiet"]
+        assert cli.main([*argv, "--out", str(tmp_path / f"{command}.png")]) == 2, command
+        assert "unconditional" in capsys.readouterr().err
+    run("generate", "--generator", unconditional, "--classes", "random", "--seeds", "0-3",
+        "--out", str(tmp_path / "u.npz"))  # fmt: skip
+    assert np.load(tmp_path / "u.npz")["arr_1"].tolist() == [0, 0, 0, 0]
+
+
+def test_a_generator_file_of_another_version_is_refused_in_one_line(tmp_path, capsys):
+    """A config key this code does not know (or weights that do not fit) exit 2 in one line."""
+    torch.manual_seed(0)
+    path = tmp_path / "g.pt"
+    save_generator(Generator(TINY, 8), path, {"resolution": 8, "cur_nimg": 0})
+    state = torch.load(path, weights_only=True)
+    state["config"]["fourier_features"] = 16
+    torch.save(state, path)
+    argv = ["generate", "--generator", str(path), "--out", str(tmp_path / "x.png")]
+    assert cli.main([*argv, "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "another polyinr version" in err and "fourier_features" in err
+    assert len(err.splitlines()) == 1
+    del state["config"]["fourier_features"]
+    state["g_ema"]["synthesis.to_rgb.weight"] = torch.zeros(3, 5)
+    torch.save(state, path)
+    assert cli.main([*argv, "--device", "cpu", "--quiet"]) == 2
+    assert "weights do not fit" in capsys.readouterr().err
+
+
+def test_class_embeddings_of_data_with_another_class_count_are_refused(tmp_path, capsys):
+    """`class-embeddings` compares generator.num_classes with the prepared data first."""
+    from polyinr import data
+
+    data.make_demo_dataset(tmp_path / "demo", 3, 1, 8, 0)
+    common = [
+        "--params", str(ROOT / "params.yaml"), f"data.source={tmp_path / 'demo'}",
+        f"data.out_dir={tmp_path / 'ffcv'}", "data.workers=1",
+        "train.stages=[{resolution: 8, kimg: 1}]",
+    ]  # fmt: skip
+    assert cli.main(["prepare", "--quiet", *common]) == 0
+    argv = ["class-embeddings", "--allow-random-weights", "--device", "cpu", "--quiet", *common]
+    assert cli.main([*argv, "generator.num_classes=5"]) == 2
+    err = capsys.readouterr().err
+    assert "generator.num_classes=5 but" in err and "lists 3 classes" in err

@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+import json
 import multiprocessing as mp
 import os
 import tarfile
@@ -442,3 +443,56 @@ def test_tar_listing_is_scanned_once_and_rescanned_when_the_archive_changes(
     assert len(scans) == 3 and "rescanning" in capsys.readouterr().err
     data.scan_source(archive)  # no cache_dir: always scans
     assert len(scans) == 4
+
+
+def test_manifests_of_identical_data_are_identical_whatever_the_workers_or_timing(tmp_path):
+    """A manifest holds content only (DVC hashes it): no timings, no worker count."""
+    data.make_demo_dataset(tmp_path / "src", 2, 3, SIZE, seed=0)
+    data.prepare(config(tmp_path / "src", tmp_path / "a", workers=1), [8], progress=False)
+    data.prepare(config(tmp_path / "src", tmp_path / "b", workers=2), [8], progress=False)
+    a, b = (data.manifest_path(tmp_path / d, 8).read_bytes() for d in "ab")
+    assert a == b
+    assert not {"seconds", "images_per_second", "scan_seconds", "workers"} & set(json.loads(a))
+
+
+def test_conversion_rate_does_not_count_the_ffcv_import(tmp_path, monkeypatch, capsys):
+    """The logged img/s is the conversion's: importing ffcv (seconds, once) is left out."""
+    import builtins
+    import re
+    import time
+
+    data.make_demo_dataset(tmp_path / "src", 2, 3, SIZE, seed=0)
+    offset, real_clock, real_import = [0.0], time.perf_counter, builtins.__import__
+
+    def slow_import(name, *args, **kwargs):
+        if name.startswith("ffcv"):
+            offset[0] += 100.0  # what a cold `import ffcv` costs, on a fake clock
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + offset[0])
+    monkeypatch.setattr(builtins, "__import__", slow_import)
+    data.prepare(config(tmp_path / "src", tmp_path / "out", workers=1), [8], progress=True)
+    monkeypatch.undo()
+    seconds = re.search(r"train_8\.beton: 6 images in ([\d.]+) s", capsys.readouterr().err)
+    assert seconds and float(seconds.group(1)) < 50
+
+
+def test_prepared_data_that_disagree_with_the_config_or_the_file_are_refused(demo_beton, tmp_path):
+    """check_prepared names both values: the class count, the resolution, the image count."""
+    beton, manifest = demo_beton
+    assert data.check_prepared(beton.parent, SIZE, CLASSES) == manifest
+    assert data.check_prepared(beton.parent, SIZE, None) == manifest  # unconditional
+    with pytest.raises(data.DataError, match=f"num_classes=1000 but .* lists {CLASSES} classes"):
+        data.check_prepared(beton.parent, SIZE, 1000)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / beton.name).write_bytes(beton.read_bytes())
+    data.manifest_path(out, SIZE).write_text(json.dumps(manifest | {"written": 5}))
+    with pytest.raises(data.DataError, match=f"holds {CLASSES * PER_CLASS} images .* says 5"):
+        data.check_prepared(out, SIZE, CLASSES)
+    (out / "train_8.beton").write_bytes(beton.read_bytes())  # a 16 px file under the 8 px name
+    data.manifest_path(out, 8).write_text(json.dumps(manifest | {"resolution": 8}))
+    with pytest.raises(data.DataError, match="16x16 px .* of 8 px"):
+        data.check_prepared(out, 8, CLASSES)
+    with pytest.raises(data.DataError, match="run `polyinr prepare` first"):
+        data.check_prepared(out, 32, CLASSES)

@@ -112,3 +112,37 @@ def test_random_vgg16_double_does_not_collapse_and_is_seeded():
     assert distances.min() > 1e-2 * np.linalg.norm(feats, axis=1).mean()
     again, _ = load_vgg16(MISSING, allow_random=True, random_seed=0, device="cpu")
     np.testing.assert_array_equal(extract(again, images)["vgg"], feats)
+
+
+def test_the_configured_inception_path_is_the_file_the_loader_reads():
+    """params.yaml and the paper's config point at torch-fidelity's file, the one that loads
+    (pytorch-fid's pt_inception-*.pth is another format)."""
+    from pathlib import Path
+
+    from polyinr import config
+
+    root = Path(__file__).resolve().parents[1]
+    for params in ("params.yaml", "configs/imagenet-256.yaml"):
+        path = config.load(root / params).eval.inception_weights
+        assert Path(path).name == featurenets.WEIGHTS_FILE, params
+
+
+def test_missing_weights_error_names_only_the_paths_looked_at(tmp_path, monkeypatch):
+    """The message names the configured path and the cache, and says where to download to;
+    no other file name appears outside the URL."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    configured = str(tmp_path / "weights" / "pt_inception-2015-12-05-6726825d.pth")
+    with pytest.raises(MissingWeightsError) as info:
+        load_inception(configured, allow_random=False, random_seed=0, device="cpu")
+    message = str(info.value).replace(featurenets.WEIGHTS_URL, "URL")
+    cached = os.path.join(str(tmp_path), "hub", "checkpoints", featurenets.WEIGHTS_FILE)
+    assert f"no Inception weights at {configured!r} nor at {cached!r}" in message
+    assert f"Download URL to {configured!r}" in message
+
+
+def test_a_weights_file_of_another_format_is_named_with_the_right_one(tmp_path):
+    """A file that exists but does not fit (pytorch-fid's format) is one clear error."""
+    path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)}, path)
+    with pytest.raises(ValueError, match=f"{path} is not torch-fidelity's TF-2015 Inception"):
+        load_inception(str(path), allow_random=False, random_seed=0, device="cpu")

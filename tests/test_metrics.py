@@ -134,6 +134,18 @@ def test_inception_score_of_one_hot_logits_over_k_classes_is_k():
     assert mean == pytest.approx(k, rel=1e-12)
 
 
+@pytest.mark.parametrize("n", [12, 25, 50])
+def test_inception_score_equals_torch_fidelity_for_any_sample_count(n):
+    """Splits at i N // 10 as torch-fidelity (unshuffled), also when N is not a multiple of 10."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    logits = np.random.default_rng(n).normal(scale=3.0, size=(n, 7))
+    theirs = isc_features_to_metric(torch.from_numpy(logits), splits=10, shuffle=False)
+    mean, std = inception_score(logits, 10)
+    assert mean == pytest.approx(theirs["inception_score_mean"], rel=1e-12)
+    assert std == pytest.approx(theirs["inception_score_std"], rel=1e-9)
+
+
 def test_no_tf32_restores_the_backend_flags():
     """The TF32 guard turns both flags off inside and restores them afterwards."""
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -311,17 +323,87 @@ def dataclasses_replace(cfg, **changes):
     return dataclasses.replace(cfg, **changes)
 
 
-def test_data_fingerprint_ignores_timings_and_sees_the_data(tmp_path):
-    """The cache key of training data changes with the data, not with how long prepare took."""
-    manifest = {"resolution": 32, "written": 4, "classes": ["a"], "seconds": 1.0}
+def test_data_fingerprint_is_a_function_of_content_only(tmp_path):
+    """The cache key of training data changes with the data, not with how long prepare took,
+    how many workers it had, where the source was or the FFCV file's page layout."""
+    manifest = {"resolution": 32, "written": 4, "classes": ["a"], "per_class": [4]}
+    manifest |= {"encoding": "jpg", "jpeg_quality": 90, "source_fingerprint": "sha256:1"}
     (tmp_path / "train_32.json").write_text(json.dumps(manifest))
     (tmp_path / "train_32.beton").write_bytes(b"x" * 10)
     before = reference.data_fingerprint(tmp_path, 32)
-    manifest["seconds"] = manifest["images_per_second"] = 9.0
-    (tmp_path / "train_32.json").write_text(json.dumps(manifest))
-    assert reference.data_fingerprint(tmp_path, 32) == before
+    volatile = {"seconds": 9.0, "images_per_second": 9.0, "scan_seconds": 3.0, "workers": 7}
+    volatile |= {"source": "/elsewhere/ILSVRC.tar", "source_kind": "tar"}
+    (tmp_path / "train_32.json").write_text(json.dumps(manifest | volatile))
     (tmp_path / "train_32.beton").write_bytes(b"x" * 11)
-    assert reference.data_fingerprint(tmp_path, 32) != before
+    assert reference.data_fingerprint(tmp_path, 32) == before
+    for change in ({"source_fingerprint": "sha256:2"}, {"jpeg_quality": 95}, {"written": 3}):
+        (tmp_path / "train_32.json").write_text(json.dumps(manifest | change))
+        assert reference.data_fingerprint(tmp_path, 32) != before, change
+
+
+class Counting(nn.Module):
+    """Wraps a feature network: counts its calls and fails on call number `fail_at`."""
+
+    def __init__(self, net, fail_at=None):
+        super().__init__()
+        self.net, self.calls, self.fail_at = net, 0, fail_at
+        self.label, self.weights_id = net.label, net.weights_id
+
+    def forward(self, images):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt("killed mid-pass")
+        return self.net(images)
+
+
+def test_an_interrupted_reference_pass_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
+    """Killed after 2 of 4 batches, the pass computes only the other 2 when run again and
+    gives the uninterrupted result bit for bit; its progress bar counts images with a total."""
+    monkeypatch.setattr(reference, "PARTIAL_SECONDS", 0.0)  # save after every batch
+    adm_npz(tmp_path / "ref.npz")  # 14 images: batches of 4, 4, 4, 2
+    cfg = eval_config(tmp_path, reference_npz=str(tmp_path / "ref.npz"), protocol="stylegan-xl")
+
+    def nets_with(inception, vgg):
+        nets = tiny_networks(cfg)
+        nets._modules |= {"rinception": inception, "vgg16": vgg}
+        return nets
+
+    whole = reference.load_reference(
+        dataclasses_replace(cfg, cache_dir=str(tmp_path / "other")), ["pr", "rfid"], 32,
+        tiny_networks(cfg), None, None, False,
+    )  # fmt: skip
+    killed = nets_with(Counting(TinyNet({"pool": 6}, 2), fail_at=3), TinyNet({"vgg": 9}, 3))
+    with pytest.raises(KeyboardInterrupt):
+        reference.load_reference(cfg, ["pr", "rfid"], 32, killed, None, None, False)
+    assert len(list((tmp_path / "cache").glob("pass-*.partial-0of1.npz"))) == 1
+    rinception, vgg = Counting(TinyNet({"pool": 6}, 2)), Counting(TinyNet({"vgg": 9}, 3))
+    resumed = reference.load_reference(
+        cfg, ["pr", "rfid"], 32, nets_with(rinception, vgg), None, None, progress=True
+    )
+    assert rinception.calls == vgg.calls == 2
+    for key in ("pr", "mu_r", "sigma_r"):
+        np.testing.assert_array_equal(resumed[key], whole[key])
+    assert not list((tmp_path / "cache").glob("pass-*"))  # finished: only the results stay
+    assert "14/14" in capsys.readouterr().err  # a total, hence an ETA
+
+
+def test_evaluate_takes_the_class_count_from_the_generator_not_the_params(tmp_path):
+    """A 10-class generator evaluated with params saying 4 classes samples all 10."""
+    adm_npz(tmp_path / "ref.npz")
+    cfg_eval = eval_config(tmp_path, reference_npz=str(tmp_path / "ref.npz"), num_samples=40)
+    cfg = SimpleNamespace(
+        eval=cfg_eval, storage=None, data=SimpleNamespace(out_dir=None),
+        generator=SimpleNamespace(num_classes=4, conditional=True),
+    )  # fmt: skip
+    generator = TinyGenerator(num_classes=10)
+    generator.cfg = SimpleNamespace(z_dim=8, num_classes=10, conditional=True)
+    result, seconds = metrics.evaluate_generator(
+        cfg, generator, 32, "cpu", progress=False, nets=tiny_networks(cfg_eval)
+    )
+    classes = torch.cat([c for _, c in generator.calls])
+    assert classes.max() >= 4 and result["num_samples"] == 40
+    assert {"reference", "render", "samples", "metrics", "total"} <= set(seconds)
+    assert seconds["total"] >= seconds["reference"] + seconds["render"]
 
 
 @pytest.mark.slow
@@ -540,3 +622,23 @@ def test_evaluate_with_random_weight_networks_gives_finite_labelled_numbers(tmp_
     assert result["inception_weights"] == "random (seed 0)" and "RANDOM" in result["label"]
     assert nets.get("rinception") is nets.get("inception")
     assert result["is_mean"] > 1 + 1e-6 and result["rfid"] > 1e-2
+
+
+def test_evaluate_refuses_reference_data_of_other_classes_than_the_generator(tmp_path):
+    """Training data with 2 classes cannot score a 10-class generator: one line, both counts."""
+    from polyinr import data
+
+    cfg_data = data.DataConfig(
+        source=str(tmp_path / "demo"), out_dir=str(tmp_path / "ffcv"), encoding="raw",
+        jpeg_quality=90, strict=True, workers=1, scan_cache=None, demo_classes=2, demo_per_class=2,
+        demo_size=8, demo_seed=0,
+    )  # fmt: skip
+    data.make_demo_dataset(Path(cfg_data.source), 2, 2, 8, 0)
+    data.prepare(cfg_data, [8], progress=False)
+    cfg = SimpleNamespace(eval=eval_config(tmp_path), storage=None, data=cfg_data)
+    generator = TinyGenerator(num_classes=10)
+    generator.cfg = SimpleNamespace(z_dim=8, num_classes=10, conditional=True)
+    with pytest.raises(data.DataError, match="num_classes=10 but .* lists 2 classes"):
+        metrics.evaluate_generator(
+            cfg, generator, 8, "cpu", progress=False, nets=tiny_networks(cfg.eval)
+        )

@@ -82,3 +82,67 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
     assert "up to date" in status.lower()
     again = _run([BIN / "polyinr", "train", "--quiet"], repo)
     assert "resuming from" in again
+
+
+# Where each stage's code starts, and the modules that cannot change its outputs: storage
+# (where files go), tracking (what is logged) and, for train, the metrics modules (they only
+# draw metrics/fid.csv; a change to them must not retrain). config.py is a dependency but
+# its imports are the schema's, so the walk stops there.
+STAGE_CODE = {
+    "demo_data": ["polyinr/data.py"],
+    "prepare": ["polyinr/data.py"],
+    "train": ["polyinr/train.py"],
+    "evaluate": ["polyinr/metrics.py", "polyinr/generator.py"],
+}
+NO_EFFECT = {"polyinr/storage.py", "polyinr/tracking.py"}
+TRAIN_PLOTS_ONLY = {
+    f"polyinr/{m}.py" for m in ("metrics", "featurenets", "featurestats", "reference")
+}
+
+
+def _polyinr_imports(path: Path) -> set[str]:
+    """Files of the polyinr modules that `path` imports anywhere (also inside functions)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("polyinr"):
+            if node.module == "polyinr":
+                found |= {f"polyinr/{a.name}.py" for a in node.names}
+            else:
+                found.add(node.module.replace(".", "/") + ".py")
+        elif isinstance(node, ast.Import):
+            found |= {a.name.replace(".", "/") + ".py" for a in node.names}
+    return {f for f in found if f.startswith("polyinr/") and (ROOT / f).is_file()}
+
+
+def test_dvc_stages_depend_on_every_module_that_changes_their_outputs():
+    """Each stage's deps hold the polyinr modules its code imports (transitively) and
+    config.py, except those that cannot change its outputs: an edit reruns what it affects."""
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, entries in STAGE_CODE.items():
+        stage = stages[name].get("do", stages[name])
+        needed, todo = set(), list(entries)
+        while todo:
+            module = todo.pop()
+            if module not in needed:
+                needed.add(module)
+                todo += [] if module == "polyinr/config.py" else _polyinr_imports(ROOT / module)
+        needed = (needed | {"polyinr/config.py"}) - NO_EFFECT
+        if name == "train":
+            needed -= TRAIN_PLOTS_ONLY
+        assert sorted(needed - set(stage["deps"])) == [], name
+
+
+def test_a_fresh_clone_has_the_data_folder_and_its_layout():
+    """data/ is committed (its README), and the README names what goes in it."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "data"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert listed == ["data/README.md"]
+    text = (ROOT / "data" / "README.md").read_text()
+    for name in ("demo/", "ffcv/", "train_<R>.beton", "train_<R>.json", "polyinr prepare"):
+        assert name in text, name

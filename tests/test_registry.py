@@ -38,6 +38,12 @@ def test_registered_model_returns_the_images_of_generate(tmp_path, monkeypatch, 
     assert cli.main(["publish", "--generator", str(gen), "--name", "tiny", *overrides]) == 0
 
     model = mlflow.pyfunc.load_model("models:/tiny/1")
+    shape = MlflowClient().get_model_version("tiny", "1").tags
+    assert shape == {
+        "generator.conditional": "True",
+        "generator.num_classes": "3",
+        "resolution": "8",
+    }
     request = pd.DataFrame({"class_id": [0, 0, 2, 2], "seed": [3, 4, 3, 4]})
     images = model.predict(request, params={"psi": 0.6, "resolution": 12})
     assert images.shape == (4, 12, 12, 3) and images.dtype == np.uint8
@@ -66,3 +72,19 @@ def test_registered_model_returns_the_images_of_generate(tmp_path, monkeypatch, 
     assert uri == "models:/tiny/2"
     assert registry.publish(gen, 8, cfg, "tiny", run_id=run_id, tags=tags) == uri
     assert MlflowClient().get_model_version("tiny", "2").tags == tags
+
+
+def test_served_model_refuses_classes_the_generator_does_not_have(tmp_path, single_thread):
+    """The pyfunc model's shape is the file's: class 7 of a 3-class generator is one error
+    naming both values."""
+    from types import SimpleNamespace
+
+    from polyinr import registry
+
+    torch.manual_seed(0)
+    save_generator(Generator(TINY, 8), tmp_path / "g.pt", {"resolution": 8, "cur_nimg": 0})
+    model = registry.GeneratorModel()
+    model.load_context(SimpleNamespace(artifacts={"generator": str(tmp_path / "g.pt")}))
+    assert model.predict(None, pd.DataFrame({"class_id": [2], "seed": [0]})).shape == (1, 8, 8, 3)
+    with pytest.raises(ValueError, match="class 7 requested, but the generator has 3 classes"):
+        model.predict(None, pd.DataFrame({"class_id": [7], "seed": [0]}))

@@ -64,7 +64,7 @@ def test_mapping_of_a_sample_does_not_depend_on_the_request(g):
     assert torch.equal(sampling.mapping(g, [1], [4], psi=0.5)[0], many[1])
     full = sampling.mapping(g, [1], [4], psi=1.0)[0]
     assert torch.allclose(many[1], torch.lerp(g.mapping.w_avg[1], full, 0.5), atol=1e-6)
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ValueError, match="class 3 requested, but the generator has 3 classes"):
         sampling.mapping(g, [3], [0], psi=1.0)
 
 

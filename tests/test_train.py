@@ -557,3 +557,46 @@ def test_non_finite_gradients_become_zero_or_1e5():
     p.grad = torch.tensor([float("nan"), float("inf"), -float("inf"), 2.0])
     train._sanitize_grads([p])
     assert p.grad.tolist() == [0.0, 1e5, -1e5, 2.0]
+
+
+def test_data_that_disagree_with_the_config_stop_training_before_any_compute(
+    prepared, tmp_path, monkeypatch
+):
+    """A class count other than the data's, or a stage without its FFCV file, is one line
+    naming both values before models, storage or MLflow are touched."""
+    monkeypatch.chdir(tmp_path)
+    built = []
+    monkeypatch.setattr(train, "_stage_models", lambda *a: built.append(1))
+    wrong_classes = config.load(
+        REPO / "params.yaml", [*tiny_overrides(prepared), "generator.num_classes=1000"]
+    )
+    with pytest.raises(data.DataError, match="num_classes=1000 but .* lists 2 classes"):
+        train.train(wrong_classes, torch.device("cpu"), progress=False)
+    stages = "[{resolution: 16, kimg: 0.016}, {resolution: 32, kimg: 0.016}]"
+    unprepared = config.load(REPO / "params.yaml", tiny_overrides(prepared, stages=stages))
+    with pytest.raises(data.DataError, match="train_32.beton; run `polyinr prepare` first"):
+        train.train(unprepared, torch.device("cpu"), progress=False)
+    assert not built and not (prepared / "mlflow.db").exists()
+    assert not (prepared / "checkpoints").exists()
+
+
+def test_resuming_with_another_generator_section_is_refused(prepared, tmp_path, monkeypatch):
+    """A run's checkpoint made with other generator params is not resumed with these: one
+    error naming the checkpoint and the section, before any model is built."""
+    monkeypatch.chdir(tmp_path)
+    train.train(run_cfg(prepared, tmp_path, kimg=0.008), torch.device("cpu"), progress=False)
+    built = []
+    monkeypatch.setattr(train, "_stage_models", lambda *a: built.append(1))
+    cfg = run_cfg(prepared, tmp_path, kimg=0.016)
+    other = dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, hidden=24))
+    with pytest.raises(ValueError, match="different generator section"):
+        train.train(other, torch.device("cpu"), progress=False)
+    assert not built
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused(prepared, tmp_path):
+    """train.batch must be a multiple of batch_gpu x world size: one line naming them."""
+    cfg = run_cfg(prepared, tmp_path)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch=8, batch_gpu=3))
+    with pytest.raises(ValueError, match=r"train.batch=8 is not a multiple of batch_gpu \(3\)"):
+        train.train(cfg, torch.device("cpu"), progress=False)
