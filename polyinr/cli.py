@@ -181,6 +181,7 @@ def cmd_evaluate(args) -> None:
     result["resolution"] = meta["resolution"]
     result["kimg"] = meta["cur_nimg"] / 1000
     result["discriminator_pretrained"] = meta["discriminator_pretrained"]
+    result["discriminator_weights"] = meta.get("discriminator_weights", "unrecorded")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
