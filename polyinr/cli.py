@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 EXAMPLES = """\
@@ -140,7 +142,7 @@ def cmd_train(args) -> None:
     cfg = _config(args)
     device = distributed.setup() if args.device == "auto" else _device(args.device)
     try:
-        summary = train.train(cfg, device, not args.quiet, args.until_stage)
+        summary = train.train(cfg, device, not args.quiet, args.until_stage, args.restart)
         if dist.is_initialized() and dist.get_rank() > 0:
             return  # rank 0 reports for all (their weights are identical)
     finally:
@@ -425,7 +427,15 @@ def cmd_summary(args) -> None:
     print(json.dumps(out, indent=2))
 
 
+def _terminated(signum, frame):
+    raise SystemExit(143)  # 128 + SIGTERM, as after a pre-emption checkpoint
+
+
 def main(argv=None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM before training installs its own handler (imports, config, storage checks)
+        # exits as an interrupted job would, not with the signal's -15.
+        signal.signal(signal.SIGTERM, _terminated)
     parser = argparse.ArgumentParser(
         prog="polyinr",
         description="Poly-INR (CVPR 2023): a GAN whose generator is a per-pixel polynomial MLP.",
@@ -468,6 +478,12 @@ def main(argv=None) -> int:
         help="stop once progressive stage I (0-based index into train.stages) is complete "
         "and checkpointed; exits at once if it already is. The generator is exported only "
         "when the last stage completes (default: run the whole schedule)",
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start from image 0 when the run has checkpoints but none of them loads (they "
+        "are moved to corrupt/); without it training stops with an error instead",
     )
     p = sub.add_parser("checkpoints", help="The run's checkpoints (storage.uri).")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,31 @@ def start_run(cfg: TrackingConfig, run_id: str | None = None, params: dict | Non
     if params:
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
     return run
+
+
+PREVIOUS_RUN_TAG = "polyinr.previous_run_id"
+
+
+def continue_run(cfg: TrackingConfig, run_id: str, params: dict | None = None):
+    """Continue run `run_id`; if this tracking store never saw it (a checkpoint resumed on
+    another host), start a new run tagged with the old id and say so in one line."""
+    mlflow = _connect(cfg)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        run = start_run(cfg, params=params)
+        mlflow.set_tag(PREVIOUS_RUN_TAG, run_id)
+        print(
+            f"MLflow run {run_id} of the checkpoint is not in {cfg.uri}: logging to new run "
+            f"{run.info.run_id} (tag {PREVIOUS_RUN_TAG}={run_id})",
+            file=sys.stderr,
+        )
+        return run
+    return mlflow.start_run(run_id=run_id)
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
