@@ -89,6 +89,8 @@ class TrainConfig:
             )
         if self.batch < 1 or self.batch_gpu < 0:
             raise ValueError("batch must be >= 1 and batch_gpu >= 0")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0 (numpy seeds are unsigned), got {self.seed}")
 
 
 def configure_backends() -> None:
