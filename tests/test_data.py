@@ -440,3 +440,71 @@ def test_tar_listing_is_scanned_once_and_rescanned_when_the_archive_changes(
     assert len(scans) == 3 and "rescanning" in capsys.readouterr().err
     data.scan_source(archive)  # no cache_dir: always scans
     assert len(scans) == 4
+
+
+def test_non_utf8_file_name_is_skipped_by_name_in_folder_and_tar(tmp_path):
+    """A file name with a byte that is not UTF-8 is listed as skipped with that byte escaped,
+    in a folder and in a tar source; every .beton gets its manifest; strict names the file."""
+    data.make_demo_dataset(tmp_path / "src", 2, 2, SIZE, seed=0)
+    folder = tmp_path / "src" / "train" / "n00000000"
+    good = (folder / "n00000000_0.JPEG").read_bytes()
+    (Path(os.fsdecode(bytes(folder) + b"/caf\xe9.JPEG"))).write_bytes(good)
+    archive = tmp_path / "train.tar"
+    make_ilsvrc_tar(tmp_path / "src", archive)
+    for source, out in ((tmp_path / "src", tmp_path / "a"), (archive, tmp_path / "b")):
+        [manifest] = data.prepare(config(source, out), [8], progress=False)
+        assert manifest["written"] == 4
+        [skipped] = manifest["skipped"]
+        assert skipped["path"].endswith("n00000000/caf\\xe9.JPEG") or skipped["path"].endswith(
+            "n00000000.tar/caf\\xe9.JPEG"
+        )
+        assert "not valid UTF-8" in skipped["reason"]
+        assert data.beton_path(out, 8).is_file() and data.manifest_path(out, 8).is_file()
+    with pytest.raises(data.DataError, match=r"caf\\xe9.JPEG: unreadable: the name is not"):
+        data.prepare(config(archive, tmp_path / "c", strict=True), [8], progress=False)
+    assert not (tmp_path / "c" / "train_8.beton").exists()
+
+
+def test_dangling_symlink_is_listed_as_skipped_and_fails_strict(tmp_path):
+    """A symlink to nothing is listed as skipped with its target, not dropped silently; with
+    data.strict=true it is an error naming it."""
+    data.make_demo_dataset(tmp_path / "src", 2, 2, SIZE, seed=0)
+    link = tmp_path / "src" / "train" / "n00000001" / "gone.JPEG"
+    link.symlink_to(tmp_path / "nowhere.JPEG")
+    [manifest] = data.prepare(config(tmp_path / "src", tmp_path / "out"), [8], progress=False)
+    assert manifest["written"] == 4
+    assert manifest["skipped"] == [
+        {"path": str(link), "reason": f"unreadable: dangling symlink to {tmp_path}/nowhere.JPEG"}
+    ]
+    with pytest.raises(data.DataError, match="gone.JPEG: unreadable: dangling symlink"):
+        data.prepare(config(tmp_path / "src", tmp_path / "s", strict=True), [8], progress=False)
+
+
+def test_truncated_class_tar_reports_the_images_written_and_the_cut(tmp_path):
+    """A class tar cut off after 7 of its 10 images: those 7 are written, the one cut in the
+    middle is skipped as corrupt, and the class tar's entry says how many were listed and
+    where it stops (not 'unreadable' as a whole)."""
+    data.make_demo_dataset(tmp_path / "src", 2, 10, SIZE, seed=0)
+    archive = tmp_path / "train.tar"
+    with tarfile.open(archive, "w") as outer:
+        for folder in sorted((tmp_path / "src" / "train").iterdir()):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as tar:
+                for path in sorted(folder.iterdir()):
+                    tar.add(path, arcname=path.name)
+            payload = inner.getvalue()
+            if folder.name == "n00000001":
+                with tarfile.open(fileobj=io.BytesIO(payload)) as tar:
+                    eighth = tar.getmembers()[7]
+                payload = payload[: eighth.offset_data + eighth.size // 2]  # inside image 8
+            info = tarfile.TarInfo(f"{folder.name}.tar")
+            info.size = len(payload)
+            outer.addfile(info, io.BytesIO(payload))
+    [manifest] = data.prepare(config(archive, tmp_path / "out"), [8], progress=False)
+    assert manifest["per_class"] == [10, 7]
+    reasons = {s["path"].removeprefix(f"{archive}/"): s["reason"] for s in manifest["skipped"]}
+    assert set(reasons) == {"n00000001.tar", "n00000001.tar/n00000001_7.JPEG"}
+    assert reasons["n00000001.tar"].startswith(
+        "truncated: 8 images listed, up to n00000001_7.JPEG; the rest of the class tar"
+    )
+    assert reasons["n00000001.tar/n00000001_7.JPEG"].startswith("corrupt")
