@@ -203,22 +203,24 @@ class CheckpointStore:
             f"S3 download of {self.uri}/{name} failed {self.cfg.retries} times: {error}"
         )
 
-    def _sizes(self) -> dict[str, int]:
-        """Every object directly in the run's folder: name -> size in bytes."""
+    def _sizes(self, folder: str = "") -> dict[str, int]:
+        """Every object directly in the run's folder (or its subfolder): name -> bytes."""
         if self.s3 is None:
-            if not self.root.is_dir():
+            where = self.root / folder
+            if not where.is_dir():
                 return {}
-            return {p.name: p.stat().st_size for p in self.root.iterdir() if p.is_file()}
+            return {p.name: p.stat().st_size for p in where.iterdir() if p.is_file()}
         import botocore.exceptions
 
+        prefix = "/".join(filter(None, (self.prefix, folder))) + "/"
         pages = self.s3.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=f"{self.prefix}/", Delimiter="/"
+            Bucket=self.bucket, Prefix=prefix, Delimiter="/"
         )
         try:
             objects = [o for page in pages for o in page.get("Contents", [])]
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
             raise StorageError(f"S3 listing of {self.uri} failed: {e}") from e
-        return {o["Key"][len(self.prefix) + 1 :]: o["Size"] for o in objects}
+        return {o["Key"][len(prefix) :]: o["Size"] for o in objects}
 
     def _names(self, suffix: str = ".pt") -> list[str]:
         names = self._sizes()
@@ -396,6 +398,8 @@ class CheckpointStore:
             if corrupt and move_aside:
                 self._move_aside(name, problem)
                 moved.add(name)
+        aside = sorted(n for n in self._sizes(CORRUPT) if n.endswith(".pt") and n not in moved)
+        failures += [f"{name}: moved to {CORRUPT}/ by an earlier run" for name in aside]
         if not failures:
             return None
         if pointer and pointer["name"] in moved:
