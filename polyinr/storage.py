@@ -301,11 +301,12 @@ class CheckpointStore:
         """
         try:
             best = (self._json(BEST) or {}).get("name")
-            names = self._names()
-            records = self._names(".json")
+            listed = sorted(n for n in self._sizes() if n.startswith("snapshot-"))
         except StorageError as e:
             print(f"warning: not pruning {self.uri}: {e}", file=sys.stderr)
             return
+        names = [n for n in listed if n.endswith(".pt")]
+        records = [n for n in listed if n.endswith(".json")]
         committed = [n for n in names if newest is None or n <= newest]
         old = [n for n in committed[: -self.keep] if n not in (best, newest)]
         old += [n for n in names if newest is not None and n > newest and n != best]
