@@ -492,7 +492,8 @@ def main(argv=None) -> int:
         cmd_checkpoints,
         "List the run's committed checkpoints (storage.uri / tracking.run_name), one JSON "
         "line each: name, uri, stage, resolution, kimg, size, sha256, weights_sha256 (a hash "
-        "of the EMA generator's tensors), latest, best.",
+        "of the EMA generator's tensors), latest, best. `latest` marks the newest one that "
+        "matches its size and sha256; a newer one that does not carries `corrupt` (the reason).",
         parent=actions,
     )
     p = command(
