@@ -432,9 +432,11 @@ def _terminated(signum, frame):
 
 
 def main(argv=None) -> int:
-    if threading.current_thread() is threading.main_thread():
-        # SIGTERM before training installs its own handler (imports, config, storage checks)
-        # exits as an interrupted job would, not with the signal's -15.
+    # As a command (not called from Python): SIGTERM before training installs its own
+    # handler (imports, config, storage checks) exits as an interrupted job would, 143, and
+    # once the command is done it is ignored, so the shutdown after it cannot end in -15.
+    command_line = argv is None and threading.current_thread() is threading.main_thread()
+    if command_line:
         signal.signal(signal.SIGTERM, _terminated)
     parser = argparse.ArgumentParser(
         prog="polyinr",
@@ -636,4 +638,7 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, StorageError) as e:
         print(f"polyinr {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if command_line:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0
