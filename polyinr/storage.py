@@ -187,9 +187,10 @@ class CheckpointStore:
             try:
                 obj = self.s3.get_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}")
                 data = obj["Body"].read()
-            except self.s3.exceptions.NoSuchKey:
-                return None
             except botocore.exceptions.ClientError as e:
+                # NoSuchKey; or a bare 404 when the error's XML body was cut off on the way.
+                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                    return None
                 raise StorageError(f"S3 download of {self.uri}/{name} failed: {e}") from e
             except botocore.exceptions.BotoCoreError as e:
                 error = f"{type(e).__name__}: {e}"

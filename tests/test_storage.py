@@ -495,3 +495,17 @@ def test_s3_listing_never_marks_a_corrupt_checkpoint_latest(s3_env, s3_bucket):
         (True, None),
         (False, "fails its checksum"),
     ]
+
+
+@pytest.mark.slow
+def test_s3_missing_object_with_a_cut_off_error_body_is_missing(s3_env, s3_bucket):
+    """A 404 whose XML body is cut off (no NoSuchKey code left) still means "absent": a new
+    run starts instead of failing (found by scripts/fault_campaign.py)."""
+    proxy = FaultProxy(s3_env)
+    try:
+        store = s3_store(proxy.url, s3_bucket)
+        proxy.add(Fault("truncate", "GET", r"latest\.json", times=-1))
+        assert store.load_latest(move_aside=True) is None
+    finally:
+        proxy.close()
+    assert proxy.served
