@@ -145,3 +145,17 @@ def test_sigterm_during_start_up_exits_143(tmp_path):
     proc.send_signal(signal.SIGTERM)  # now inside the imports of torch and the models
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
+
+
+@pytest.mark.slow
+def test_fault_campaign_script_runs_a_trial_and_reports_totals(tmp_path):
+    """scripts/fault_campaign.py --trials 1: a seeded trial runs and the report holds the
+    totals docs/faults.md quotes, with no commit lost and the weights bit-identical."""
+    out = tmp_path / "campaign.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "fault_campaign.py"), "--trials", "1"]
+    cmd += ["--seed", "3", "--workdir", str(tmp_path / "work"), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    totals = json.loads(out.read_text())["totals"]
+    assert totals["trials"] == 1 and totals["runs"] >= 2
+    assert totals["commits_lost"] == 0 and totals["bit_identical"] == 1
