@@ -24,8 +24,28 @@ def _connect(cfg: TrackingConfig):
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if cfg.uri.startswith("sqlite:///"):
+        _create_sqlite_store(Path(cfg.uri[len("sqlite:///") :]))
     mlflow.set_tracking_uri(cfg.uri)
     return mlflow
+
+
+def _create_sqlite_store(path: Path) -> None:
+    """Create a missing SQLite store under a temporary name, then rename it into place.
+
+    MLflow builds a new store in a series of migrations; a process killed in the middle left
+    a store that no later run could open ("duplicate column name"), found by a fault campaign.
+    """
+    if path.exists():
+        return
+    import mlflow
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # from a process killed here
+        stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments()  # migrates
+    os.replace(tmp, path)
 
 
 def start_run(cfg: TrackingConfig, run_id: str | None = None, params: dict | None = None):
