@@ -63,7 +63,7 @@ class FaultProxy:
         self.lock = threading.Lock()
         up = urllib.parse.urlparse(upstream)
         handler = type("Handler", (_Handler,), {"proxy": self, "upstream": (up.hostname, up.port)})
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+        self.server = _Server(("127.0.0.1", port), handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -96,6 +96,11 @@ class FaultProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # clients that give up mid-request (a timeout, a killed trainer) are expected
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
