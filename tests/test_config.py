@@ -229,8 +229,7 @@ def test_params_file_with_broken_yaml_is_a_config_error(tmp_path):
     ],
 )
 def test_values_that_would_fail_later_are_refused_at_load_naming_the_key(override, message):
-    """eval.batch=0 (a division by zero at evaluation) and negative seeds (numpy refuses them)
-    fail when the config loads, naming the section and key."""
+    """eval.batch=0 and negative seeds fail at config load, naming section and key."""
     with pytest.raises(ConfigError, match=message):
         config.load(PARAMS, [override])
 

@@ -443,8 +443,7 @@ def test_tar_listing_is_scanned_once_and_rescanned_when_the_archive_changes(
 
 
 def test_non_utf8_file_name_is_skipped_by_name_in_folder_and_tar(tmp_path):
-    """A file name with a byte that is not UTF-8 is listed as skipped with that byte escaped,
-    in a folder and in a tar source; every .beton gets its manifest; strict names the file."""
+    """A non-UTF-8 name is skipped and named (folder, tar); no .beton lacks its manifest."""
     data.make_demo_dataset(tmp_path / "src", 2, 2, SIZE, seed=0)
     folder = tmp_path / "src" / "train" / "n00000000"
     good = (folder / "n00000000_0.JPEG").read_bytes()
@@ -466,8 +465,7 @@ def test_non_utf8_file_name_is_skipped_by_name_in_folder_and_tar(tmp_path):
 
 
 def test_dangling_symlink_is_listed_as_skipped_and_fails_strict(tmp_path):
-    """A symlink to nothing is listed as skipped with its target, not dropped silently; with
-    data.strict=true it is an error naming it."""
+    """A dangling symlink is listed as skipped with its target; data.strict=true fails on it."""
     data.make_demo_dataset(tmp_path / "src", 2, 2, SIZE, seed=0)
     link = tmp_path / "src" / "train" / "n00000001" / "gone.JPEG"
     link.symlink_to(tmp_path / "nowhere.JPEG")
@@ -481,9 +479,7 @@ def test_dangling_symlink_is_listed_as_skipped_and_fails_strict(tmp_path):
 
 
 def test_truncated_class_tar_reports_the_images_written_and_the_cut(tmp_path):
-    """A class tar cut off after 7 of its 10 images: those 7 are written, the one cut in the
-    middle is skipped as corrupt, and the class tar's entry says how many were listed and
-    where it stops (not 'unreadable' as a whole)."""
+    """A class tar cut in image 8 of 10: 7 written, 1 corrupt, its entry says where it ends."""
     data.make_demo_dataset(tmp_path / "src", 2, 10, SIZE, seed=0)
     archive = tmp_path / "train.tar"
     with tarfile.open(archive, "w") as outer:

@@ -55,9 +55,7 @@ def overrides_in(prepared, where: Path, kimg: float, storage_uri: str, *extra) -
 def test_resume_from_s3_on_a_new_host_continues_in_a_linked_mlflow_run(
     prepared, tmp_path, s3_bucket, s3_env, monkeypatch, capsys
 ):
-    """Host A trains to kimg 0.016 on S3; host B (its own MLflow store) resumes through a
-    proxy that cuts off the checkpoint's download twice: it retries, trains on, and logs to a
-    new run tagged with A's run id, saying so in one line."""
+    """Resuming on a host with its own MLflow store logs to a linked new run, retrying cut GETs."""
     proxy = FaultProxy(s3_env)
     uri = f"s3://{s3_bucket}/runs"
     a, b = tmp_path / "a", tmp_path / "b"
@@ -92,9 +90,7 @@ def test_resume_from_s3_on_a_new_host_continues_in_a_linked_mlflow_run(
 def test_no_loadable_checkpoint_stops_unless_restart_and_restart_keeps_its_commits(
     prepared, tmp_path, monkeypatch, capsys
 ):
-    """Every checkpoint corrupt: `train` stops before any step with an error that says
-    `--restart`, also when rerun; `checkpoints list` marks none latest; with restart it
-    trains from image 0, the corrupt ones sit in corrupt/, latest.json names one that exists."""
+    """No checkpoint loads: train stops (reruns too) until --restart; none listed as latest."""
     monkeypatch.chdir(tmp_path)
     overrides = overrides_in(prepared, tmp_path, 0.016, str(tmp_path / "ckpt"), "storage.keep=1")
     cfg = config.load(REPO / "params.yaml", overrides)
@@ -134,8 +130,7 @@ def catches_sigterm(pid: int) -> bool:
 
 
 def test_sigterm_during_start_up_exits_143(tmp_path):
-    """SIGTERM while `polyinr train` is still importing and loading its config exits 143
-    (an interrupted job that schedulers rerun), not -15."""
+    """SIGTERM while `polyinr train` imports and loads its config exits 143, not -15."""
     cmd = [sys.executable, "-m", "polyinr", "train", "--params", str(REPO / "params.yaml")]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
@@ -149,8 +144,7 @@ def test_sigterm_during_start_up_exits_143(tmp_path):
 
 @pytest.mark.slow
 def test_fault_campaign_script_runs_a_trial_and_reports_totals(tmp_path):
-    """scripts/fault_campaign.py --trials 1: a seeded trial runs and the report holds the
-    totals docs/faults.md quotes, with no commit lost and the weights bit-identical."""
+    """A seeded campaign trial loses no commit and ends bit-identical to an uninterrupted run."""
     out = tmp_path / "campaign.json"
     cmd = [sys.executable, str(REPO / "scripts" / "fault_campaign.py"), "--trials", "1"]
     cmd += ["--seed", "3", "--workdir", str(tmp_path / "work"), "--out", str(out)]

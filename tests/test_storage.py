@@ -145,8 +145,7 @@ def test_pickled_object_is_refused_and_falls_back(tmp_path, capsys):
 
 
 def test_nothing_loadable_is_an_error_not_a_fresh_run(tmp_path):
-    """With every snapshot unreadable, load_latest raises NoGoodCheckpoint naming each one
-    (None is kept for a run without checkpoints, which starts from image 0)."""
+    """No snapshot loads: NoGoodCheckpoint naming each (None only when there are none)."""
     store = local_store(tmp_path)
     assert store.load_latest() is None
     store.save(state(1), cur_nimg=1)
@@ -314,8 +313,7 @@ def test_s3_large_checkpoint_goes_up_in_parts(s3_env, s3_bucket, tmp_path):
 
 @pytest.mark.slow
 def test_s3_flaky_endpoint_still_commits(s3_env, s3_bucket, tmp_path):
-    """503s and dropped connections (8, on PUT, POST and GET) are retried: the multipart
-    checkpoint and its pointer land and load back intact."""
+    """8 503s and dropped connections on PUT, POST and GET are retried: the commit lands."""
     proxy = FaultProxy(s3_env)
     proxy.add(Fault("503", "PUT", times=2), Fault("drop", "PUT", times=2))
     proxy.add(Fault("503", "POST", times=2), Fault("drop", "GET", times=2))
@@ -367,8 +365,7 @@ def corrupt_object(endpoint: str, bucket: str, name: str) -> None:
 
 @pytest.mark.slow
 def test_s3_cut_off_downloads_are_retried(s3_env, s3_bucket, capsys):
-    """Bodies of the latest checkpoint cut in half (twice) and a dropped GET are retried with
-    back-off: the latest checkpoint loads, without falling back."""
+    """Checkpoint downloads cut off or dropped are retried with back-off: the latest loads."""
     proxy = FaultProxy(s3_env)
     try:
         store = s3_store(proxy.url, s3_bucket, keep=3, retries=4)
@@ -387,9 +384,7 @@ def test_s3_cut_off_downloads_are_retried(s3_env, s3_bucket, capsys):
 
 @pytest.mark.slow
 def test_s3_checkpoint_that_cannot_be_downloaded_falls_back_and_is_kept(s3_env, s3_bucket, capsys):
-    """Every download of the latest checkpoint cut off: after `retries` attempts the previous
-    one loads with a warning; the unreadable one is not moved aside (it may be intact) and
-    stays the latest on the server."""
+    """A checkpoint no download reaches: the previous one loads, this one is kept."""
     proxy = FaultProxy(s3_env)
     try:
         store = s3_store(proxy.url, s3_bucket, keep=3, retries=3)
@@ -410,9 +405,7 @@ def test_s3_checkpoint_that_cannot_be_downloaded_falls_back_and_is_kept(s3_env, 
 
 @pytest.mark.slow
 def test_s3_corrupt_checkpoints_are_moved_aside_and_never_pruned_over(s3_env, s3_bucket):
-    """Corrupt newest checkpoints go to corrupt/ (the pointer follows the one that loads);
-    when none loads the pointer goes, and new commits from a restart are never pruned in
-    favour of the old, higher-numbered names: latest.json always names an existing object."""
+    """Corrupt checkpoints go to corrupt/; latest.json always names an object that exists."""
     store = s3_store(s3_env, s3_bucket, keep=2)
     for step in (10, 20, 30):
         store.save(state(step), cur_nimg=step)
@@ -437,8 +430,7 @@ def test_s3_corrupt_checkpoints_are_moved_aside_and_never_pruned_over(s3_env, s3
 
 
 def test_pruning_never_deletes_the_commit_just_made(tmp_path):
-    """Leftover higher-numbered checkpoints (a restarted run's old names) do not count as the
-    newest: each commit survives pruning, and the leftovers are what goes."""
+    """Higher-numbered leftovers never make pruning delete the commit just made."""
     store = local_store(tmp_path, keep=1)
     store.save(state(50), cur_nimg=50)
     for step in (1, 2):
@@ -454,9 +446,7 @@ def test_pruning_never_deletes_the_commit_just_made(tmp_path):
 
 @pytest.mark.slow
 def test_s3_failing_deletes_are_logged_and_cleaned_on_the_next_commit(s3_env, s3_bucket, capsys):
-    """DELETEs answering 503 (after botocore's retries) or dropped on records leave the commit
-    in place and training going, with a warning; the next commit removes the leftovers,
-    including a record whose checkpoint is gone (as after a kill mid-prune)."""
+    """Failing DELETEs while pruning are logged, not fatal; the next commit cleans up."""
     proxy = FaultProxy(s3_env)
     try:
         store = s3_store(proxy.url, s3_bucket, keep=1, retries=2)
@@ -484,8 +474,7 @@ def test_s3_failing_deletes_are_logged_and_cleaned_on_the_next_commit(s3_env, s3
 
 @pytest.mark.slow
 def test_s3_listing_never_marks_a_corrupt_checkpoint_latest(s3_env, s3_bucket):
-    """records() flags as latest the newest checkpoint matching its record; a newer one with
-    a flipped byte (same size) is listed with the reason instead."""
+    """records() never marks a checkpoint failing its checksum as latest; it says why."""
     store = s3_store(s3_env, s3_bucket, keep=3)
     for step in (1, 2):
         store.save(state(step), cur_nimg=step)
@@ -499,8 +488,7 @@ def test_s3_listing_never_marks_a_corrupt_checkpoint_latest(s3_env, s3_bucket):
 
 @pytest.mark.slow
 def test_s3_missing_object_with_a_cut_off_error_body_is_missing(s3_env, s3_bucket):
-    """A 404 whose XML body is cut off (no NoSuchKey code left) still means "absent": a new
-    run starts instead of failing (found by scripts/fault_campaign.py)."""
+    """A 404 with its error body cut off means absent: a new run starts."""
     proxy = FaultProxy(s3_env)
     try:
         store = s3_store(proxy.url, s3_bucket)

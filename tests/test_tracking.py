@@ -18,9 +18,7 @@ def test_run_url_names_the_store_and_the_run(tmp_path):
 
 
 def test_a_kill_while_the_sqlite_store_is_created_leaves_no_broken_store(tmp_path):
-    """SIGKILL while MLflow migrates a new SQLite store leaves no store (it is built under a
-    temporary name), so the rerun creates a good one, instead of failing forever with
-    "duplicate column name" (found by scripts/fault_campaign.py)."""
+    """SIGKILL while MLflow creates a SQLite store leaves no half-migrated store."""
     import signal
     import subprocess
     import sys
