@@ -323,6 +323,8 @@ def _train(
     store = CheckpointStore(cfg.storage, cfg.tracking.run_name)
     distributed.on_rank0(store.check, rank, world)
     state = _resume(store, cfg, rank, restart)
+    if stop.any_rank(world, device):  # SIGTERM during start-up: nothing new to save yet
+        raise Preempted("stopped by SIGTERM during start-up; rerun the same command to resume")
     if state is None and t.embed_init:
         if not cfg.generator.conditional:
             raise ValueError("train.embed_init needs generator.conditional=true")

@@ -153,3 +153,17 @@ def test_fault_campaign_script_runs_a_trial_and_reports_totals(tmp_path):
     totals = json.loads(out.read_text())["totals"]
     assert totals["trials"] == 1 and totals["runs"] >= 2
     assert totals["commits_lost"] == 0 and totals["bit_identical"] == 1
+
+
+def test_sigterm_while_resuming_stops_before_building_models(prepared, tmp_path, monkeypatch):
+    """SIGTERM during train's start-up (a slow resume) raises Preempted before any model."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(REPO / "params.yaml", overrides_in(prepared, tmp_path, 0.016, "ckpt"))
+    monkeypatch.setattr(train, "_resume", lambda *a: os.kill(os.getpid(), signal.SIGTERM))
+    built = []
+    monkeypatch.setattr(train, "_stage_models", lambda *a: built.append(1))
+    with pytest.raises(train.Preempted, match="during start-up"):
+        train.train(cfg, CPU, progress=False)
+    assert not built
