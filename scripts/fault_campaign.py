@@ -14,8 +14,11 @@ store, as on another host. Reported per trial and in total:
 
     python scripts/fault_campaign.py --trials 50 --seed 0 --out fault-campaign.json
 
-Trials run one at a time (2 CPU cores suffice, about 40 s each). NUMBA_DISABLE_JIT=1 skips
-ffcv's numba compilation in every process (about 5 s each); --jit keeps it.
+Trials run one at a time. Each run is forked from a server process that has already imported
+torch, MLflow, boto3 and polyinr (multiprocessing's forkserver), so its random moments fall in
+start-up after the imports (tests/test_faults.py covers SIGTERM during the imports); on a busy
+2-core machine the imports alone took minutes. NUMBA_DISABLE_JIT=1 skips ffcv's numba
+compilation in every run; --jit keeps it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import random
 import re
@@ -36,6 +40,7 @@ from pathlib import Path
 from fault_proxy import KINDS, Fault, FaultProxy
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's polyinr, in the forked runs too
 BUCKET = "campaign"
 KIMG, SNAPSHOT_NIMG = 0.048, 8
 
@@ -117,7 +122,11 @@ class Campaign:
         }
         if not jit:
             self.env["NUMBA_DISABLE_JIT"] = "1"
-        os.environ.update({k: self.env[k] for k in self.env if k.startswith("AWS_")})
+        os.environ.update(self.env)  # before the fork server starts: the runs inherit it
+        self.forks = multiprocessing.get_context("forkserver")
+        self.forks.set_forkserver_preload(
+            ["__main__", "torch", "mlflow", "boto3", "polyinr.cli", "polyinr.train"]
+        )
         self.s3 = boto3.session.Session().client("s3", endpoint_url=self.endpoint)
         self.s3.create_bucket(Bucket=BUCKET)
 
@@ -133,7 +142,7 @@ class Campaign:
             return 0
         return int(json.loads(body.read())["name"].removeprefix("snapshot-").removesuffix(".pt"))
 
-    def start(self, run_name: str, where: Path, mlflow_db: Path, log: Path) -> subprocess.Popen:
+    def start(self, run_name: str, where: Path, mlflow_db: Path, log: Path) -> Run:
         overrides = tiny_overrides(self.root) + [
             f"storage.uri=s3://{BUCKET}/runs",
             f"storage.endpoint_url={self.proxy.url}",
@@ -141,10 +150,47 @@ class Campaign:
             f"tracking.artifact_location={where / 'mlartifacts'}",
             f"tracking.run_name={run_name}",
         ]
-        cmd = [sys.executable, "-m", "polyinr", "train", "--quiet"]
-        cmd += ["--params", str(REPO / "params.yaml"), *overrides]
-        with log.open("w") as out:
-            return subprocess.Popen(cmd, cwd=where, env=self.env, stdout=out, stderr=out)
+        argv = ["train", "--quiet", "--params", str(REPO / "params.yaml"), *overrides]
+        process = self.forks.Process(target=_polyinr, args=(argv, str(where), str(log)))
+        process.start()
+        return Run(process)
+
+
+def _polyinr(argv: list[str], where: str, log: str) -> None:
+    """A forked `polyinr ARGV` run in `where`, its output to `log`: the command line's main."""
+    os.chdir(where)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.argv = ["polyinr", *argv]
+    from polyinr import cli
+
+    sys.exit(cli.main())
+
+
+class Run:
+    """A forked run, with the part of subprocess.Popen's interface the trials use."""
+
+    def __init__(self, process):
+        self.process = process
+
+    def poll(self) -> int | None:
+        self.process.join(0)
+        return self.process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired("polyinr train", timeout)
+        return self.process.exitcode
+
+    def send_signal(self, sig) -> None:
+        os.kill(self.process.pid, sig)
+
+    def kill(self) -> None:
+        self.process.kill()
 
 
 def _resumed_nimg(text: str) -> int | None:
