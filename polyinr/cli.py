@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import json
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 EXAMPLES = """\
@@ -142,7 +144,7 @@ def cmd_train(args) -> None:
     cfg = _config(args)
     device = distributed.setup() if args.device == "auto" else _device(args.device)
     try:
-        summary = train.train(cfg, device, not args.quiet, args.until_stage)
+        summary = train.train(cfg, device, not args.quiet, args.until_stage, args.restart)
         if dist.is_initialized() and dist.get_rank() > 0:
             return  # rank 0 reports for all (their weights are identical)
     finally:
@@ -453,7 +455,17 @@ def cmd_summary(args) -> None:
     print(json.dumps(out, indent=2))
 
 
+def _terminated(signum, frame):
+    raise SystemExit(143)  # 128 + SIGTERM, as after a pre-emption checkpoint
+
+
 def main(argv=None) -> int:
+    # As a command (not called from Python): SIGTERM before training installs its own
+    # handler (imports, config, storage checks) exits as an interrupted job would, 143, and
+    # once the command is done it is ignored, so the shutdown after it cannot end in -15.
+    command_line = argv is None and threading.current_thread() is threading.main_thread()
+    if command_line:
+        signal.signal(signal.SIGTERM, _terminated)
     parser = argparse.ArgumentParser(
         prog="polyinr",
         description="Poly-INR (CVPR 2023): a GAN whose generator is a per-pixel polynomial MLP.",
@@ -497,6 +509,12 @@ def main(argv=None) -> int:
         "and checkpointed; exits at once if it already is. The generator is exported only "
         "when the last stage completes (default: run the whole schedule)",
     )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start from image 0 when the run has checkpoints but none of them loads (they "
+        "are moved to corrupt/); without it training stops with an error instead",
+    )
     p = sub.add_parser("checkpoints", help="The run's checkpoints (storage.uri).")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     command(
@@ -504,7 +522,8 @@ def main(argv=None) -> int:
         cmd_checkpoints,
         "List the run's committed checkpoints (storage.uri / tracking.run_name), one JSON "
         "line each: name, uri, stage, resolution, kimg, size, sha256, weights_sha256 (a hash "
-        "of the EMA generator's tensors), latest, best.",
+        "of the EMA generator's tensors), latest, best. `latest` marks the newest one that "
+        "matches its size and sha256; a newer one that does not carries `corrupt` (the reason).",
         parent=actions,
     )
     p = command(
@@ -654,4 +673,7 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, StorageError) as e:
         print(f"polyinr {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if command_line:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0

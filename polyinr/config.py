@@ -133,6 +133,23 @@ def from_dict(raw: dict, overrides: typing.Sequence[str] = ()) -> Config:
     return Config(**{k: _build(hints[k], raw[k], k) for k in valid})
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last silently, so an edit to the first copy would change nothing)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(
+                    f"duplicate key {key!r} (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1})"
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load(path: str | Path = DEFAULT_PARAMS, overrides: typing.Sequence[str] = ()) -> Config:
     """Load a complete params file and apply `section.key=value` overrides."""
     path = Path(path)
@@ -140,9 +157,11 @@ def load(path: str | Path = DEFAULT_PARAMS, overrides: typing.Sequence[str] = ()
         raise ConfigError(f"params file {path} not found (run from the repository root?)")
     with path.open() as f:
         try:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     try:
         return from_dict(raw, overrides)
     except ConfigError as e:

@@ -252,19 +252,47 @@ def _collect(classes: list[str], prefixes: list[str], listings, location: Path, 
     )
 
 
+def _shown(path) -> str:
+    """A path for messages and manifests: bytes that are not UTF-8 as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _bad_name(name: str) -> str | None:
+    """Why a file or class name cannot be used, or None: it must be valid UTF-8 (the
+    manifest, the fingerprint and FFCV's consumers all need text)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os and tarfile keep undecodable bytes as surrogates
+        return "unreadable: the name is not valid UTF-8; rename it"
+    return None
+
+
 def _scan_folder(root: Path, progress: bool) -> Source:
     train = root / "train"
     expected = f"expected ImageNet layout {train}/<wnid>/<image files> or ILSVRC2012_img_train.tar"
     if not train.is_dir():
         raise DataError(f"{train} does not exist; {expected}")
-    classes = sorted(p.name for p in train.iterdir() if p.is_dir())
+    folders = sorted(p.name for p in train.iterdir() if p.is_dir())
+    unlisted = [
+        {"path": _shown(train / n), "reason": _bad_name(n)} for n in folders if _bad_name(n)
+    ]
+    classes = [n for n in folders if not _bad_name(n)]
     if not classes:
         raise DataError(f"{train} holds no class folders; {expected}")
-    listings, unlisted = [], []
+    listings = []
     for wnid in tqdm(classes, unit="class", desc="scan", disable=not progress):
         try:
             with os.scandir(train / wnid) as entries:
-                files = [e for e in entries if e.is_file()]
+                entries = sorted(entries, key=lambda e: e.name)
+            files = []
+            for e in entries:
+                reason = _bad_name(e.name)
+                if reason is None and e.is_symlink() and not os.path.exists(e.path):
+                    reason = f"unreadable: dangling symlink to {_shown(os.readlink(e.path))}"
+                if reason is not None:
+                    unlisted.append({"path": _shown(e.path), "reason": reason})
+                elif e.is_file():
+                    files.append(e)
             listings.append([(e.name, e.stat().st_size, -1) for e in files])
         except OSError as e:
             listings.append([])
@@ -276,16 +304,23 @@ def _scan_folder(root: Path, progress: bool) -> Source:
 
 def _scan_tar(archive: Path, progress: bool) -> Source:
     """List a tar of per-class tars (ILSVRC2012_img_train.tar) by reading headers only."""
-    unlisted, found = [], []
+    unlisted, found, outer = [], [], []
     with archive.open("rb") as f:
         try:
-            outer = [m for m in tarfile.open(fileobj=f, mode="r:") if m.isfile()]
+            for m in tarfile.open(fileobj=f, mode="r:"):
+                if m.isfile():
+                    outer.append(m)
         except tarfile.TarError as e:
-            raise DataError(f"{archive} is not a readable tar of per-class tars: {e}") from e
+            if not outer:
+                raise DataError(f"{archive} is not a readable tar of per-class tars: {e}") from e
+            reason = f"truncated: nothing after {_shown(outer[-1].name)} can be listed ({e})"
+            unlisted.append({"path": str(archive), "reason": reason})
         for m in sorted(outer, key=lambda m: m.name):
-            if not m.name.endswith(".tar"):
+            reason = _bad_name(m.name)
+            if reason is None and not m.name.endswith(".tar"):
                 reason = "not an image: not a per-class .tar inside the archive"
-                unlisted.append({"path": f"{archive}/{m.name}", "reason": reason})
+            if reason is not None:
+                unlisted.append({"path": f"{archive}/{_shown(m.name)}", "reason": reason})
             else:
                 found.append(m)
         classes = [Path(m.name).name.removesuffix(".tar") for m in found]
@@ -298,12 +333,21 @@ def _scan_tar(archive: Path, progress: bool) -> Source:
             listing = []
             try:
                 for x in tarfile.open(fileobj=_Window(f, m.offset_data, m.size), mode="r:"):
-                    if x.isfile():
+                    if x.isfile() and _bad_name(x.name):
+                        path = f"{archive}/{m.name}/{_shown(x.name)}"
+                        unlisted.append({"path": path, "reason": _bad_name(x.name)})
+                    elif x.isfile():
                         # A member cut off by the end of its class tar keeps what is there.
                         size = max(0, min(x.size, m.size - x.offset_data))
                         listing.append((x.name, size, m.offset_data + x.offset_data))
             except (tarfile.TarError, OSError) as e:
                 reason = f"unreadable: {type(e).__name__}: {e}"
+                if listing:  # the images listed before the cut are converted (or listed)
+                    last = listing[-1][0]
+                    reason = (
+                        f"truncated: {len(listing)} images listed, up to {last}; the rest of "
+                        f"the class tar cannot be read ({type(e).__name__}: {e})"
+                    )
                 unlisted.append({"path": f"{archive}/{m.name}", "reason": reason})
             listings.append(listing)
     prefixes = [f"{archive}/{m.name}" for m in found]
@@ -574,6 +618,7 @@ def prepare(cfg: DataConfig, resolutions: Sequence[int], progress: bool = True) 
     """
     start = time.perf_counter()
     source = scan_source(cfg.source, progress, cfg.scan_cache)
+    fingerprint = source.fingerprint()  # before any file is written: a manifest must follow
     scan_seconds = time.perf_counter() - start
     empty = source.sizes == 0
     skipped = list(source.unlisted)
@@ -617,7 +662,7 @@ def prepare(cfg: DataConfig, resolutions: Sequence[int], progress: bool = True) 
             "source": str(cfg.source),
             "source_kind": source.kind,
             "source_images": len(source),
-            "source_fingerprint": source.fingerprint(),
+            "source_fingerprint": fingerprint,
         }
         _write_json(manifest_path(out_dir, resolution), manifest)
         manifests.append(manifest)

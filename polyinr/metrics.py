@@ -60,6 +60,12 @@ class EvalConfig:
             raise ValueError("num_samples and train_samples must be >= 2")
         if self.every_kimg < 0:
             raise ValueError(f"every_kimg must be >= 0 (0: off), got {self.every_kimg}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+        if min(self.seed, self.random_seed) < 0:
+            raise ValueError(
+                f"seed and random_seed must be >= 0, got {self.seed}, {self.random_seed}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ A checkpoint is committed in three writes: the checkpoint object, its record
 `snapshot-N.json` (size, sha256, stage, kimg, weights hash), then the `latest.json` pointer.
 A crash between writes leaves the previous commit intact. Loading verifies the checksum and
 falls back to the previous good checkpoint; it never runs code (`torch.load(weights_only=True)`).
+Checkpoints that fail their checksum or do not load are moved aside to `corrupt/`.
 """
 
 from __future__ import annotations
@@ -14,17 +15,23 @@ import io
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 LATEST = "latest.json"
 BEST = "best.json"
+CORRUPT = "corrupt"  # the folder that checkpoints failing their checksum are moved to
 MiB = 1 << 20
 
 
 class StorageError(RuntimeError):
     """Checkpoint storage that cannot be reached or used."""
+
+
+class NoGoodCheckpoint(StorageError):
+    """The run has checkpoints, but none of them loads."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,31 +174,82 @@ class CheckpointStore:
         ) from error
 
     def _get(self, name: str) -> bytes | None:
-        if self.s3 is not None:
+        if self.s3 is None:
+            path = self.root / name
+            return path.read_bytes() if path.is_file() else None
+        import botocore.exceptions
+        from botocore.retries.standard import ExponentialBackoff, RetryContext
+
+        # botocore retries a request until its headers arrive; a body cut off after that
+        # (a dropped connection, a short read) is retried here, with botocore's back-off.
+        backoff = ExponentialBackoff()
+        for attempt in range(1, self.cfg.retries + 1):
             try:
                 obj = self.s3.get_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}")
-            except self.s3.exceptions.NoSuchKey:
-                return None
-            return obj["Body"].read()
-        path = self.root / name
-        return path.read_bytes() if path.is_file() else None
+                data = obj["Body"].read()
+            except botocore.exceptions.ClientError as e:
+                # NoSuchKey; or a bare 404 when the error's XML body was cut off on the way.
+                if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                    return None
+                raise StorageError(f"S3 download of {self.uri}/{name} failed: {e}") from e
+            except botocore.exceptions.BotoCoreError as e:
+                error = f"{type(e).__name__}: {e}"
+            else:
+                if len(data) == obj["ContentLength"]:
+                    return data
+                error = f"{len(data)} of {obj['ContentLength']} bytes arrived"
+            if attempt < self.cfg.retries:
+                time.sleep(backoff.delay_amount(RetryContext(attempt_number=attempt)))
+        raise StorageError(
+            f"S3 download of {self.uri}/{name} failed {self.cfg.retries} times: {error}"
+        )
+
+    def _sizes(self, folder: str = "") -> dict[str, int]:
+        """Every object directly in the run's folder (or its subfolder): name -> bytes."""
+        if self.s3 is None:
+            where = self.root / folder
+            if not where.is_dir():
+                return {}
+            return {p.name: p.stat().st_size for p in where.iterdir() if p.is_file()}
+        import botocore.exceptions
+
+        prefix = "/".join(filter(None, (self.prefix, folder))) + "/"
+        pages = self.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix, Delimiter="/"
+        )
+        try:
+            objects = [o for page in pages for o in page.get("Contents", [])]
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            raise StorageError(f"S3 listing of {self.uri} failed: {e}") from e
+        return {o["Key"][len(prefix) :]: o["Size"] for o in objects}
 
     def _names(self, suffix: str = ".pt") -> list[str]:
-        if self.s3 is not None:
-            pages = self.s3.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=f"{self.prefix}/"
-            )
-            keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
-            names = [k[len(self.prefix) + 1 :] for k in keys]
-        else:
-            names = [p.name for p in self.root.glob("*")] if self.root.is_dir() else []
+        names = self._sizes()
         return sorted(n for n in names if n.startswith("snapshot-") and n.endswith(suffix))
 
     def _delete(self, name: str) -> None:
         if self.s3 is not None:
-            self.s3.delete_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}")
+            self._s3_call("delete", self.s3.delete_object, Key=f"{self.prefix}/{name}")
         else:
             (self.root / name).unlink(missing_ok=True)
+
+    def _move_aside(self, name: str, reason: str) -> None:
+        """Move a checkpoint that fails its checks (and its record) to `corrupt/`."""
+        print(f"warning: moving {self.uri}/{name} to {CORRUPT}/: {reason}", file=sys.stderr)
+        for n in (name, _record_name(name)):
+            try:
+                if self.s3 is None:
+                    if (self.root / n).is_file():
+                        (self.root / CORRUPT).mkdir(exist_ok=True)
+                        os.replace(self.root / n, self.root / CORRUPT / n)
+                    continue
+                source = {"Bucket": self.bucket, "Key": f"{self.prefix}/{n}"}
+                target = f"{self.prefix}/{CORRUPT}/{n}"
+                self._s3_call("copy", self.s3.copy_object, CopySource=source, Key=target)
+                self._delete(n)
+            except (StorageError, OSError) as e:
+                if n == name:  # a missing record is normal (older versions, a crash)
+                    print(f"warning: cannot move {self.uri}/{n} aside: {e}", file=sys.stderr)
 
     def _json(self, name: str) -> dict | None:
         raw = self._get(name)
@@ -231,16 +289,38 @@ class CheckpointStore:
         self._put_large(name, data)
         self._put(_record_name(name), json.dumps(record).encode())
         self._put(LATEST, json.dumps({k: record[k] for k in ("name", "size", "sha256")}).encode())
-        self._prune()
+        self._prune(name)
         return record["uri"]
 
-    def _prune(self) -> None:
-        """Keep the newest `keep` checkpoints and each stage's best; records go with them."""
-        best = {b["name"] for b in self._bests().values()}
-        for old in self._names()[: -self.keep]:
-            if old not in best:
-                self._delete(old)
-                self._delete(_record_name(old))
+    def _prune(self, newest: str | None) -> None:
+        """Keep the newest `keep` commits up to `newest` (the latest commit) and each stage's best.
+
+        Checkpoints newer than `newest` are leftovers that no rerun reads (a crash before the
+        pointer, a restarted run) and go too, so `newest` is never pruned as an old one.
+        Records go after their objects; records left alone by a kill or a failed delete are
+        removed on the next commit. Best-effort: a failed delete is logged and training goes on.
+        """
+        try:
+            best = {b["name"] for b in self._bests().values()}
+            listed = sorted(n for n in self._sizes() if n.startswith("snapshot-"))
+        except StorageError as e:
+            print(f"warning: not pruning {self.uri}: {e}", file=sys.stderr)
+            return
+        names = [n for n in listed if n.endswith(".pt")]
+        records = [n for n in listed if n.endswith(".json")]
+        committed = [n for n in names if newest is None or n <= newest]
+        old = [n for n in committed[: -self.keep] if n not in best and n != newest]
+        old += [n for n in names if newest is not None and n > newest and n not in best]
+        kept = set(names) - set(old)
+        doomed = old + [r for r in records if r[: -len(".json")] + ".pt" not in kept]
+        for name in sorted(set(doomed), key=lambda n: (n.endswith(".json"), n)):
+            try:
+                self._delete(name)
+            except (StorageError, OSError) as e:
+                print(
+                    f"warning: pruning {self.uri}/{name} failed ({e}); the next commit retries",
+                    file=sys.stderr,
+                )
 
     def _bests(self) -> dict[str, dict]:
         """Per progressive stage (as a string), the best checkpoint's {name, fid}."""
@@ -261,14 +341,19 @@ class CheckpointStore:
             return current["name"] == name
         bests[str(stage)] = {"name": name, "fid": float(fid)}
         self._put(BEST, json.dumps({"stages": bests}).encode())
-        self._prune()
+        self._prune((self._json(LATEST) or {}).get("name"))
         return True
 
     def records(self) -> list[dict]:
-        """The committed checkpoints, oldest first: each record plus `latest` and `best` flags."""
+        """The committed checkpoints, oldest first: each record plus `latest` and `best` flags.
+
+        `latest` marks the newest checkpoint that matches its record (size and sha256); newer
+        ones that do not carry `corrupt` with the reason, as resume skips them.
+        """
         latest = (self._json(LATEST) or {}).get("name")
         best = {b["name"]: b["fid"] for b in self._bests().values()}
-        names = self._names()
+        sizes = self._sizes()
+        names = sorted(n for n in sizes if n.startswith("snapshot-") and n.endswith(".pt"))
         if latest in names:  # newer ones were never committed: a crash before the pointer
             names = names[: names.index(latest) + 1]
         out = []
@@ -276,15 +361,32 @@ class CheckpointStore:
             record = self._json(_record_name(name))
             if record is None:  # never committed (a crash mid-commit) or from an older version
                 continue
-            record["latest"] = name == latest
+            record["latest"] = False
             record["best"] = name in best
             if record["best"]:
                 record["fid"] = best[name]
             out.append(record)
+        for record in reversed(out):
+            problem = None
+            if record.get("size") not in (None, sizes[record["name"]]):
+                problem = f"{sizes[record['name']]} bytes, its record says {record['size']}"
+            else:
+                data = self._get(record["name"]) or b""
+                if hashlib.sha256(data).hexdigest() != record.get("sha256"):
+                    problem = "fails its checksum"
+            if problem is None:
+                record["latest"] = True
+                break
+            record["corrupt"] = problem
         return out
 
-    def load_latest(self) -> tuple[dict, str] | None:
-        """The newest checkpoint that loads and matches its checksum, and its URI; or None."""
+    def load_latest(self, move_aside: bool = False) -> tuple[dict, str] | None:
+        """The newest checkpoint that loads and matches its checksum, and its URI.
+
+        None when the run has no checkpoint; NoGoodCheckpoint when it has some but none
+        loads. With `move_aside` (one process only), checkpoints that fail their checksum or
+        do not load go to `corrupt/`, and `latest.json` names the one that loaded.
+        """
         pointer = self._json(LATEST)
         if pointer is not None and not {"name", "sha256"} <= set(pointer):
             print(f"warning: {self.uri}/{LATEST} has no name or sha256", file=sys.stderr)
@@ -293,27 +395,57 @@ class CheckpointStore:
         if pointer and pointer["name"] in candidates:
             # Newer objects than the pointer's were never committed: try the pointer first.
             candidates = candidates[candidates.index(pointer["name"]) :]
+        failures, moved = [], set()
         for name in candidates:
-            loaded = self.load(name, pointer if pointer and pointer["name"] == name else None)
-            if loaded is not None:
-                return loaded, f"{self.uri}/{name}"
-        return None
+            expected = pointer if pointer and pointer["name"] == name else None
+            state, problem, corrupt = self._try_load(name, expected)
+            if state is not None:
+                if pointer and pointer["name"] in moved:  # never point at a moved object
+                    self._put(LATEST, json.dumps(self._pointer_to(name)).encode())
+                return state, f"{self.uri}/{name}"
+            print(f"warning: {self.uri}/{name} {problem}; trying older", file=sys.stderr)
+            failures.append(f"{name}: {problem}")
+            if corrupt and move_aside:
+                self._move_aside(name, problem)
+                moved.add(name)
+        aside = sorted(n for n in self._sizes(CORRUPT) if n.endswith(".pt") and n not in moved)
+        failures += [f"{name}: moved to {CORRUPT}/ by an earlier run" for name in aside]
+        if not failures:
+            return None
+        if pointer and pointer["name"] in moved:
+            self._delete(LATEST)
+        raise NoGoodCheckpoint(f"no checkpoint of {self.uri} loads:\n  " + "\n  ".join(failures))
+
+    def _pointer_to(self, name: str) -> dict:
+        record = self._json(_record_name(name)) or {}
+        return {"name": name, "size": record.get("size"), "sha256": record.get("sha256")}
 
     def load(self, name: str, expected: dict | None = None) -> dict | None:
         """Checkpoint `name` if it matches its recorded sha256 and loads safely; else None."""
-        data = self._get(name)
+        state, problem, _ = self._try_load(name, expected)
+        if problem is not None:
+            print(f"warning: {self.uri}/{name} {problem}", file=sys.stderr)
+        return state
+
+    def _try_load(self, name: str, expected: dict | None) -> tuple[dict | None, str | None, bool]:
+        """(state, None, False) if `name` loads; else (None, why, whether it is corrupt).
+
+        Corrupt: it fails its checksum or does not unpickle safely. Missing or not
+        downloadable (the network, the endpoint) is not corrupt: the object may be fine.
+        """
+        try:
+            data = self._get(name)
+        except StorageError as e:
+            return None, f"cannot be downloaded ({e})", False
         if data is None:
-            print(f"warning: {self.uri}/{name} is missing; trying older", file=sys.stderr)
-            return None
+            return None, "is missing", False
         expected = expected or self._json(_record_name(name))
         if expected and hashlib.sha256(data).hexdigest() != expected["sha256"]:
-            print(f"warning: {self.uri}/{name} fails its checksum; trying older", file=sys.stderr)
-            return None
+            return None, "fails its checksum", True
         try:
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), None, False
         except Exception as e:  # a truncated or foreign file: fall back to an older one
-            print(f"warning: cannot load {self.uri}/{name} ({e}); trying older", file=sys.stderr)
-            return None
+            return None, f"does not load ({type(e).__name__}: {e})", True
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

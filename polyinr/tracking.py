@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,28 @@ def _connect(cfg: TrackingConfig):
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if cfg.uri.startswith("sqlite:///"):
+        _create_sqlite_store(Path(cfg.uri[len("sqlite:///") :]))
     mlflow.set_tracking_uri(cfg.uri)
     return mlflow
+
+
+def _create_sqlite_store(path: Path) -> None:
+    """Create a missing SQLite store under a temporary name, then rename it into place.
+
+    MLflow builds a new store in a series of migrations; a process killed in the middle left
+    a store that no later run could open ("duplicate column name"), found by a fault campaign.
+    """
+    if path.exists():
+        return
+    import mlflow
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # from a process killed here
+        stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments()  # migrates
+    os.replace(tmp, path)
 
 
 def start_run(cfg: TrackingConfig, run_id: str | None = None, params: dict | None = None):
@@ -44,6 +65,31 @@ def start_run(cfg: TrackingConfig, run_id: str | None = None, params: dict | Non
     if params:
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
     return run
+
+
+PREVIOUS_RUN_TAG = "polyinr.previous_run_id"
+
+
+def continue_run(cfg: TrackingConfig, run_id: str, params: dict | None = None):
+    """Continue run `run_id`; if this tracking store never saw it (a checkpoint resumed on
+    another host), start a new run tagged with the old id and say so in one line."""
+    mlflow = _connect(cfg)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        run = start_run(cfg, params=params)
+        mlflow.set_tag(PREVIOUS_RUN_TAG, run_id)
+        print(
+            f"MLflow run {run_id} of the checkpoint is not in {cfg.uri}: logging to new run "
+            f"{run.info.run_id} (tag {PREVIOUS_RUN_TAG}={run_id})",
+            file=sys.stderr,
+        )
+        return run
+    return mlflow.start_run(run_id=run_id)
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

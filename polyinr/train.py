@@ -23,7 +23,7 @@ from tqdm import tqdm
 from polyinr import augment, data, distributed, embedding, loss, metrics, tracking
 from polyinr.discriminator import ProjectedDiscriminator, head_accuracy, weights_label
 from polyinr.generator import Generator, render_grid, save_generator
-from polyinr.storage import CheckpointStore, tensors_sha256
+from polyinr.storage import CheckpointStore, NoGoodCheckpoint, StorageError, tensors_sha256
 
 GENERATOR_PATH = Path("models/generator.pt")
 TRAIN_CURVE = Path("metrics/train.csv")
@@ -89,6 +89,8 @@ class TrainConfig:
             )
         if self.batch < 1 or self.batch_gpu < 0:
             raise ValueError("batch must be >= 1 and batch_gpu >= 0")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0 (numpy seeds are unsigned), got {self.seed}")
 
 
 def configure_backends() -> None:
@@ -276,11 +278,25 @@ def _handoff(store, fid, g_ema, index: int, stages, rank: int):
     return g_ema
 
 
-def _resume(store, cfg, rank: int):
-    """The latest good checkpoint's state (None for a fresh run), after checking it fits cfg."""
+def _resume(store, cfg, rank: int, restart: bool):
+    """The latest good checkpoint's state (None for a fresh run), after checking it fits cfg.
+
+    When the run has checkpoints but none loads, training starts from image 0 only with
+    `restart`: a silent restart would train over the old run's names.
+    """
     from polyinr.config import to_dict
 
-    resumed = store.load_latest()
+    try:
+        resumed = store.load_latest(move_aside=rank == 0)
+    except NoGoodCheckpoint as e:
+        if not restart:
+            raise StorageError(
+                f"{e}\nnothing trained: make the storage readable and rerun, or start from "
+                "image 0 with `polyinr train --restart` (or another tracking.run_name)"
+            ) from None
+        if rank == 0:
+            print(f"{e}\nstarting from image 0 (--restart)", file=sys.stderr)
+        return None
     if resumed is None:
         return None
     state, uri = resumed
@@ -298,12 +314,19 @@ def _resume(store, cfg, rank: int):
     return state
 
 
-def train(cfg, device: torch.device, progress: bool = True, until_stage: int | None = None) -> dict:
+def train(
+    cfg,
+    device: torch.device,
+    progress: bool = True,
+    until_stage: int | None = None,
+    restart: bool = False,
+) -> dict:
     """Run (or resume) the schedule of cfg.train.stages; returns a summary.
 
     until_stage: stop once progressive stage `until_stage` (an index into train.stages) is
     complete and checkpointed, instead of running the whole schedule; the final generator is
     exported only when the last stage completes. The Prefect flow runs one stage per task so.
+    restart: start from image 0 when the run has checkpoints but none of them loads.
     Under torchrun every rank calls this; rank 0 writes checkpoints, logs and samples.
     Raises Preempted after checkpointing when the process receives SIGTERM.
     """
@@ -320,7 +343,7 @@ def train(cfg, device: torch.device, progress: bool = True, until_stage: int | N
         data.check_prepared(cfg.data.out_dir, stage.resolution, classes)
     with distributed.StopFlag() as stop:
         try:
-            return _train(cfg, device, progress, stop, last)
+            return _train(cfg, device, progress, stop, last, restart)
         except BaseException as e:
             # Close the MLflow run (a rerun continues it by id) so this process can start others.
             interrupted = isinstance(e, Preempted | KeyboardInterrupt)
@@ -328,7 +351,9 @@ def train(cfg, device: torch.device, progress: bool = True, until_stage: int | N
             raise
 
 
-def _train(cfg, device, progress: bool, stop: distributed.StopFlag, last: int) -> dict:
+def _train(
+    cfg, device, progress: bool, stop: distributed.StopFlag, last: int, restart: bool
+) -> dict:
     from polyinr.config import flatten, to_dict
 
     configure_backends()
@@ -345,7 +370,9 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag, last: int) -
     # Storage problems (credentials, bucket, permissions) stop here, before any compute.
     store = CheckpointStore(cfg.storage, cfg.tracking.run_name)
     distributed.on_rank0(store.check, rank, world)
-    state = _resume(store, cfg, rank)
+    state = _resume(store, cfg, rank, restart)
+    if stop.any_rank(world, device):  # SIGTERM during start-up: nothing new to save yet
+        raise Preempted("stopped by SIGTERM during start-up; rerun the same command to resume")
     if t.embed_init:
         if not cfg.generator.conditional:
             raise ValueError("train.embed_init needs generator.conditional=true")
@@ -377,7 +404,10 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag, last: int) -
     num_classes = cfg.generator.num_classes if cfg.generator.conditional else 0
     run_id = state["mlflow_run_id"] if state else None
     if rank == 0:
-        run = tracking.start_run(cfg.tracking, run_id=run_id, params=flatten(cfg))
+        if run_id is None:
+            run = tracking.start_run(cfg.tracking, params=flatten(cfg))
+        else:  # a new run, tagged with this id, when the store never saw it (another host)
+            run = tracking.continue_run(cfg.tracking, run_id, params=flatten(cfg))
         run_id = run.info.run_id
         tracking.set_tags(
             {

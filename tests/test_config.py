@@ -218,3 +218,27 @@ def test_params_file_with_broken_yaml_is_a_config_error(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(config.ConfigError, match="not valid YAML"):
         config.load(bad)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("eval.batch=0", r"eval: batch must be >= 1"),
+        ("train.seed=-1", r"train: seed must be >= 0"),
+        ("eval.seed=-3", r"eval: seed and random_seed must be >= 0"),
+    ],
+)
+def test_values_that_would_fail_later_are_refused_at_load_naming_the_key(override, message):
+    """eval.batch=0 and negative seeds fail at config load, naming section and key."""
+    with pytest.raises(ConfigError, match=message):
+        config.load(PARAMS, [override])
+
+
+def test_duplicate_key_in_a_params_file_names_it(tmp_path):
+    """A key given twice in one mapping is an error naming it and both lines, not last-wins."""
+    text = PARAMS.read_text().replace("  seed: 0\n", "  seed: 0\n  seed: 5\n", 1)
+    assert text != PARAMS.read_text()
+    (tmp_path / "params.yaml").write_text(text)
+    line = text.splitlines().index("  seed: 5") + 1
+    with pytest.raises(ConfigError, match=rf"duplicate key 'seed' \(lines {line - 1} and {line}\)"):
+        config.load(tmp_path / "params.yaml")

@@ -496,3 +496,67 @@ def test_prepared_data_that_disagree_with_the_config_or_the_file_are_refused(dem
         data.check_prepared(out, 8, CLASSES)
     with pytest.raises(data.DataError, match="run `polyinr prepare` first"):
         data.check_prepared(out, 32, CLASSES)
+
+
+def test_non_utf8_file_name_is_skipped_by_name_in_folder_and_tar(tmp_path):
+    """A non-UTF-8 name is skipped and named (folder, tar); no .beton lacks its manifest."""
+    data.make_demo_dataset(tmp_path / "src", 2, 2, SIZE, seed=0)
+    folder = tmp_path / "src" / "train" / "n00000000"
+    good = (folder / "n00000000_0.JPEG").read_bytes()
+    (Path(os.fsdecode(bytes(folder) + b"/caf\xe9.JPEG"))).write_bytes(good)
+    archive = tmp_path / "train.tar"
+    make_ilsvrc_tar(tmp_path / "src", archive)
+    for source, out in ((tmp_path / "src", tmp_path / "a"), (archive, tmp_path / "b")):
+        [manifest] = data.prepare(config(source, out), [8], progress=False)
+        assert manifest["written"] == 4
+        [skipped] = manifest["skipped"]
+        assert skipped["path"].endswith("n00000000/caf\\xe9.JPEG") or skipped["path"].endswith(
+            "n00000000.tar/caf\\xe9.JPEG"
+        )
+        assert "not valid UTF-8" in skipped["reason"]
+        assert data.beton_path(out, 8).is_file() and data.manifest_path(out, 8).is_file()
+    with pytest.raises(data.DataError, match=r"caf\\xe9.JPEG: unreadable: the name is not"):
+        data.prepare(config(archive, tmp_path / "c", strict=True), [8], progress=False)
+    assert not (tmp_path / "c" / "train_8.beton").exists()
+
+
+def test_dangling_symlink_is_listed_as_skipped_and_fails_strict(tmp_path):
+    """A dangling symlink is listed as skipped with its target; data.strict=true fails on it."""
+    data.make_demo_dataset(tmp_path / "src", 2, 2, SIZE, seed=0)
+    link = tmp_path / "src" / "train" / "n00000001" / "gone.JPEG"
+    link.symlink_to(tmp_path / "nowhere.JPEG")
+    [manifest] = data.prepare(config(tmp_path / "src", tmp_path / "out"), [8], progress=False)
+    assert manifest["written"] == 4
+    assert manifest["skipped"] == [
+        {"path": str(link), "reason": f"unreadable: dangling symlink to {tmp_path}/nowhere.JPEG"}
+    ]
+    with pytest.raises(data.DataError, match="gone.JPEG: unreadable: dangling symlink"):
+        data.prepare(config(tmp_path / "src", tmp_path / "s", strict=True), [8], progress=False)
+
+
+def test_truncated_class_tar_reports_the_images_written_and_the_cut(tmp_path):
+    """A class tar cut in image 8 of 10: 7 written, 1 corrupt, its entry says where it ends."""
+    data.make_demo_dataset(tmp_path / "src", 2, 10, SIZE, seed=0)
+    archive = tmp_path / "train.tar"
+    with tarfile.open(archive, "w") as outer:
+        for folder in sorted((tmp_path / "src" / "train").iterdir()):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as tar:
+                for path in sorted(folder.iterdir()):
+                    tar.add(path, arcname=path.name)
+            payload = inner.getvalue()
+            if folder.name == "n00000001":
+                with tarfile.open(fileobj=io.BytesIO(payload)) as tar:
+                    eighth = tar.getmembers()[7]
+                payload = payload[: eighth.offset_data + eighth.size // 2]  # inside image 8
+            info = tarfile.TarInfo(f"{folder.name}.tar")
+            info.size = len(payload)
+            outer.addfile(info, io.BytesIO(payload))
+    [manifest] = data.prepare(config(archive, tmp_path / "out"), [8], progress=False)
+    assert manifest["per_class"] == [10, 7]
+    reasons = {s["path"].removeprefix(f"{archive}/"): s["reason"] for s in manifest["skipped"]}
+    assert set(reasons) == {"n00000001.tar", "n00000001.tar/n00000001_7.JPEG"}
+    assert reasons["n00000001.tar"].startswith(
+        "truncated: 8 images listed, up to n00000001_7.JPEG; the rest of the class tar"
+    )
+    assert reasons["n00000001.tar/n00000001_7.JPEG"].startswith("corrupt")

@@ -9,6 +9,7 @@ import torch
 
 from polyinr import storage
 from polyinr.storage import CheckpointStore, StorageConfig, StorageError
+from scripts.fault_proxy import Fault, FaultProxy
 
 
 class Payload:
@@ -143,12 +144,14 @@ def test_pickled_object_is_refused_and_falls_back(tmp_path, capsys):
     assert "snapshot-000000000002.pt" in capsys.readouterr().err
 
 
-def test_nothing_loadable_gives_none(tmp_path):
-    """With every snapshot unreadable, load_latest returns None rather than raising."""
+def test_nothing_loadable_is_an_error_not_a_fresh_run(tmp_path):
+    """No snapshot loads: NoGoodCheckpoint naming each (None only when there are none)."""
     store = local_store(tmp_path)
+    assert store.load_latest() is None
     store.save(state(1), cur_nimg=1)
     (store.root / "snapshot-000000000001.pt").write_bytes(b"")
-    assert store.load_latest() is None
+    with pytest.raises(storage.NoGoodCheckpoint, match="snapshot-000000000001.pt: fails its"):
+        store.load_latest()
 
 
 def test_keep_must_be_positive():
@@ -308,94 +311,12 @@ def test_s3_large_checkpoint_goes_up_in_parts(s3_env, s3_bucket, tmp_path):
     assert not list((tmp_path / "staging").rglob("*.pt"))  # the local copy goes once uploaded
 
 
-class FaultyProxy:
-    """An HTTP proxy to the S3 server that answers 503 SlowDown or drops the connection for
-    requests `faults(n)` picks (n counts requests from 0), and forwards the rest."""
-
-    def __init__(self, upstream: str, faults):
-        import http.client
-        import http.server
-        import threading
-        import urllib.parse
-
-        self.requests, self.faults_served = 0, 0
-        up = urllib.parse.urlparse(upstream)
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    out = b""
-                    while True:
-                        size = int(self.rfile.readline().split(b";")[0], 16)
-                        chunk = self.rfile.read(size + 2)[:size]
-                        if size == 0:
-                            while self.rfile.readline() not in (b"\r\n", b""):
-                                pass
-                            return out
-                        out += chunk
-                return self.rfile.read(int(self.headers.get("Content-Length", 0)))
-
-            def _handle(self):
-                body = self._body()
-                n = proxy.requests
-                proxy.requests += 1
-                fault = faults(n)
-                if fault:
-                    proxy.faults_served += 1
-                if fault == "drop":
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
-                if fault == "503":
-                    payload = b"<Error><Code>SlowDown</Code><Message>slow down</Message></Error>"
-                    self.send_response(503)
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                    return
-                headers = {
-                    k: v
-                    for k, v in self.headers.items()
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length")
-                }
-                headers["Content-Length"] = str(len(body))
-                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                payload = resp.read()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
-                self.send_header("Content-Length", length or str(len(payload)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(payload)
-                conn.close()
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.mark.slow
 def test_s3_flaky_endpoint_still_commits(s3_env, s3_bucket, tmp_path):
-    """503s and dropped connections (one request in two, the first 8) are retried: the
-    multipart checkpoint and its pointer land and load back intact."""
-    proxy = FaultyProxy(s3_env, lambda n: ("503", "drop")[n % 4 // 2] if n < 16 and n % 2 else None)
+    """8 503s and dropped connections on PUT, POST and GET are retried: the commit lands."""
+    proxy = FaultProxy(s3_env)
+    proxy.add(Fault("503", "PUT", times=2), Fault("drop", "PUT", times=2))
+    proxy.add(Fault("503", "POST", times=2), Fault("drop", "GET", times=2))
     try:
         store = s3_store(proxy.url, s3_bucket, retries=5, staging=tmp_path / "staging")
         store.check()
@@ -403,7 +324,7 @@ def test_s3_flaky_endpoint_still_commits(s3_env, s3_bucket, tmp_path):
         store.save(state(1), cur_nimg=1)
         store.save(big, cur_nimg=2)
         loaded, uri = store.load_latest()
-        assert proxy.faults_served == 8
+        assert len(proxy.served) == 8
     finally:
         proxy.close()
     assert torch.equal(loaded["w"], big["w"]) and uri.endswith(storage.snapshot_name(2))
@@ -415,12 +336,12 @@ def test_s3_permanent_failure_is_a_clear_error_and_keeps_the_local_copy(
 ):
     """An endpoint that only answers 503 fails after `retries` attempts with a StorageError
     naming the kept local copy; the previous commit stays the latest."""
-    broken = False
-    proxy = FaultyProxy(s3_env, lambda n: "503" if broken else None)
+    proxy = FaultProxy(s3_env)
     try:
         store = s3_store(proxy.url, s3_bucket, retries=3, staging=tmp_path / "staging")
         store.save(state(1), cur_nimg=1)
-        broken, before = True, proxy.requests
+        proxy.add(Fault("503", times=-1))
+        before = proxy.requests
         with pytest.raises(StorageError, match="stays at") as e:
             store.save(state(2), cur_nimg=2)
         assert proxy.requests - before == 3  # the configured attempts, then the error
@@ -431,3 +352,163 @@ def test_s3_permanent_failure_is_a_clear_error_and_keeps_the_local_copy(
     assert_state_equal(torch.load(local, weights_only=True), state(2))
     loaded, _ = s3_store(s3_env, s3_bucket).load_latest()
     assert_state_equal(loaded, state(1))
+
+
+def corrupt_object(endpoint: str, bucket: str, name: str) -> None:
+    """Flip one byte of a stored checkpoint in place (same size, wrong sha256)."""
+    client = boto3.session.Session().client("s3", endpoint_url=endpoint)
+    key = f"prefix/run/{name}"
+    data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+
+
+@pytest.mark.slow
+def test_s3_cut_off_downloads_are_retried(s3_env, s3_bucket, capsys):
+    """Checkpoint downloads cut off or dropped are retried with back-off: the latest loads."""
+    proxy = FaultProxy(s3_env)
+    try:
+        store = s3_store(proxy.url, s3_bucket, keep=3, retries=4)
+        store.save(state(1), cur_nimg=1)
+        store.save(state(2), cur_nimg=2)
+        proxy.add(Fault("truncate", "GET", r"snapshot-0+2\.pt", times=2))
+        proxy.add(Fault("drop", "GET", r"snapshot-0+2\.pt", times=1))
+        loaded, uri = store.load_latest(move_aside=True)
+    finally:
+        proxy.close()
+    assert [kind for _, _, kind in proxy.served] == ["truncate", "truncate", "drop"]
+    assert_state_equal(loaded, state(2))
+    assert uri.endswith(storage.snapshot_name(2))
+    assert "trying older" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_s3_checkpoint_that_cannot_be_downloaded_falls_back_and_is_kept(s3_env, s3_bucket, capsys):
+    """A checkpoint no download reaches: the previous one loads, this one is kept."""
+    proxy = FaultProxy(s3_env)
+    try:
+        store = s3_store(proxy.url, s3_bucket, keep=3, retries=3)
+        store.save(state(1), cur_nimg=1)
+        store.save(state(2), cur_nimg=2)
+        proxy.add(Fault("truncate", "GET", r"snapshot-0+2\.pt", times=-1))
+        loaded, uri = store.load_latest(move_aside=True)
+    finally:
+        proxy.close()
+    assert len(proxy.served) == 3
+    assert_state_equal(loaded, state(1))
+    assert "cannot be downloaded" in capsys.readouterr().err
+    keys = s3_keys(s3_env, s3_bucket)
+    assert "prefix/run/snapshot-000000000002.pt" in keys
+    loaded, _ = s3_store(s3_env, s3_bucket).load_latest()
+    assert_state_equal(loaded, state(2))
+
+
+@pytest.mark.slow
+def test_s3_corrupt_checkpoints_are_moved_aside_and_never_pruned_over(s3_env, s3_bucket):
+    """Corrupt checkpoints go to corrupt/; latest.json always names an object that exists."""
+    store = s3_store(s3_env, s3_bucket, keep=2)
+    for step in (10, 20, 30):
+        store.save(state(step), cur_nimg=step)
+    corrupt_object(s3_env, s3_bucket, storage.snapshot_name(30))
+    loaded, uri = store.load_latest(move_aside=True)
+    assert_state_equal(loaded, state(20))
+    keys = s3_keys(s3_env, s3_bucket)
+    assert "prefix/run/corrupt/snapshot-000000000030.pt" in keys
+    assert "prefix/run/corrupt/snapshot-000000000030.json" in keys
+    assert "prefix/run/snapshot-000000000030.pt" not in keys
+    assert store._json(storage.LATEST)["name"] == storage.snapshot_name(20)
+
+    corrupt_object(s3_env, s3_bucket, storage.snapshot_name(20))
+    with pytest.raises(storage.NoGoodCheckpoint, match="snapshot-000000000020.pt: fails"):
+        store.load_latest(move_aside=True)
+    assert store._json(storage.LATEST) is None  # it named a checkpoint now in corrupt/
+    for step in (1, 2, 3):  # a restart from image 0
+        store.save(state(step), cur_nimg=step)
+        assert f"prefix/run/{store._json(storage.LATEST)['name']}" in s3_keys(s3_env, s3_bucket)
+    loaded, uri = store.load_latest()
+    assert_state_equal(loaded, state(3))
+
+
+def test_pruning_never_deletes_the_commit_just_made(tmp_path):
+    """Higher-numbered leftovers never make pruning delete the commit just made."""
+    store = local_store(tmp_path, keep=1)
+    store.save(state(50), cur_nimg=50)
+    for step in (1, 2):
+        store.save(state(step), cur_nimg=step)
+        latest = json.loads((store.root / storage.LATEST).read_text())["name"]
+        assert (store.root / latest).is_file()
+    assert sorted(p.name for p in store.root.glob("snapshot-*")) == [
+        "snapshot-000000000002.json",
+        "snapshot-000000000002.pt",
+    ]
+    assert_state_equal(store.load_latest()[0], state(2))
+
+
+@pytest.mark.slow
+def test_s3_failing_deletes_are_logged_and_cleaned_on_the_next_commit(s3_env, s3_bucket, capsys):
+    """Failing DELETEs while pruning are logged, not fatal; the next commit cleans up."""
+    proxy = FaultProxy(s3_env)
+    try:
+        store = s3_store(proxy.url, s3_bucket, keep=1, retries=2)
+        store.save(state(1), cur_nimg=1)
+        proxy.add(Fault("503", "DELETE", times=-1))
+        store.save(state(2), cur_nimg=2)
+        assert "pruning" in capsys.readouterr().err
+        proxy.clear()
+        proxy.add(Fault("drop", "DELETE", r"\.json", times=-1))
+        store.save(state(3), cur_nimg=3)
+        assert "snapshot-000000000002.json" in capsys.readouterr().err
+        keys = s3_keys(s3_env, s3_bucket)
+        assert "prefix/run/snapshot-000000000001.json" in keys  # an orphaned record
+        assert "prefix/run/snapshot-000000000001.pt" not in keys
+        proxy.clear()
+        store.save(state(4), cur_nimg=4)
+    finally:
+        proxy.close()
+    assert s3_keys(s3_env, s3_bucket) == [
+        "prefix/run/latest.json",
+        "prefix/run/snapshot-000000000004.json",
+        "prefix/run/snapshot-000000000004.pt",
+    ]
+
+
+@pytest.mark.slow
+def test_s3_listing_never_marks_a_corrupt_checkpoint_latest(s3_env, s3_bucket):
+    """records() never marks a checkpoint failing its checksum as latest; it says why."""
+    store = s3_store(s3_env, s3_bucket, keep=3)
+    for step in (1, 2):
+        store.save(state(step), cur_nimg=step)
+    corrupt_object(s3_env, s3_bucket, storage.snapshot_name(2))
+    records = store.records()
+    assert [(r["latest"], r.get("corrupt")) for r in records] == [
+        (True, None),
+        (False, "fails its checksum"),
+    ]
+
+
+@pytest.mark.slow
+def test_s3_missing_object_with_a_cut_off_error_body_is_missing(s3_env, s3_bucket):
+    """A 404 with its error body cut off means absent: a new run starts."""
+    proxy = FaultProxy(s3_env)
+    try:
+        store = s3_store(proxy.url, s3_bucket)
+        proxy.add(Fault("truncate", "GET", r"latest\.json", times=-1))
+        assert store.load_latest(move_aside=True) is None
+    finally:
+        proxy.close()
+    assert proxy.served
+
+
+def test_each_stage_keeps_its_own_best_checkpoint(tmp_path):
+    """FIDs compare within a stage only: stage 1's best (a worse number at a higher
+    resolution) does not replace stage 0's, and both survive pruning."""
+    store = local_store(tmp_path, keep=1)
+    store.save(state(1), cur_nimg=1, info={"stage": 0})
+    assert store.mark_best(storage.snapshot_name(1), fid=10.0, stage=0)
+    store.save(state(2), cur_nimg=2, info={"stage": 1})
+    assert store.mark_best(storage.snapshot_name(2), fid=30.0, stage=1)
+    for step in (3, 4):
+        store.save(state(step), cur_nimg=step, info={"stage": 1})
+    names = sorted(p.name for p in store.root.glob("snapshot-*.pt"))
+    assert names == [storage.snapshot_name(n) for n in (1, 2, 4)]
+    assert [r["fid"] for r in store.records() if r["best"]] == [10.0, 30.0]

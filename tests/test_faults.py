@@ -1,0 +1,169 @@
+"""Faults an operator meets, end to end: S3 answers that drop or cut off, a resume on a host
+with another MLflow store, checkpoints that no longer load, SIGTERM during start-up.
+
+The S3 server is real (moto over HTTP); scripts/fault_proxy.py sits in front of it."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from test_train import tiny_overrides
+
+from polyinr import cli, config, data, storage, tracking, train
+from scripts.fault_proxy import Fault, FaultProxy
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A 2-class demo dataset converted at 16 px, shared by the module."""
+    root = tmp_path_factory.mktemp("faults")
+    cfg = config.load(REPO / "params.yaml", tiny_overrides(root))
+    data.make_demo_dataset(Path(cfg.data.source), 2, 8, 24, 0)
+    data.prepare(cfg.data, [16], progress=False)
+    return root
+
+
+def overrides_in(prepared, where: Path, kimg: float, storage_uri: str, *extra) -> list[str]:
+    """The tiny schedule with checkpoints at storage_uri and MLflow in `where`."""
+    common = [
+        o
+        for o in tiny_overrides(prepared, kimg=kimg)
+        if not o.startswith(("storage.", "tracking.uri", "tracking.artifact"))
+    ]
+    return [
+        *common,
+        f"storage.uri={storage_uri}",
+        f"storage.staging_dir={where / 'staging'}",
+        f"tracking.uri=sqlite:///{where / 'mlflow.db'}",
+        f"tracking.artifact_location={where / 'mlartifacts'}",
+        "train.snapshot_kimg=0.008",
+        "train.sample_kimg=1.0",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_resume_from_s3_on_a_new_host_continues_in_a_linked_mlflow_run(
+    prepared, tmp_path, s3_bucket, s3_env, monkeypatch, capsys
+):
+    """Resuming on a host with its own MLflow store logs to a linked new run, retrying cut GETs."""
+    proxy = FaultProxy(s3_env)
+    uri = f"s3://{s3_bucket}/runs"
+    a, b = tmp_path / "a", tmp_path / "b"
+    for where in (a, b):
+        where.mkdir()
+    try:
+        monkeypatch.chdir(a)
+        extra = (f"storage.endpoint_url={proxy.url}", "storage.retries=3")
+        cfg = config.load(REPO / "params.yaml", overrides_in(prepared, a, 0.016, uri, *extra))
+        first = train.train(cfg, CPU, progress=False)
+        capsys.readouterr()
+
+        monkeypatch.chdir(b)
+        proxy.add(Fault("truncate", "GET", r"snapshot-0+16\.pt", times=2))
+        cfg = config.load(REPO / "params.yaml", overrides_in(prepared, b, 0.032, uri, *extra))
+        second = train.train(cfg, CPU, progress=False)
+    finally:
+        proxy.close()
+    assert [kind for *_, kind in proxy.served] == ["truncate", "truncate"]
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "at kimg 0.016" in err
+    [line] = [x for x in err.splitlines() if first["mlflow_run_id"] in x]
+    assert "not in" in line and second["mlflow_run_id"] in line
+    assert second["cur_nimg"] == 32 and second["mlflow_run_id"] != first["mlflow_run_id"]
+    mlflow.set_tracking_uri(f"sqlite:///{b / 'mlflow.db'}")
+    run = mlflow.MlflowClient().get_run(second["mlflow_run_id"])
+    assert run.data.tags[tracking.PREVIOUS_RUN_TAG] == first["mlflow_run_id"]
+    assert run.data.params["train.batch"] == "8"
+
+
+@pytest.mark.slow
+def test_no_loadable_checkpoint_stops_unless_restart_and_restart_keeps_its_commits(
+    prepared, tmp_path, monkeypatch, capsys
+):
+    """No checkpoint loads: train stops (reruns too) until --restart; none listed as latest."""
+    monkeypatch.chdir(tmp_path)
+    overrides = overrides_in(prepared, tmp_path, 0.016, str(tmp_path / "ckpt"), "storage.keep=1")
+    cfg = config.load(REPO / "params.yaml", overrides)
+    train.train(cfg, CPU, progress=False)
+    overrides = [o.replace("kimg: 0.016", "kimg: 0.024") for o in overrides]  # a longer run
+    cfg = config.load(REPO / "params.yaml", overrides)
+    run = tmp_path / "ckpt" / "test"
+    [name] = [p.name for p in run.glob("snapshot-*.pt")]
+    (run / name).write_bytes((run / name).read_bytes()[:-100])
+    capsys.readouterr()
+    assert cli.main(["checkpoints", "list", "--params", str(REPO / "params.yaml"), *overrides]) == 0
+    [record] = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert not record["latest"] and "its record says" in record["corrupt"]
+
+    steps = []
+    original = train.training_step
+    monkeypatch.setattr(train, "training_step", lambda *a, **k: steps.append(1) or original(*a))
+    with pytest.raises(storage.StorageError, match="--restart") as error:
+        train.train(cfg, CPU, progress=False)
+    assert name in str(error.value) and not steps
+    assert (run / "corrupt" / name).is_file() and not (run / storage.LATEST).exists()
+    with pytest.raises(storage.StorageError, match="moved to corrupt/ by an earlier run"):
+        train.train(cfg, CPU, progress=False)  # a plain rerun does not start over either
+
+    result = train.train(cfg, CPU, progress=False, restart=True)
+    assert result["cur_nimg"] == 24 and len(steps) == 3
+    assert "starting from image 0 (--restart)" in capsys.readouterr().err
+    latest = json.loads((run / storage.LATEST).read_text())["name"]
+    assert latest == storage.snapshot_name(24) and (run / latest).is_file()
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether process `pid` has a SIGTERM handler installed (Linux: SigCgt in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(x for x in status.splitlines() if x.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught & 1 << (signal.SIGTERM - 1))
+
+
+def test_sigterm_during_start_up_exits_143(tmp_path):
+    """SIGTERM while `polyinr train` imports and loads its config exits 143, not -15."""
+    cmd = [sys.executable, "-m", "polyinr", "train", "--params", str(REPO / "params.yaml")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not catches_sigterm(proc.pid):  # the command's handler is in: it is starting up
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # now inside the imports of torch and the models
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+
+
+@pytest.mark.slow
+def test_fault_campaign_script_runs_a_trial_and_reports_totals(tmp_path):
+    """A seeded campaign trial loses no commit and ends bit-identical to an uninterrupted run."""
+    out = tmp_path / "campaign.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "fault_campaign.py"), "--trials", "1"]
+    cmd += ["--seed", "3", "--workdir", str(tmp_path / "work"), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    totals = json.loads(out.read_text())["totals"]
+    assert totals["trials"] == 1 and totals["runs"] >= 2
+    assert totals["commits_lost"] == 0 and totals["bit_identical"] == 1
+
+
+def test_sigterm_while_resuming_stops_before_building_models(prepared, tmp_path, monkeypatch):
+    """SIGTERM during train's start-up (a slow resume) raises Preempted before any model."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(REPO / "params.yaml", overrides_in(prepared, tmp_path, 0.016, "ckpt"))
+    monkeypatch.setattr(train, "_resume", lambda *a: os.kill(os.getpid(), signal.SIGTERM))
+    built = []
+    monkeypatch.setattr(train, "_stage_models", lambda *a: built.append(1))
+    with pytest.raises(train.Preempted, match="during start-up"):
+        train.train(cfg, CPU, progress=False)
+    assert not built
