@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -137,10 +138,15 @@ def cmd_train(args) -> None:
 
     from polyinr import distributed, train
 
-    cfg = _config(args)
     device = distributed.setup() if args.device == "auto" else _device(args.device)
+    if args.follow:  # another node's ranks: rank 0 says what to run, and where
+        cfg, until_stage, workdir = distributed.from_rank0(None)
+        os.chdir(workdir)
+    else:
+        cfg, until_stage = _config(args), args.until_stage
+        distributed.from_rank0((cfg, until_stage, os.getcwd()))
     try:
-        summary = train.train(cfg, device, not args.quiet, args.until_stage)
+        summary = train.train(cfg, device, not args.quiet, until_stage)
         if dist.is_initialized() and dist.get_rank() > 0:
             return  # rank 0 reports for all (their weights are identical)
     finally:
@@ -362,10 +368,9 @@ def cmd_publish(args) -> None:
 
     cfg = _config(args)
     _, meta = load_generator(args.generator)
-    uri = registry.publish(
-        args.generator, meta["resolution"], cfg.tracking, args.name, args.mlflow_run
-    )
-    print(f"registered {uri} (tracking {cfg.tracking.uri})")
+    run_id = args.mlflow_run or meta.get("mlflow_run_id")  # default: the run that trained it
+    uri = registry.publish(args.generator, meta["resolution"], cfg.tracking, args.name, run_id)
+    print(f"registered {uri} under MLflow run {run_id} (tracking {cfg.tracking.uri})")
     print(f"serve it: mlflow models serve -m {uri} --env-manager local --port 5001")
 
 
@@ -468,6 +473,12 @@ def main(argv=None) -> int:
         help="stop once progressive stage I (0-based index into train.stages) is complete "
         "and checkpointed; exits at once if it already is. The generator is exported only "
         "when the last stage completes (default: run the whole schedule)",
+    )
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="multi-node: take params, --until-stage and the working directory (on a shared "
+        "volume) from rank 0, so that other nodes need no params (deploy/k8s)",
     )
     p = sub.add_parser("checkpoints", help="The run's checkpoints (storage.uri).")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -584,7 +595,10 @@ def main(argv=None) -> int:
     )
     p.add_argument("--generator", default="models/generator.pt", help="exported generator")
     p.add_argument("--name", default="polyinr-generator", help="registered model name")
-    p.add_argument("--mlflow-run", help="log the model in this run (default: a new run)")
+    p.add_argument(
+        "--mlflow-run",
+        help="log the model in this run (default: the training run recorded in the generator)",
+    )
     p = command(
         "class-embeddings",
         cmd_class_embeddings,

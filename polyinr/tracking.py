@@ -47,7 +47,7 @@ def start_run(cfg: TrackingConfig, run_id: str | None = None, params: dict | Non
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    """Numbers of the active run at `step` (kimg for training curves)."""
+    """Numbers of the active run at `step` (cur_nimg, images seen, for training curves)."""
     import mlflow
 
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)

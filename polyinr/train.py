@@ -234,18 +234,18 @@ def _stage_models(cfg, stage: Stage, num_classes: int, device, g_ema_prev):
 
 def _resume(store, cfg, rank: int):
     """The latest good checkpoint's state (None for a fresh run), after checking it fits cfg."""
-    from polyinr.config import to_dict
+    from polyinr.config import identity, identity_diff
 
     resumed = store.load_latest()
     if resumed is None:
         return None
     state, uri = resumed
-    for section in ("generator", "discriminator"):
-        if state["config"][section] != to_dict(getattr(cfg, section)):
-            raise ValueError(
-                f"checkpoint {uri} was made with a different {section} section; "
-                "use another tracking.run_name or storage.uri to start a new run"
-            )
+    changed = identity_diff(identity(state["config"]), identity(cfg))
+    if changed:
+        raise ValueError(
+            f"checkpoint {uri} was made with other params ({'; '.join(changed)}); put "
+            "{params} in tracking.run_name or use another name to start a new run"
+        )
     if rank == 0:
         print(f"resuming from {uri} at kimg {state['cur_nimg'] / 1000:g}", file=sys.stderr)
     states = state["rng"]  # one entry per rank of the run that saved it
@@ -308,6 +308,13 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag, last: int) -
     ends = np.cumsum([-(-int(s.kimg * 1000) // t.batch) * t.batch for s in t.stages]).tolist()
     starts = [0] + ends[:-1]
     final = last == len(t.stages) - 1  # the whole schedule: export the generator at the end
+    if final and state and (cur_nimg > ends[-1] or state["stage"] >= len(t.stages)):
+        # A shorter schedule than this run's checkpoints: refused before MLflow is touched.
+        raise ValueError(
+            f"the checkpoints in {store.uri} are at kimg {cur_nimg / 1000:g}, past the end of "
+            f"train.stages (kimg {ends[-1] / 1000:g}): lengthen the schedule to continue, or "
+            "use the run's models/generator.pt as it is"
+        )
     if not final and cur_nimg >= ends[last]:
         resolution = t.stages[last].resolution
         if rank == 0:
@@ -325,7 +332,12 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag, last: int) -
     if rank == 0:
         run = tracking.start_run(cfg.tracking, run_id=run_id, params=flatten(cfg))
         run_id = run.info.run_id
-        tracking.set_tags({"discriminator.pretrained": str(cfg.discriminator.pretrained)})
+        tracking.set_tags(  # the params keep the first schedule; a resume may lengthen it
+            {
+                "discriminator.pretrained": str(cfg.discriminator.pretrained),
+                "train.stages": str(flatten(cfg)["train.stages"]),
+            }
+        )
 
     grid_classes = torch.arange(min(max(num_classes, 1), 8)).repeat_interleave(8)
     g_ema = None
@@ -411,7 +423,8 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag, last: int) -
             sums += (loss_g, loss_d)
             count += 1
             bar.update(t.batch)
-            bar.set_postfix(loss_g=f"{loss_g:.3f}", loss_d=f"{loss_d:.3f}")
+            # No forced redraw: every mininterval ($TQDM_MININTERVAL), not every step.
+            bar.set_postfix(loss_g=f"{loss_g:.3f}", loss_d=f"{loss_d:.3f}", refresh=False)
             done = cur_nimg >= ends[index]
             if rank == 0 and (cur_nimg >= next_sample or done):
                 next_sample = _next_tick(cur_nimg, t.sample_kimg)
@@ -422,7 +435,7 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag, last: int) -
                     t.sample_psi,
                     rows=len(grid_classes) // 8,
                 )
-                tracking.log_image(grid, key="samples", step=cur_nimg // 1000)
+                tracking.log_image(grid, key="samples", step=cur_nimg)  # steps are images
             stopping = stop.any_rank(world, device)
             if cur_nimg >= next_snapshot or done or stopping:
                 next_snapshot = _next_tick(cur_nimg, t.snapshot_kimg)
@@ -465,7 +478,7 @@ def _train(cfg, device, progress: bool, stop: distributed.StopFlag, last: int) -
                 if rank == 0:
                     tracking.log_metrics(
                         {k: row[k] for k in ("loss_g", "loss_d", "blur_sigma")},
-                        step=cur_nimg // 1000 if cur_nimg >= 1000 else 0,
+                        step=cur_nimg,
                     )
                 save = functools.partial(store.save, checkpoint, cur_nimg, info)
                 uri = distributed.on_rank0(save, rank, world)
