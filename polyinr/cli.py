@@ -24,6 +24,7 @@ examples:
   polyinr interpolate --classes 0 --seeds 1,2,3 --loop --out walk.gif walk.png
   polyinr mix --levels shape --source-seeds 0-3 --target-seeds 4-7 --out mix.png
   polyinr publish                             # the generator -> MLflow Model Registry
+  polyinr restore demo-1a2b3c4d storage.uri=s3://polyinr/checkpoints  # a flow run's state
   polyinr summary --params configs/imagenet-256.yaml
 
 Every command reads params.yaml (or --params FILE); trailing section.key=value arguments
@@ -374,6 +375,22 @@ def cmd_publish(args) -> None:
     print(f"serve it: mlflow models serve -m {uri} --env-manager local --port 5001")
 
 
+def cmd_restore(args) -> None:
+    import subprocess
+
+    from polyinr import pipeline
+    from polyinr.storage import CheckpointStore
+
+    cfg = _config(args)
+    store = CheckpointStore(cfg.storage, args.run)
+    found = pipeline.load_record(store, Path.cwd())
+    if "dvc.lock" not in found:
+        raise FileNotFoundError(f"no dvc.lock recorded in {store.uri} (storage.uri, run name?)")
+    print(f"restored {', '.join(found)} of run {args.run} from {store.uri}")
+    if not args.no_pull:
+        subprocess.run([pipeline.DVC, "pull"], check=True)
+
+
 def cmd_class_embeddings(args) -> None:
     from polyinr import embedding
 
@@ -599,6 +616,15 @@ def main(argv=None) -> int:
         "--mlflow-run",
         help="log the model in this run (default: the training run recorded in the generator)",
     )
+    p = command(
+        "restore",
+        cmd_restore,
+        "Restore a run's pipeline state from the remotes into this checkout: its params.yaml "
+        "and dvc.lock (recorded beside its checkpoints in storage.uri by the Prefect flow), "
+        "then `dvc pull` of its outputs.",
+    )
+    p.add_argument("run", help="the run's name (tracking.run_name with {params} filled in)")
+    p.add_argument("--no-pull", action="store_true", help="only write params.yaml and dvc.lock")
     p = command(
         "class-embeddings",
         cmd_class_embeddings,

@@ -300,3 +300,48 @@ def test_deployment_run_on_the_local_stack_resumes_after_a_crash(repo_copy):
     assert "loss_g" in mlrun.data.metrics and "eval/fid" in mlrun.data.metrics
     (version,) = mlflow.MlflowClient().search_model_versions("name='polyinr-generator'")
     assert version.run_id == mlrun.info.run_id and version.tags["eval.fid"] == str(metrics["fid"])
+
+
+def test_sigterm_during_a_stage_reaches_it_and_then_prefects_handler(train_flow, tmp_path):
+    """SIGTERM to the flow process goes to the stage's process group (its child traps it,
+    checkpoints and exits 143); only once the stage's output has ended (its last lines
+    logged) does the flow's previous handler (Prefect's: the run ends Crashed) get it."""
+    import signal
+    import threading
+
+    class Terminated(BaseException):
+        pass
+
+    logged = []
+
+    def prefects(signum, frame):
+        logged.append("prefect's handler")
+        raise Terminated
+
+    class Logger:
+        def info(self, msg, *args):
+            logged.append(msg % args if args else msg)
+
+        warning = info
+
+    child = (
+        "import signal, sys, time\n"
+        "def stop(*_):\n"
+        "    time.sleep(0.5); print('checkpoint written', flush=True); sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('training', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    previous = signal.signal(signal.SIGTERM, prefects)
+    timer = threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        timer.start()
+        with pytest.raises(Terminated):
+            train_flow._stream([sys.executable, "-c", child], Logger(), tmp_path)
+        assert signal.getsignal(signal.SIGTERM) is prefects  # restored after the stage
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    assert logged[1:3] == ["training", "checkpoint written"]
+    assert logged[3].startswith("SIGTERM:") and logged[3].endswith("(exit 143)")
+    assert logged[4] == "prefect's handler"

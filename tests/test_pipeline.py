@@ -1,5 +1,6 @@
 """The demo pipeline end to end: `dvc repro` on a copy of the repository leaves every output
-and one MLflow run holding params, losses, samples and metrics."""
+and one MLflow run holding params, losses, samples and metrics. A flow run's workspace is a
+clean tree of the commit; its pipeline record restores a fresh checkout."""
 
 import json
 import os
@@ -82,3 +83,79 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
     assert "up to date" in status.lower()
     again = _run([BIN / "polyinr", "train", "--quiet"], repo)
     assert "resuming from" in again
+
+
+def _git(repo, *args):
+    cmd = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_workspace_is_the_commit_with_shared_cache_and_inputs(repo_copy, tmp_path):
+    """With git: a worktree at HEAD (uncommitted edits of params.yaml stay out), DVC's cache
+    and the untracked inputs (weights, checkpoints, mlflow.db) shared by links; removing
+    it deletes the links, never what they point to."""
+    from polyinr import pipeline
+
+    repo = repo_copy
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "deployment")
+    committed = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(committed.replace("lr_g: 2.5e-4", "lr_g: 9.0e-4"))
+    (repo / "weights").mkdir()
+    (repo / "weights" / "class_embeddings.pt").write_bytes(b"table")
+
+    ws = tmp_path / "ws"
+    assert pipeline.create_workspace(repo, ws) == _git(repo, "rev-parse", "HEAD")
+    assert (ws / "params.yaml").read_text() == committed
+    assert (ws / "weights" / "class_embeddings.pt").read_bytes() == b"table"
+    assert (ws / "checkpoints").resolve() == (repo / "checkpoints").resolve()
+    assert (ws / "mlflow.db").resolve() == (repo / "mlflow.db").resolve()
+    cache = subprocess.run(
+        [BIN / "dvc", "cache", "dir"], cwd=ws, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert Path(cache).resolve() == (repo / ".dvc" / "cache").resolve()
+    pipeline.remove_workspace(repo, ws)
+    assert not ws.exists() and (repo / "weights" / "class_embeddings.pt").is_file()
+    assert "ws" not in _git(repo, "worktree", "list")
+
+
+def test_workspace_without_git_copies_sources_not_outputs(repo_copy, tmp_path):
+    """Without git (the image has no .git): a copy of the tree without outputs, local state
+    or caches; params: another params file becomes params.yaml."""
+    from polyinr import pipeline
+
+    repo = repo_copy
+    for out in ("data/demo/train/x.JPEG", "models/generator.pt", ".stack/env"):
+        (repo / out).parent.mkdir(parents=True, exist_ok=True)
+        (repo / out).write_bytes(b"output")
+    ws = tmp_path / "ws"
+    assert pipeline.create_workspace(repo, ws, params="configs/imagenet-256.yaml") == "copy"
+    assert (ws / "params.yaml").read_text() == (repo / "configs/imagenet-256.yaml").read_text()
+    assert (ws / "dvc.yaml").is_file() and (ws / "polyinr" / "train.py").is_file()
+    for out in ("data", "models", ".stack", ".dvc/cache"):
+        assert not (ws / out).exists(), out
+
+
+def test_recorded_run_restores_a_fresh_checkout(repo_copy, tmp_path, monkeypatch):
+    """The record beside a run's checkpoints (params.yaml + dvc.lock) is what `polyinr
+    restore RUN` writes into a fresh checkout; an unknown run is refused by name."""
+    from polyinr import cli, config, pipeline
+    from polyinr.storage import CheckpointStore
+
+    src = tmp_path / "run"
+    src.mkdir()
+    (src / "params.yaml").write_text((repo_copy / "params.yaml").read_text() + "# run\n")
+    (src / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    store_uri = tmp_path / "store"
+    cfg = config.load(repo_copy / "params.yaml", [f"storage.uri={store_uri}"])
+    store = CheckpointStore(cfg.storage, "demo-0123abcd")
+    uris = pipeline.save_record(store, src)
+    assert uris == [f"{store.uri}/params.yaml", f"{store.uri}/dvc.lock"]
+
+    monkeypatch.chdir(repo_copy)
+    argv = ["restore", "demo-0123abcd", "--no-pull", f"storage.uri={store_uri}"]
+    assert cli.main(argv) == 0
+    for name in ("params.yaml", "dvc.lock"):
+        assert (repo_copy / name).read_text() == (src / name).read_text()
+    assert cli.main(["restore", "nope", "--no-pull", f"storage.uri={store_uri}"]) == 2
