@@ -98,12 +98,14 @@ def test_stage_failures_retry_unless_the_inputs_are_wrong(train_flow):
 @pytest.mark.slow
 def test_flow_runs_every_stage_as_a_task(tmp_path, repo_copy):
     """`python flows/train_flow.py OVERRIDES...` runs each DVC stage as a completed Prefect
-    task, writes metrics/eval.json and publishes it as a markdown artifact."""
+    task in a workspace of its own (the checkout's params.yaml untouched, the workspace gone
+    at the end) and publishes metrics/eval.json as a markdown artifact."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     repo = repo_copy
+    params_before = (repo / "params.yaml").read_text()
     with prefect_test_harness(server_startup_timeout=120):
         env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
         env.pop("POLYINR_OVERRIDES", None)
@@ -115,19 +117,28 @@ def test_flow_runs_every_stage_as_a_task(tmp_path, repo_copy):
             task_runs = client.read_task_runs()
             artifacts = client.read_artifacts()
     assert flow_run.name and flow_run.state.is_completed()
-    stages = subprocess.run(  # of params.yaml with the overrides written in
-        [DVC, "stage", "list", "--name-only"], cwd=repo, capture_output=True, text=True, check=True
-    ).stdout.split()
+    assert (repo / "params.yaml").read_text() == params_before  # overrides: workspace only
+    assert not any((repo / ".workspaces").iterdir())  # removed at the end
     # DVC's stages, with `train` run as one task per progressive stage (TINY has one).
-    expected = [s for s in stages if s != "train"] + ["train@0 (16px)"]
-    assert "prepare@0" in expected and "prepare@1" not in expected
-    states = {t.name: t.state.name for t in task_runs}
+    expected = ["workspace", "demo_data", "prepare@0", "train@0 (16px)", "evaluate", "publish"]
+    states = {
+        t.name.rsplit("-", 1)[0]
+        if t.name.startswith(("workspace", "publish"))
+        else t.name: t.state.name
+        for t in task_runs
+    }
     assert {name: states.get(name) for name in expected} == dict.fromkeys(expected, "Completed")
-    metrics = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert "prepare@1" not in states
     (artifact,) = [a for a in artifacts if a.key == "poly-inr-eval"]
-    assert all(name in artifact.data for name in metrics)
+    assert all(name in artifact.data for name in ("fid", "sfid", "precision", "recall"))
     (link,) = [a for a in artifacts if a.key == "mlflow-run"]
     assert "sqlite:///mlflow.db" in link.data  # a local store: the run id, not a URL
+    (restore,) = [a for a in artifacts if a.key == "restore"]
+    assert "polyinr restore demo-" in restore.data
+    # The run's record beside its checkpoints (storage.uri=checkpoints, shared by the link).
+    (run_dir,) = (repo / "checkpoints").glob("demo-*")
+    assert {"params.yaml", "dvc.lock", "latest.json"} <= {p.name for p in run_dir.iterdir()}
+    assert "lr_g" in (run_dir / "params.yaml").read_text()
 
 
 def _free_ports(n: int) -> list[int]:

@@ -51,8 +51,9 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
         manifest = json.loads((repo / f"data/ffcv/train_{resolution}.json").read_text())
         assert manifest["written"] == 4 * 8 and manifest["skipped"] == []
         assert manifest["resolution"] == resolution
-    latest = json.loads((repo / "checkpoints/demo/latest.json").read_text())
-    assert (repo / "checkpoints/demo" / latest["name"]).is_file()
+    (run_dir,) = (repo / "checkpoints").glob("demo-*")  # demo-{params}: the run's identity
+    latest = json.loads((run_dir / "latest.json").read_text())
+    assert (run_dir / latest["name"]).is_file()
     metrics = json.loads((repo / "metrics/eval.json").read_text())
     assert metrics["num_samples"] == 16 and metrics["protocol"] == "adm"
     assert metrics["resolution"] == 32 and metrics["kimg"] == 0.096
@@ -62,8 +63,8 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
         assert isinstance(metrics[key], float), key
     fid_curve = (repo / "metrics/fid.csv").read_text().splitlines()
     assert fid_curve[0] == "kimg,stage,resolution,fid8" and len(fid_curve) == 3
-    best = json.loads((repo / "checkpoints/demo/best.json").read_text())
-    assert (repo / "checkpoints/demo" / best["name"]).is_file()  # kept by pruning
+    best = json.loads((run_dir / "best.json").read_text())
+    assert (run_dir / best["name"]).is_file()  # kept by pruning
     with Image.open(repo / "samples/grid.png") as grid:
         assert grid.size == (32 * 8, 32 * 4)  # 8 seeds x 4 classes, at the last stage's size
 
