@@ -381,6 +381,12 @@ def cmd_restore(args) -> None:
     from polyinr import pipeline
     from polyinr.storage import CheckpointStore
 
+    # argparse deals the trailing words to overrides first: the run is the one without "=".
+    words = [*args.overrides, args.run]
+    names = [w for w in words if "=" not in w]
+    if len(names) != 1:
+        raise ValueError(f"give one run name (and section.key=value overrides), got {words}")
+    args.run, args.overrides = names[0], [w for w in words if "=" in w]
     cfg = _config(args)
     store = CheckpointStore(cfg.storage, args.run)
     found = pipeline.load_record(store, Path.cwd())

@@ -155,8 +155,9 @@ def test_recorded_run_restores_a_fresh_checkout(repo_copy, tmp_path, monkeypatch
     assert uris == [f"{store.uri}/params.yaml", f"{store.uri}/dvc.lock"]
 
     monkeypatch.chdir(repo_copy)
-    argv = ["restore", "demo-0123abcd", "--no-pull", f"storage.uri={store_uri}"]
+    argv = ["restore", "--no-pull", "demo-0123abcd", f"storage.uri={store_uri}"]
     assert cli.main(argv) == 0
     for name in ("params.yaml", "dvc.lock"):
         assert (repo_copy / name).read_text() == (src / name).read_text()
-    assert cli.main(["restore", "nope", "--no-pull", f"storage.uri={store_uri}"]) == 2
+    assert cli.main(["restore", "--no-pull", "nope", f"storage.uri={store_uri}"]) == 2
+    assert cli.main(["restore", "--no-pull", f"storage.uri={store_uri}"]) == 2  # no run
