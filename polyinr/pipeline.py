@@ -55,6 +55,8 @@ def create_workspace(root: Path, dest: Path, params: str | None = None) -> str:
     DVC remotes and untracked inputs (SHARED). params: a params file (relative to root) to
     use as params.yaml, e.g. configs/imagenet-256.yaml. Returns the commit, or "copy"."""
     root, dest = Path(root).resolve(), Path(dest)
+    remove_workspace(root, dest)  # left by a killed try of the same flow run (flow-run retry)
+    _git(root, "worktree", "prune")
     dest.parent.mkdir(parents=True, exist_ok=True)
     head = _git(root, "rev-parse", "HEAD")
     if (root / ".git").exists() and head.returncode == 0:

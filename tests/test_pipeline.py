@@ -116,6 +116,9 @@ def test_workspace_is_the_commit_with_shared_cache_and_inputs(repo_copy, tmp_pat
         [BIN / "dvc", "cache", "dir"], cwd=ws, capture_output=True, text=True, check=True
     ).stdout.strip()
     assert Path(cache).resolve() == (repo / ".dvc" / "cache").resolve()
+    (ws / "leftover").write_text("a killed try")  # `prefect flow-run retry`: the same path
+    pipeline.create_workspace(repo, ws)
+    assert not (ws / "leftover").exists()
     pipeline.remove_workspace(repo, ws)
     assert not ws.exists() and (repo / "weights" / "class_embeddings.pt").is_file()
     assert "ws" not in _git(repo, "worktree", "list")
