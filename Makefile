@@ -12,8 +12,10 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 setup:
 	VENV=$(VENV) bash scripts/install.sh
 
+# Writes this machine's results into dvc.lock and metrics/ (expected: docs/orchestration.md).
 demo: setup
 	$(BIN)/dvc repro
+	@git status --short -- dvc.lock metrics 2>/dev/null | sed 's/^/make demo: results in /' || true
 
 test: setup lint
 	$(BIN)/pytest -q

@@ -1,13 +1,18 @@
 """Prefect flow `train-poly-inr`: the DVC pipeline's stages as tasks, then publish the result.
 
-DVC owns the DAG and decides what is up to date: a stage whose `dvc status` is clean is
-reported as `Skipped`, any other runs `dvc repro --single-item <stage>`. The tasks are
-demo_data, prepare@i (DVC's per-resolution stages), train@i (one per progressive stage of
-the DVC stage `train`: its command with --until-stage i, the last one the DVC stage itself)
-and evaluate, then publish. Training resumes from its latest checkpoint by itself, so
-rerunning a failed flow run redoes only what is missing. Overrides use DVC's grammar,
-`section.key=value`; `POLYINR_OVERRIDES` (a JSON list) adds deployment-wide ones from the
-environment, e.g. production's `storage.uri`.
+Each flow run works in its own workspace, a clean tree of the deployment's commit under
+$POLYINR_WORKSPACES (polyinr/pipeline.py), so concurrent runs never share params.yaml,
+dvc.lock or outputs; overrides go into the workspace's params.yaml only. DVC owns the DAG and
+decides what is up to date: a stage whose `dvc status` is clean is reported as `Skipped`, any
+other runs `dvc repro --single-item <stage>`. The tasks are demo_data, prepare@i (DVC's
+per-resolution stages), train@i (one per progressive stage of the DVC stage `train`: its
+command with --until-stage i, the last one the DVC stage itself) and evaluate, then publish.
+After each stage the workspace's params.yaml and dvc.lock are recorded beside the run's
+checkpoints; a later run of the same params starts from that record (and the DVC cache or
+remote), and training resumes from its latest checkpoint, so rerunning redoes only what is
+missing. SIGTERM reaches training, which checkpoints and exits; the flow run ends Crashed.
+Overrides use DVC's grammar, `section.key=value`; `POLYINR_OVERRIDES` (a JSON list) adds
+deployment-wide ones from the environment, e.g. production's `storage.uri`.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import graphlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -36,7 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin: dvc here, and `polyinr` for stage commands
 DVC = str(BIN / "dvc")
 ENV_OVERRIDES = "POLYINR_OVERRIDES"  # JSON list of section.key=value, before the run's own
-ENV_DVC_REMOTE = "POLYINR_DVC_REMOTE"  # s3://bucket/prefix for `dvc push`; else .dvc/config's
+ENV_DVC_REMOTE = "POLYINR_DVC_REMOTE"  # s3://bucket/prefix for `dvc pull/push`; else .dvc/config's
+ENV_WORKSPACES = "POLYINR_WORKSPACES"  # where flow runs' workspaces go (default .workspaces/)
 USAGE_ERROR = 2  # polyinr's exit status for a bad config or a missing file: retrying can't help
 # Lines of `polyinr train` that name checkpoints (see polyinr/train.py).
 RESUMED = re.compile(r"resuming from (\S+/snapshot-(\d+)\.pt)")
@@ -70,7 +78,7 @@ def _dvc(*args: str, root: Path = ROOT) -> str:
     return proc.stdout
 
 
-def stage_order(root: Path = ROOT) -> list[str]:
+def stage_order(root: Path) -> list[str]:
     """The pipeline's stage names in an order DVC can run them, read from `dvc dag --dot`."""
     dot = _dvc("dag", "--dot", root=root)
     graph: dict[str, set[str]] = {n: set() for n in re.findall(r'^"([^"]+)";$', dot, re.M)}
@@ -91,10 +99,11 @@ def env_overrides() -> list[str]:
 
 
 @task(cache_policy=NO_CACHE)
-def apply_overrides(overrides: list[str], params: str | Path = ROOT / "params.yaml") -> None:
-    """Validate `section.key=value` overrides and write them into params.yaml, keeping comments.
+def apply_overrides(overrides: list[str], params: str | Path) -> None:
+    """Validate `section.key=value` overrides and write them into a params file (a flow run's
+    workspace's), keeping comments.
 
-    The same effect as `dvc exp run -S`: the next `dvc repro` sees the changed params.
+    The same effect as `dvc exp run -S`: the next `dvc repro` there sees the changed params.
     """
     from ruamel.yaml import YAML
 
@@ -142,24 +151,61 @@ def _transient(task, task_run, state) -> bool:
     return True
 
 
-def _stream(cmd: str | list[str], logger) -> tuple[int, list[str]]:
-    """Run a command (a shell line when a str) with its output in the Prefect log; returns
-    the exit status and every non-empty output line."""
+class _ForwardSigterm:
+    """While a stage runs, SIGTERM (pre-emption, `stack.sh down`, a pod's end) goes to the
+    stage's process group: training checkpoints and exits 143. Once its output has ended,
+    `chain` hands the signal to Prefect's handler, which ends the flow run Crashed (or
+    Cancelled when Prefect itself asked)."""
+
+    def __init__(self, pgid: int):
+        self.pgid, self.received, self.previous = pgid, False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pgid, signal.SIGTERM)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def chain(self) -> None:
+        if callable(self.previous):
+            self.previous(signal.SIGTERM, None)  # Prefect's: raises TerminationSignal
+        raise SystemExit(128 + signal.SIGTERM)
+
+
+def _stream(cmd: str | list[str], logger, cwd: Path) -> tuple[int, list[str]]:
+    """Run a command (a shell line when a str) in `cwd`, its own process group, with its
+    output in the Prefect log; returns the exit status and every non-empty output line."""
     logger.info("$ %s", cmd if isinstance(cmd, str) else " ".join(cmd))
     lines = []
-    with subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=_env(),
-        shell=isinstance(cmd, str),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    ) as proc:
+    with (
+        subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=_env(),
+            shell=isinstance(cmd, str),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        ) as proc,
+        _ForwardSigterm(proc.pid) as sigterm,
+    ):
+        # Until every process holding the pipe (DVC, torchrun, training ranks) has exited.
         for line in proc.stdout:
             if line := line.rstrip():
                 lines.append(line)
                 logger.info(line)
+    if sigterm.received:
+        logger.warning("SIGTERM: %s stopped (exit %s)", cmd, proc.returncode)
+        sigterm.chain()
     return proc.returncode, lines
 
 
@@ -179,9 +225,9 @@ def _skipped(name: str, message: str) -> Completed:
     return Completed(name="Skipped", message=message, data={"stage": name, "ran": False})
 
 
-def _up_to_date(stage: str, logger) -> bool:
+def _up_to_date(stage: str, logger, ws: Path) -> bool:
     """DVC's own check: `dvc status <stage>` reports no change."""
-    changes = json.loads(_dvc("status", "--json", stage) or "{}")
+    changes = json.loads(_dvc("status", "--json", stage, root=ws) or "{}")
     if changes:
         logger.info("%s changed: %s", stage, json.dumps(changes)[:2000])
     return not changes
@@ -197,23 +243,25 @@ STAGE_TASK = dict(
 
 
 @task(task_run_name="{stage}", **STAGE_TASK)
-def run_stage(stage: str, force: bool = False):
-    """One DVC stage: `Skipped` when `dvc status` says it is up to date, else `dvc repro
-    --single-item`, its output streamed into the Prefect log. Returns what it did, with the
-    checkpoints training resumed from and wrote."""
+def run_stage(stage: str, ws: Path, force: bool = False):
+    """One DVC stage in workspace `ws`: `Skipped` when `dvc status` says it is up to date, else
+    `dvc repro --single-item`, its output streamed into the Prefect log, then the new
+    dvc.lock recorded. Returns what it did, with the checkpoints training resumed from and
+    wrote."""
     logger = get_run_logger()
-    if not force and _up_to_date(stage, logger):
+    if not force and _up_to_date(stage, logger, ws):
         logger.info("%s is up to date (dvc status): skipped", stage)
         return _skipped(stage, f"dvc: {stage} is up to date")
     cmd = [DVC, "repro", "--single-item", stage] + (["--force"] if force else [])
-    returncode, lines = _stream(cmd, logger)
+    returncode, lines = _stream(cmd, logger, ws)
     if returncode != 0:
         raise StageFailed(stage, returncode, lines[-40:])
+    _record(ws)
     return _checkpoints(stage, lines)
 
 
 @task(task_run_name="train@{index} ({resolution}px)", **STAGE_TASK)
-def train_stage(index: int, resolution: int, final: bool, dvc_up_to_date: bool):
+def train_stage(index: int, resolution: int, final: bool, dvc_up_to_date: bool, ws: Path):
     """Progressive stage `index` of the DVC stage `train`.
 
     Skipped when DVC says `train` is up to date. Otherwise a stage before the last runs the
@@ -231,9 +279,11 @@ def train_stage(index: int, resolution: int, final: bool, dvc_up_to_date: bool):
         cmd = [DVC, "repro", "--single-item", "train"]
     else:
         cmd = f"{TRAIN_CMD} --until-stage {index}"
-    returncode, lines = _stream(cmd, logger)
+    returncode, lines = _stream(cmd, logger, ws)
     if returncode != 0:
         raise StageFailed(name, returncode, lines[-40:])
+    if final:
+        _record(ws)
     if any(ALREADY_COMPLETE.search(line) for line in lines):
         return _skipped(name, f"checkpoints are past stage {index} ({resolution}px)")
     return _checkpoints(name, lines)
@@ -253,14 +303,66 @@ def _metrics_table(path: Path) -> str:
     return f"## Evaluation ({path.name})\n\n" + "\n".join(lines)
 
 
-def _push(logger) -> None:
-    """`dvc push`: FFCV files, the final generator and every other cached output, to the
-    default remote, or to $POLYINR_DVC_REMOTE (written to .dvc/config.local) when set."""
+def _store(ws: Path):
+    """The checkpoint store of the workspace's run: its identity is tracking.run_name."""
+    from polyinr.config import load
+    from polyinr.storage import CheckpointStore
+
+    cfg = load(ws / "params.yaml")
+    return CheckpointStore(cfg.storage, cfg.tracking.run_name)
+
+
+def _record(ws: Path) -> list[str]:
+    """params.yaml and dvc.lock of the workspace, beside the run's checkpoints."""
+    from polyinr import pipeline
+
+    return pipeline.save_record(_store(ws), ws)
+
+
+def _use_remote(ws: Path) -> str | None:
+    """$POLYINR_DVC_REMOTE (if set) as the workspace's default DVC remote; its URL."""
     url = os.environ.get(ENV_DVC_REMOTE)
     if url:
-        _dvc("remote", "add", "--local", "--force", "--default", "env", url)
+        _dvc("remote", "add", "--local", "--force", "--default", "env", url, root=ws)
+    return url
+
+
+@task(cache_policy=NO_CACHE)
+def workspace(ws: Path, params: str | None, overrides: list[str], pull: bool) -> dict:
+    """The flow run's workspace: a clean tree of the deployment's commit, the overrides in its
+    params.yaml, and the pipeline state of the last run with the same identity (its recorded
+    dvc.lock, outputs from the shared DVC cache or, with `pull`, the DVC remote)."""
+    from polyinr import pipeline
+    from polyinr.config import load
+
+    logger = get_run_logger()
+    commit = pipeline.create_workspace(ROOT, ws, params)
+    logger.info("workspace %s at commit %s", ws, commit)
+    apply_overrides.fn(overrides, ws / "params.yaml")
+    cfg = load(ws / "params.yaml")
+    pipeline.link_source(ROOT, ws, cfg.data.source)
+    url = _use_remote(ws)
+    restored = pipeline.load_record(_store(ws), ws, ["dvc.lock"])
+    name = cfg.tracking.run_name
+    logger.info("run %s: %s", name, "dvc.lock of its last run" if restored else "new run")
+    if pull:
+        logger.info("$ dvc pull --allow-missing (remote %s)", url or "default")
+        proc = subprocess.run(
+            [DVC, "pull", "--allow-missing"], cwd=ws, env=_env(), capture_output=True, text=True
+        )
+        if proc.returncode != 0:  # a remote that is not there yet: DVC reruns what is missing
+            logger.warning("dvc pull failed; continuing:\n%s", (proc.stdout + proc.stderr)[-2000:])
+    else:
+        _dvc("checkout", "--allow-missing", root=ws)
+    return {"workspace": str(ws), "commit": commit, "run_name": name, "restored": bool(restored)}
+
+
+def _push(logger, ws: Path) -> None:
+    """`dvc push`: FFCV files, the final generator and every other cached output, to the
+    default remote, or to $POLYINR_DVC_REMOTE when set."""
+    url = _use_remote(ws)
     logger.info("$ dvc push (remote %s)", url or "default")
-    logger.info(_dvc("push").strip() or "dvc push: nothing to push")
+    logger.info(_dvc("push", root=ws).strip() or "dvc push: nothing to push")
 
 
 @task(
@@ -269,50 +371,57 @@ def _push(logger) -> None:
     retry_jitter_factor=0.5,
     cache_policy=NO_CACHE,
 )
-def publish(trained: dict | None, register_as: str | None, push: bool) -> dict:
-    """Register the final generator in MLflow with its metrics, `dvc push` the outputs, and
-    leave Prefect artifacts: the metrics table, the MLflow run link, the checkpoint URIs."""
+def publish(trained: dict | None, register_as: str | None, push: bool, ws: Path) -> dict:
+    """Register the final generator in MLflow with its metrics, `dvc push` the outputs, record
+    the pipeline state beside the checkpoints, and leave Prefect artifacts: the metrics table,
+    the MLflow run link, the checkpoint URIs, how to restore the run."""
     logger = get_run_logger()
-    with contextlib.chdir(ROOT):  # params' relative paths (sqlite:///mlflow.db) mean the repo
-        return _publish(logger, trained, register_as, push)
+    with contextlib.chdir(ws):  # params' relative paths (sqlite:///mlflow.db) mean the workspace
+        return _publish(logger, trained, register_as, push, ws)
 
 
-def _publish(logger, trained: dict | None, register_as: str | None, push: bool) -> dict:
+def _publish(logger, trained: dict | None, register_as: str | None, push: bool, ws: Path):
     import torch
 
     from polyinr import registry, tracking
     from polyinr.config import load
-    from polyinr.storage import CheckpointStore
     from polyinr.train import GENERATOR_PATH
 
-    cfg = load(ROOT / "params.yaml")
-    metrics_path = ROOT / "metrics" / "eval.json"
+    cfg = load(ws / "params.yaml")
+    metrics_path = ws / "metrics" / "eval.json"
     metrics = json.loads(metrics_path.read_text())
-    generator = ROOT / GENERATOR_PATH
+    generator = ws / GENERATOR_PATH
     meta = torch.load(generator, map_location="cpu", weights_only=True, mmap=True)["meta"]
     run_id = meta["mlflow_run_id"]
     create_markdown_artifact(_metrics_table(metrics_path), key="poly-inr-eval")
 
     url = tracking.run_url(cfg.tracking, run_id)
-    out = {"mlflow_run_id": run_id, "mlflow_run": url}
+    out = {"mlflow_run_id": run_id, "mlflow_run": url, "run_name": cfg.tracking.run_name}
     if url.startswith("http"):
         create_link_artifact(url, link_text=f"MLflow run {run_id}", key="mlflow-run")
     else:
         create_markdown_artifact(f"MLflow run: {url}", key="mlflow-run")
 
-    store_uri = CheckpointStore(cfg.storage, cfg.tracking.run_name).uri
+    store = _store(ws)
     written = (trained or {}).get("checkpoints", [])
     resumed = (trained or {}).get("resumed_from")
     rows = [{"checkpoint": uri, "event": "written by this run"} for uri in written]
     if resumed:
         rows.insert(0, {"checkpoint": resumed, "event": "training resumed from it"})
     if not rows:
-        rows = [{"checkpoint": store_uri, "event": "folder (training was up to date)"}]
-    create_table_artifact(rows, key="checkpoints", description=f"Checkpoints in {store_uri}")
+        rows = [{"checkpoint": store.uri, "event": "folder (training was up to date)"}]
+    create_table_artifact(rows, key="checkpoints", description=f"Checkpoints in {store.uri}")
     out["checkpoints"] = [r["checkpoint"] for r in rows]
 
     if push:  # before registering: a retry after a failed push registers nothing twice
-        _push(logger)
+        _push(logger, ws)
+    out["record"] = _record(ws)
+    restore = f"polyinr restore {cfg.tracking.run_name} storage.uri={cfg.storage.uri}"
+    create_markdown_artifact(
+        f"Pipeline state of run `{cfg.tracking.run_name}`: {', '.join(out['record'])}.\n\n"
+        f"In a fresh checkout (with the DVC remote's credentials): `{restore}`",
+        key="restore",
+    )
     if register_as:
         numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         tags = {f"eval.{k}": str(v) for k, v in numbers.items()}
@@ -332,6 +441,13 @@ def _selected(name: str, stages: list[str] | None) -> bool:
     return stages is None or name in stages or name.partition("@")[0] in stages
 
 
+def _workspace_path() -> Path:
+    from prefect.runtime import flow_run
+
+    base = os.environ.get(ENV_WORKSPACES) or ROOT / ".workspaces"
+    return Path(base).resolve() / str(flow_run.get_id())
+
+
 @flow(name="train-poly-inr")
 def train_poly_inr(
     overrides: list[str] | None = None,
@@ -339,23 +455,38 @@ def train_poly_inr(
     force: bool = False,
     push: bool = False,
     register_as: str | None = "polyinr-generator",
+    params: str | None = None,
 ) -> dict | None:
-    """Apply params overrides, run the DVC stages (all, or the named ones), then publish.
+    """In a workspace of its own, apply params overrides, run the DVC stages (all, or the
+    named ones), then publish.
 
-    The tasks, in `dvc dag` order: demo_data, prepare@i (one per resolution), train@i (one
-    per progressive stage of the DVC stage `train`), evaluate; then publish.
+    The tasks, in `dvc dag` order: workspace, demo_data, prepare@i (one per resolution),
+    train@i (one per progressive stage of the DVC stage `train`), evaluate; then publish.
     overrides: `section.key=value` strings, after those of $POLYINR_OVERRIDES.
     stages: run only these (DVC stage names, `prepare` or `train` for all of theirs, or
     `train@i`); no publish unless `evaluate` is among them.
     force: rerun the stages even when DVC says they are up to date.
-    push: `dvc push` the outputs (FFCV files, final generator) to the DVC remote.
+    push: `dvc pull` what earlier runs pushed, at the start; `dvc push` the outputs (FFCV
+    files, final generator) to the DVC remote at the end.
     register_as: the MLflow registered model to add the final generator to; null: don't.
+    params: a params file of the repository to start from (default params.yaml), e.g.
+    configs/imagenet-256.yaml.
     """
+    from polyinr import pipeline
     from polyinr.config import load
 
-    apply_overrides(env_overrides() + list(overrides or []))
-    order = stage_order()
-    schedule = load(ROOT / "params.yaml").train.stages
+    ws = _workspace_path()
+    try:
+        workspace(ws, params, env_overrides() + list(overrides or []), push)
+        return _run_stages(
+            ws, load(ws / "params.yaml").train.stages, stages, force, push, register_as
+        )
+    finally:
+        pipeline.remove_workspace(ROOT, ws)
+
+
+def _run_stages(ws: Path, schedule, stages, force: bool, push: bool, register_as) -> dict | None:
+    order = stage_order(ws)
     trains = [f"train@{i}" for i in range(len(schedule))]
     known = {*order, *trains, *(name.partition("@")[0] for name in order)}
     unknown = sorted(set(stages or []) - known)
@@ -365,17 +496,19 @@ def train_poly_inr(
     for stage in order:
         if stage != "train":
             if _selected(stage, stages):
-                results[stage] = run_stage(stage, force=force, return_state=True).result()
+                results[stage] = run_stage(stage, ws, force=force, return_state=True).result()
             continue
-        up_to_date = not force and _up_to_date("train", get_run_logger())
+        up_to_date = not force and _up_to_date("train", get_run_logger(), ws)
         for index, step in enumerate(schedule):
             if _selected(trains[index], stages):
                 final = index == len(schedule) - 1
-                state = train_stage(index, step.resolution, final, up_to_date, return_state=True)
+                state = train_stage(
+                    index, step.resolution, final, up_to_date, ws, return_state=True
+                )
                 results[trains[index]] = state.result()
     if stages is not None and "evaluate" not in stages:
         return None
-    return publish(_training(results), register_as, push)
+    return publish(_training(results), register_as, push, ws)
 
 
 def _training(results: dict) -> dict:

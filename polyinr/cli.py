@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import signal
 import sys
@@ -26,6 +27,7 @@ examples:
   polyinr interpolate --classes 0 --seeds 1,2,3 --loop --out walk.gif walk.png
   polyinr mix --levels shape --source-seeds 0-3 --target-seeds 4-7 --out mix.png
   polyinr publish                             # the generator -> MLflow Model Registry
+  polyinr restore demo-1a2b3c4d storage.uri=s3://polyinr/checkpoints  # a flow run's state
   polyinr summary --params configs/imagenet-256.yaml
 
 Every command reads params.yaml (or --params FILE); trailing section.key=value arguments
@@ -141,10 +143,15 @@ def cmd_train(args) -> None:
 
     from polyinr import distributed, train
 
-    cfg = _config(args)
     device = distributed.setup() if args.device == "auto" else _device(args.device)
+    if args.follow:  # another node's ranks: rank 0 says what to run, and where
+        cfg, until_stage, workdir = distributed.from_rank0(None)
+        os.chdir(workdir)
+    else:
+        cfg, until_stage = _config(args), args.until_stage
+        distributed.from_rank0((cfg, until_stage, os.getcwd()))
     try:
-        summary = train.train(cfg, device, not args.quiet, args.until_stage, args.restart)
+        summary = train.train(cfg, device, not args.quiet, until_stage, args.restart)
         if dist.is_initialized() and dist.get_rank() > 0:
             return  # rank 0 reports for all (their weights are identical)
     finally:
@@ -391,11 +398,34 @@ def cmd_publish(args) -> None:
     # The served model's shape is the file's; the version's tags say what it can serve.
     shape = {f"generator.{k}": str(getattr(g.cfg, k)) for k in ("conditional", "num_classes")}
     shape["resolution"] = str(meta["resolution"])
+    run_id = args.mlflow_run or meta.get("mlflow_run_id")  # default: the run that trained it
     uri = registry.publish(
-        args.generator, meta["resolution"], cfg.tracking, args.name, args.mlflow_run, shape
+        args.generator, meta["resolution"], cfg.tracking, args.name, run_id, shape
     )
-    print(f"registered {uri} (tracking {cfg.tracking.uri})")
+    print(f"registered {uri} under MLflow run {run_id} (tracking {cfg.tracking.uri})")
     print(f"serve it: mlflow models serve -m {uri} --env-manager local --port 5001")
+
+
+def cmd_restore(args) -> None:
+    import subprocess
+
+    from polyinr import pipeline
+    from polyinr.storage import CheckpointStore
+
+    # argparse deals the trailing words to overrides first: the run is the one without "=".
+    words = [*args.overrides, args.run]
+    names = [w for w in words if "=" not in w]
+    if len(names) != 1:
+        raise ValueError(f"give one run name (and section.key=value overrides), got {words}")
+    args.run, args.overrides = names[0], [w for w in words if "=" in w]
+    cfg = _config(args)
+    store = CheckpointStore(cfg.storage, args.run)
+    found = pipeline.load_record(store, Path.cwd())
+    if "dvc.lock" not in found:
+        raise FileNotFoundError(f"no dvc.lock recorded in {store.uri} (storage.uri, run name?)")
+    print(f"restored {', '.join(found)} of run {args.run} from {store.uri}")
+    if not args.no_pull:
+        subprocess.run([pipeline.DVC, "pull"], check=True)
 
 
 def cmd_class_embeddings(args) -> None:
@@ -515,6 +545,12 @@ def main(argv=None) -> int:
         help="start from image 0 when the run has checkpoints but none of them loads (they "
         "are moved to corrupt/); without it training stops with an error instead",
     )
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="multi-node: take params, --until-stage and the working directory (on a shared "
+        "volume) from rank 0, so that other nodes need no params (deploy/k8s)",
+    )
     p = sub.add_parser("checkpoints", help="The run's checkpoints (storage.uri).")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     command(
@@ -631,7 +667,19 @@ def main(argv=None) -> int:
     )
     p.add_argument("--generator", default="models/generator.pt", help="exported generator")
     p.add_argument("--name", default="polyinr-generator", help="registered model name")
-    p.add_argument("--mlflow-run", help="log the model in this run (default: a new run)")
+    p.add_argument(
+        "--mlflow-run",
+        help="log the model in this run (default: the training run recorded in the generator)",
+    )
+    p = command(
+        "restore",
+        cmd_restore,
+        "Restore a run's pipeline state from the remotes into this checkout: its params.yaml "
+        "and dvc.lock (recorded beside its checkpoints in storage.uri by the Prefect flow), "
+        "then `dvc pull` of its outputs.",
+    )
+    p.add_argument("run", help="the run's name (tracking.run_name with {params} filled in)")
+    p.add_argument("--no-pull", action="store_true", help="only write params.yaml and dvc.lock")
     p = command(
         "class-embeddings",
         cmd_class_embeddings,

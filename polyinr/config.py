@@ -7,6 +7,8 @@ are its schema. Overrides use DVC's grammar, `section.key=value`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import types
 import typing
 from pathlib import Path
@@ -22,6 +24,25 @@ from polyinr.tracking import TrackingConfig
 from polyinr.train import TrainConfig
 
 DEFAULT_PARAMS = Path("params.yaml")
+# A run's identity: every key of these sections changes what training produces, except
+# NOT_IDENTITY (where inputs live, how fast they load, how often progress is saved) and the
+# last stage's kimg (how far to train: a longer schedule resumes the same run).
+IDENTITY_SECTIONS = ("data", "generator", "discriminator", "train")
+NOT_IDENTITY = frozenset(
+    {
+        "data.out_dir",
+        "data.workers",
+        "data.scan_cache",
+        "data.strict",
+        "discriminator.weights_dir",
+        "train.workers",
+        "train.snapshot_kimg",
+        "train.sample_kimg",
+        "train.sample_psi",
+        "train.checkpoint_levels",
+    }
+)
+PARAMS_HASH = "{params}"  # in tracking.run_name: replaced by fingerprint(cfg)
 
 
 class ConfigError(ValueError):
@@ -130,7 +151,9 @@ def from_dict(raw: dict, overrides: typing.Sequence[str] = ()) -> Config:
     if missing:
         raise ConfigError(f"missing section {missing[0]}; params need: {valid}")
     hints = typing.get_type_hints(Config)
-    return Config(**{k: _build(hints[k], raw[k], k) for k in valid})
+    cfg = Config(**{k: _build(hints[k], raw[k], k) for k in valid})
+    name = cfg.tracking.run_name.replace(PARAMS_HASH, fingerprint(cfg))
+    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_name=name))
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -169,8 +192,10 @@ def load(path: str | Path = DEFAULT_PARAMS, overrides: typing.Sequence[str] = ()
 
 
 def to_dict(cfg) -> dict:
-    """The nested plain-type mapping of a Config (or section); lists stay lists."""
-    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+    """The nested plain-type mapping of a Config (or section, or such a mapping); lists stay
+    lists."""
+    plain = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    return yaml.safe_load(yaml.safe_dump(_plain(plain)))
 
 
 def _plain(x):
@@ -194,3 +219,30 @@ def flatten(cfg) -> dict[str, object]:
 
     walk("", to_dict(cfg))
     return out
+
+
+def identity(cfg) -> dict[str, object]:
+    """`section.key -> value` of the params that decide what training produces (see
+    IDENTITY_SECTIONS); train.stages without the last stage's kimg."""
+    flat = flatten(cfg)
+    out = {
+        k: v
+        for k, v in flat.items()
+        if k.split(".")[0] in IDENTITY_SECTIONS and k not in NOT_IDENTITY
+    }
+    *done, last = out["train.stages"]
+    out["train.stages"] = [*done, {"resolution": last["resolution"]}]
+    return out
+
+
+def fingerprint(cfg) -> str:
+    """8 hex digits of a hash of identity(cfg): `{params}` in tracking.run_name, so that a
+    change of any result-affecting param is a new run (checkpoint folder, MLflow run)."""
+    text = json.dumps(identity(cfg), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def identity_diff(old: dict, new: dict) -> list[str]:
+    """`key: old -> new` for each identity param that differs between two identity() maps."""
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]

@@ -73,6 +73,18 @@ def gather_labels(labels: list[torch.Tensor], world: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def from_rank0(value):
+    """Rank 0's `value` on every rank (any picklable object); `value` itself outside torchrun.
+
+    Multi-node: only the first node reads params; the others follow (`polyinr train --follow`).
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def on_rank0(fn, rank: int, world: int):
     """Run fn on rank 0 and hand its result to all ranks; if it fails, every rank raises."""
     result, error = None, None

@@ -328,7 +328,7 @@ class TrainingFID:
         kimg = cur_nimg / 1000
         self.rows.append({"kimg": kimg, "stage": stage, "resolution": resolution, self.name: fid})
         if rank_world()[0] == 0:
-            tracking.log_metrics({self.name: fid}, step=int(kimg))
+            tracking.log_metrics({self.name: fid}, step=cur_nimg)
             self.store.write(FID_LOG, json.dumps(self.rows).encode())
             self.store.mark_best(snapshot_name(cur_nimg), fid, stage)
             self.write_curve()

@@ -93,7 +93,7 @@ def continue_run(cfg: TrackingConfig, run_id: str, params: dict | None = None):
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    """Numbers of the active run at `step` (kimg for training curves)."""
+    """Numbers of the active run at `step` (cur_nimg, images seen, for training curves)."""
     import mlflow
 
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)

@@ -284,7 +284,7 @@ def _resume(store, cfg, rank: int, restart: bool):
     When the run has checkpoints but none loads, training starts from image 0 only with
     `restart`: a silent restart would train over the old run's names.
     """
-    from polyinr.config import to_dict
+    from polyinr.config import identity, identity_diff
 
     try:
         resumed = store.load_latest(move_aside=rank == 0)
@@ -300,12 +300,12 @@ def _resume(store, cfg, rank: int, restart: bool):
     if resumed is None:
         return None
     state, uri = resumed
-    for section in ("generator", "discriminator"):
-        if state["config"][section] != to_dict(getattr(cfg, section)):
-            raise ValueError(
-                f"checkpoint {uri} was made with a different {section} section; "
-                "use another tracking.run_name or storage.uri to start a new run"
-            )
+    changed = identity_diff(identity(state["config"]), identity(cfg))
+    if changed:
+        raise ValueError(
+            f"checkpoint {uri} was made with other params ({'; '.join(changed)}); put "
+            "{params} in tracking.run_name or use another name to start a new run"
+        )
     if rank == 0:
         print(f"resuming from {uri} at kimg {state['cur_nimg'] / 1000:g}", file=sys.stderr)
     states = state["rng"]  # one entry per rank of the run that saved it
@@ -389,6 +389,13 @@ def _train(
     ends = np.cumsum([-(-int(s.kimg * 1000) // t.batch) * t.batch for s in t.stages]).tolist()
     starts = [0] + ends[:-1]
     final = last == len(t.stages) - 1  # the whole schedule: export the generator at the end
+    if final and state and (cur_nimg > ends[-1] or state["stage"] >= len(t.stages)):
+        # A shorter schedule than this run's checkpoints: refused before MLflow is touched.
+        raise ValueError(
+            f"the checkpoints in {store.uri} are at kimg {cur_nimg / 1000:g}, past the end of "
+            f"train.stages (kimg {ends[-1] / 1000:g}): lengthen the schedule to continue, or "
+            "use the run's models/generator.pt as it is"
+        )
     if not final and cur_nimg >= ends[last]:
         resolution = t.stages[last].resolution
         if rank == 0:
@@ -409,10 +416,11 @@ def _train(
         else:  # a new run, tagged with this id, when the store never saw it (another host)
             run = tracking.continue_run(cfg.tracking, run_id, params=flatten(cfg))
         run_id = run.info.run_id
-        tracking.set_tags(
+        tracking.set_tags(  # the params keep the first schedule; a resume may lengthen it
             {
                 "discriminator.pretrained": str(cfg.discriminator.pretrained),
                 "discriminator.weights": weights_label(cfg.discriminator),
+                "train.stages": str(flatten(cfg)["train.stages"]),
             }
         )
 
@@ -507,10 +515,12 @@ def _train(
             sums += [stats["loss_g"], stats["loss_d"], *stats["acc_real"], *stats["acc_fake"]]
             count += 1
             bar.update(t.batch)
+            # No forced redraw: every mininterval ($TQDM_MININTERVAL), not every step.
             bar.set_postfix(
                 loss_g=f"{stats['loss_g']:.3f}",
                 loss_d=f"{stats['loss_d']:.3f}",
                 d_acc=f"{np.mean(stats['acc_real'] + stats['acc_fake']):.2f}",
+                refresh=False,
             )
             done = cur_nimg >= ends[index]
             if rank == 0 and (cur_nimg >= next_sample or done):
@@ -522,7 +532,7 @@ def _train(
                     t.sample_psi,
                     rows=len(grid_classes) // 8,
                 )
-                tracking.log_image(grid, key="samples", step=cur_nimg // 1000)
+                tracking.log_image(grid, key="samples", step=cur_nimg)  # steps are images
             stopping = stop.any_rank(world, device)
             if cur_nimg >= next_snapshot or done or stopping:
                 next_snapshot = _next_tick(cur_nimg, t.snapshot_kimg)
@@ -558,7 +568,7 @@ def _train(
                 if rank == 0:
                     tracking.log_metrics(
                         {k: v for k, v in row.items() if k not in ("kimg", "stage", "resolution")},
-                        step=cur_nimg // 1000 if cur_nimg >= 1000 else 0,
+                        step=cur_nimg,
                     )
                 save = functools.partial(store.save, checkpoint, cur_nimg, info)
                 uri = distributed.on_rank0(save, rank, world)

@@ -8,7 +8,9 @@
 # server and `dvc push` to s3://polyinr/dvc (.dvc/config's remote at this endpoint).
 #
 #   scripts/stack.sh up       start everything (a no-op for parts already running)
-#   scripts/stack.sh down     stop everything; the data stays in $STACK_DIR
+#   scripts/stack.sh down     stop in-flight flow runs (SIGTERM: training checkpoints, the run
+#                             ends Crashed, its MLflow run KILLED), then everything; the data
+#                             stays in $STACK_DIR
 #   scripts/stack.sh status   what runs, where; `source $STACK_DIR/env` points a shell at it
 #
 # Ports: POLYINR_S3_PORT, POLYINR_MLFLOW_PORT, POLYINR_PREFECT_PORT. Commands come from
@@ -94,8 +96,31 @@ up() {
     say "run:  source $STACK_DIR/env && prefect deployment run train-poly-inr/local"
 }
 
+# The worker's flow runs: Prefect's process worker starts each in a session of its own, so
+# stopping the worker's group would leave them training against stopped servers. SIGTERM
+# each run's group and wait (POLYINR_STOP_TIMEOUT, default 300 s) while training saves its
+# checkpoint to S3, ends its MLflow run KILLED and Prefect marks the flow run Crashed.
+stop_runs() {
+    local pid runs deadline=$((SECONDS + ${POLYINR_STOP_TIMEOUT:-300}))
+    alive worker || return 0
+    runs=$(pgrep -P "$(<"$STACK_DIR/worker.pid")" || true)
+    [[ -n $runs ]] || return 0
+    for pid in $runs; do
+        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+        say "flow run process $pid: SIGTERM (checkpoint, then Crashed)"
+    done
+    for pid in $runs; do
+        while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.5; done
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -KILL -- "-$pid" 2>/dev/null || true
+            say "flow run process $pid: killed after ${POLYINR_STOP_TIMEOUT:-300} s"
+        fi
+    done
+}
+
 down() {
     local name pid
+    stop_runs
     for name in worker mlflow prefect s3; do
         [[ -f $STACK_DIR/$name.pid ]] || continue
         pid=$(<"$STACK_DIR/$name.pid")

@@ -25,6 +25,7 @@ COMMANDS = [
     "interpolate",
     "mix",
     "publish",
+    "restore",
     "class-embeddings",
     "summary",
 ]

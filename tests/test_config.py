@@ -242,3 +242,37 @@ def test_duplicate_key_in_a_params_file_names_it(tmp_path):
     line = text.splitlines().index("  seed: 5") + 1
     with pytest.raises(ConfigError, match=rf"duplicate key 'seed' \(lines {line - 1} and {line}\)"):
         config.load(tmp_path / "params.yaml")
+
+
+def test_run_name_hashes_the_params_that_change_the_result():
+    """`{params}` in tracking.run_name is a hash of the result-affecting params: a new lr or
+    resolution is a new run; where things are stored or logged, how fast data loads and
+    lengthening the last stage (how far to train) keep the run; names say what differs."""
+    base = config.load(PARAMS)
+    name = base.tracking.run_name
+    assert name.startswith("demo-") and len(name) == len("demo-") + 8
+    new_runs = [
+        "train.lr_g=2.0e-4",
+        "generator.hidden=64",
+        "discriminator.diffaugment=color",
+        "data.demo_per_class=8",
+        "train.stages=[{resolution: 16, kimg: 6.0}, {resolution: 32, kimg: 2.0}]",
+    ]
+    for override in new_runs:
+        assert config.load(PARAMS, [override]).tracking.run_name != name, override
+    same_run = [
+        "train.workers=4",
+        "train.snapshot_kimg=1.0",
+        "storage.uri=s3://bucket/checkpoints",
+        "tracking.uri=http://127.0.0.1:5000",
+        "eval.num_samples=16",
+        "data.out_dir=elsewhere",
+        "train.stages=[{resolution: 16, kimg: 12.0}, {resolution: 32, kimg: 2.0}, "
+        "{resolution: 64, kimg: 5.0}]",
+    ]
+    for override in same_run:
+        assert config.load(PARAMS, [override]).tracking.run_name == name, override
+    assert config.load(PARAMS, ["tracking.run_name=fixed"]).tracking.run_name == "fixed"
+    changed = config.load(PARAMS, ["train.lr_g=2.0e-4", "generator.levels=4"])
+    diff = config.identity_diff(config.identity(base), config.identity(changed))
+    assert diff == ["generator.levels: 10 -> 4", "train.lr_g: 0.00025 -> 0.0002"]

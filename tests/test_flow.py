@@ -98,12 +98,14 @@ def test_stage_failures_retry_unless_the_inputs_are_wrong(train_flow):
 @pytest.mark.slow
 def test_flow_runs_every_stage_as_a_task(tmp_path, repo_copy):
     """`python flows/train_flow.py OVERRIDES...` runs each DVC stage as a completed Prefect
-    task, writes metrics/eval.json and publishes it as a markdown artifact."""
+    task in a workspace of its own (the checkout's params.yaml untouched, the workspace gone
+    at the end) and publishes metrics/eval.json as a markdown artifact."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     repo = repo_copy
+    params_before = (repo / "params.yaml").read_text()
     with prefect_test_harness(server_startup_timeout=120):
         env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
         env.pop("POLYINR_OVERRIDES", None)
@@ -115,19 +117,28 @@ def test_flow_runs_every_stage_as_a_task(tmp_path, repo_copy):
             task_runs = client.read_task_runs()
             artifacts = client.read_artifacts()
     assert flow_run.name and flow_run.state.is_completed()
-    stages = subprocess.run(  # of params.yaml with the overrides written in
-        [DVC, "stage", "list", "--name-only"], cwd=repo, capture_output=True, text=True, check=True
-    ).stdout.split()
+    assert (repo / "params.yaml").read_text() == params_before  # overrides: workspace only
+    assert not any((repo / ".workspaces").iterdir())  # removed at the end
     # DVC's stages, with `train` run as one task per progressive stage (TINY has one).
-    expected = [s for s in stages if s != "train"] + ["train@0 (16px)"]
-    assert "prepare@0" in expected and "prepare@1" not in expected
-    states = {t.name: t.state.name for t in task_runs}
+    expected = ["workspace", "demo_data", "prepare@0", "train@0 (16px)", "evaluate", "publish"]
+    states = {
+        t.name.rsplit("-", 1)[0]
+        if t.name.startswith(("workspace", "publish"))
+        else t.name: t.state.name
+        for t in task_runs
+    }
     assert {name: states.get(name) for name in expected} == dict.fromkeys(expected, "Completed")
-    metrics = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert "prepare@1" not in states
     (artifact,) = [a for a in artifacts if a.key == "poly-inr-eval"]
-    assert all(name in artifact.data for name in metrics)
+    assert all(name in artifact.data for name in ("fid", "sfid", "precision", "recall"))
     (link,) = [a for a in artifacts if a.key == "mlflow-run"]
     assert "sqlite:///mlflow.db" in link.data  # a local store: the run id, not a URL
+    (restore,) = [a for a in artifacts if a.key == "restore"]
+    assert "polyinr restore demo-" in restore.data
+    # The run's record beside its checkpoints (storage.uri=checkpoints, shared by the link).
+    (run_dir,) = (repo / "checkpoints").glob("demo-*")
+    assert {"params.yaml", "dvc.lock", "latest.json"} <= {p.name for p in run_dir.iterdir()}
+    assert "lr_g" in (run_dir / "params.yaml").read_text()
 
 
 def _free_ports(n: int) -> list[int]:
@@ -142,18 +153,6 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a process and everything below it, as a machine that dies would."""
-    import psutil
-
-    proc = psutil.Process(pid)
-    for p in [*proc.children(recursive=True), proc]:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
 def _wait_state(client, run_id, done, timeout: float, what: str):
     import time
 
@@ -166,18 +165,26 @@ def _wait_state(client, run_id, done, timeout: float, what: str):
     raise AssertionError(f"{what}: flow run still {run.state.name} after {timeout} s")
 
 
+def _git(repo, *args) -> str:
+    cmd = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+
+
 @pytest.mark.slow
-def test_deployment_run_on_the_local_stack_resumes_after_a_crash(repo_copy):
-    """`scripts/stack.sh up` (S3 on disk, MLflow server, Prefect server, worker); `prefect
-    deployment run train-poly-inr/local` is killed in the second progressive stage; the rerun
-    skips the stages DVC finished and the first training stage, resumes the second from the
-    checkpoint in S3 and completes; metrics, samples and model are in MLflow with artifacts
-    in S3, checkpoints and DVC outputs are in S3."""
+def test_concurrent_runs_preemption_and_recovery_on_the_local_stack(repo_copy, tmp_path):
+    """`scripts/stack.sh up` on a git checkout (S3 on disk, MLflow and Prefect servers, a
+    worker). Two deployment runs issued at once with different train.lr_g each train their
+    own run (MLflow run named by the params' hash, its own params), the checkout stays clean.
+    A fresh clone restores run A from the remotes alone (`polyinr restore` + `dvc pull`).
+    A third run, stopped by `stack.sh down` in its second progressive stage, checkpoints,
+    ends Crashed with its MLflow run KILLED; after `stack.sh up` its rerun skips what DVC
+    and the checkpoints finished and resumes from the pre-emption checkpoint."""
     import re
     import time
 
     import boto3
     import mlflow
+    import torch
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -187,7 +194,13 @@ def test_deployment_run_on_the_local_stack_resumes_after_a_crash(repo_copy):
     )
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from polyinr.config import load
+
     repo = repo_copy
+    subprocess.run([DVC, "config", "--unset", "core.no_scm"], cwd=repo, check=True)
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "deployment")
     s3_port, mlflow_port, prefect_port = _free_ports(3)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
     env.pop("PREFECT_API_URL", None)
@@ -200,103 +213,183 @@ def test_deployment_run_on_the_local_stack_resumes_after_a_crash(repo_copy):
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
     )
     stack = ["bash", str(repo / "scripts" / "stack.sh")]
-    overrides = [  # 4 steps of 32 images at 16 px, 8 at 32 px, a checkpoint every 2
-        "data.demo_per_class=8",
-        "train.stages=[{resolution: 16, kimg: 0.128}, {resolution: 32, kimg: 0.256}]",
-        "train.snapshot_kimg=0.064",
-        "eval.num_samples=16",
-    ]
-    try:
-        up = subprocess.run([*stack, "up"], cwd=repo, env=env, capture_output=True, text=True)
-        assert up.returncode == 0, (up.stdout + up.stderr)[-4000:]
+    tiny = ["data.demo_per_class=8", "eval.num_samples=16"]
+    runs = {  # A and B: 2 steps of 32 images at 16 px; C: 4 at 16 px, then 8 at 32 px
+        "a": [*tiny, "train.stages=[{resolution: 16, kimg: 0.064}]", "train.lr_g=2.0e-4"],
+        "b": [*tiny, "train.stages=[{resolution: 16, kimg: 0.064}]", "train.lr_g=1.0e-3"],
+        "c": [
+            *tiny,
+            "train.stages=[{resolution: 16, kimg: 0.128}, {resolution: 32, kimg: 0.256}]",
+            "train.snapshot_kimg=0.064",
+            "train.lr_g=5.0e-4",
+        ],
+    }
+    names = {k: load(repo / "params.yaml", v).tracking.run_name for k, v in runs.items()}
+    assert len(set(names.values())) == 3
+
+    def up():
+        proc = subprocess.run([*stack, "up"], cwd=repo, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
         for line in (repo / ".stack" / "env").read_text().splitlines():
             key, _, value = line.removeprefix("export ").partition("=")
             env[key] = value.strip("'")
+
+    def down():
+        proc = subprocess.run([*stack, "down"], cwd=repo, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    def deployment_run(key):
+        cmd = ["prefect", "deployment", "run", "train-poly-inr/local"]
+        cmd += ["--param", f"overrides={json.dumps(runs[key])}"]
+        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout)[1]
+
+    def s3_keys(prefix):
         s3 = boto3.client(
             "s3",
             endpoint_url=env["AWS_ENDPOINT_URL"],
-            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            aws_access_key_id="local",
+            aws_secret_access_key="local",
             region_name="us-east-1",
         )
+        listing = s3.list_objects_v2(Bucket="polyinr", Prefix=prefix)
+        return [o["Key"] for o in listing.get("Contents", [])]
 
-        def keys(prefix):
-            listing = s3.list_objects_v2(Bucket="polyinr", Prefix=prefix)
-            return [o["Key"] for o in listing.get("Contents", [])]
+    def nimgs(key):
+        found = s3_keys(f"checkpoints/{names[key]}/snapshot-")
+        return [int(k[-15:-3]) for k in found if k.endswith(".pt")]
 
-        def deployment_run():
-            cmd = ["prefect", "deployment", "run", "train-poly-inr/local"]
-            cmd += ["--param", f"overrides={json.dumps(overrides)}"]
-            proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
-            assert proc.returncode == 0, proc.stdout + proc.stderr
-            return re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout)[1]
-
+    try:
+        up()
         with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
             with get_client(sync_client=True) as client:
-                # Run 1: killed (flow process and its children) once a checkpoint of the
-                # second stage (32 px, after image 128) is in S3.
-                def nimgs():
-                    found = keys("checkpoints/demo/snapshot-")
-                    return [int(k[-15:-3]) for k in found if k.endswith(".pt")]  # not .json
+                first = {key: deployment_run(key) for key in ("a", "b")}  # at once
+                for key, run_id in first.items():
+                    run = _wait_state(client, run_id, lambda s: s.is_final(), 1500, key)
+                    assert run.state.is_completed(), (key, run.state.message)
+                records = {k: s3_keys(f"checkpoints/{names[k]}/") for k in ("a", "b")}
 
-                first = deployment_run()
-                deadline = time.monotonic() + 400
-                while max(nimgs(), default=0) <= 128:
-                    run = client.read_flow_run(first)
-                    assert not run.state.is_final(), f"run 1 ended early: {run.state}"
-                    assert time.monotonic() < deadline, "no 32 px checkpoint after 400 s"
+                # Run C, stopped by `stack.sh down` once a 32 px checkpoint is in S3.
+                third = deployment_run("c")
+                deadline = time.monotonic() + 1500  # 2 shared cores can be very busy
+                while max(nimgs("c"), default=0) <= 128:
+                    assert not client.read_flow_run(third).state.is_final()
+                    assert time.monotonic() < deadline, "no 32 px checkpoint after 1500 s"
                     time.sleep(0.2)
-                run = client.read_flow_run(first)
-                _kill_tree(int(str(run.infrastructure_pid).rpartition(":")[2]))
-                killed_at = max(nimgs())
-                run = _wait_state(client, first, lambda s: s.is_final(), 60, "killed run")
-                assert run.state.is_crashed() or run.state.is_failed(), run.state
-                assert 128 < killed_at < 384
-
-                # Run 2: the same deployment again; DVC skips what run 1 finished.
-                second = deployment_run()
-                run = _wait_state(client, second, lambda s: s.is_final(), 600, "rerun")
+        stopped = down()
+        stopped_at = max(
+            int(p.name[-15:-3])
+            for p in (repo / ".stack/s3/polyinr/checkpoints" / names["c"]).glob("*.pt")
+        )
+        up()
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        (killed,) = mlflow.search_runs(
+            experiment_names=["polyinr-demo"],
+            filter_string=f"attributes.run_name = '{names['c']}'",
+            output_format="list",
+        )
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            with get_client(sync_client=True) as client:
+                crashed = client.read_flow_run(third).state
+                rerun = deployment_run("c")
+                run = _wait_state(client, rerun, lambda s: s.is_final(), 1500, "rerun")
                 assert run.state.is_completed(), run.state.message
-                ids = FlowRunFilter(id=FlowRunFilterId(any_=[second]))
+                ids = FlowRunFilter(id=FlowRunFilterId(any_=[rerun]))
                 tasks = {t.name: t for t in client.read_task_runs(flow_run_filter=ids)}
-                artifacts = {a.key: a for a in client.read_artifacts(flow_run_filter=ids)}
                 train_id = LogFilterTaskRunId(any_=[tasks["train@1 (32px)"].id])
                 logs = client.read_logs(LogFilter(task_run_id=train_id))
-    finally:
-        down = subprocess.run([*stack, "down"], cwd=repo, env=env, capture_output=True, text=True)
-    assert down.returncode == 0, down.stdout + down.stderr
 
-    states = {name: task.state.name for name, task in tasks.items()}
-    for name in ("demo_data", "prepare@0", "prepare@1"):
-        assert states[name] == "Skipped"  # dvc status: up to date
-    assert states["train@0 (16px)"] == "Skipped"  # the checkpoints are past the 16 px stage
-    assert states["train@1 (32px)"] == "Completed"
-    assert states["evaluate"] == "Completed"
+        # Recovery from the remotes alone: a fresh clone restores run A.
+        fresh = tmp_path / "fresh"
+        _git(tmp_path, "clone", "-q", str(repo), str(fresh))
+        restore = ["polyinr", "restore", names["a"], "storage.uri=s3://polyinr/checkpoints"]
+        proc = subprocess.run(restore, cwd=fresh, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        status = subprocess.run([DVC, "status"], cwd=fresh, env=env, capture_output=True, text=True)
+    finally:
+        down()
+
+    # Concurrency: two MLflow runs, each named by its identity and holding its own params.
+    mlflow.set_tracking_uri(f"sqlite:///{repo / '.stack' / 'mlflow.db'}")
+    found = mlflow.search_runs(experiment_names=["polyinr-demo"], output_format="list")
+    by_name = {r.info.run_name: r for r in found}
+    assert set(by_name) == set(names.values())
+    for key, lr in (("a", "0.0002"), ("b", "0.001"), ("c", "0.0005")):
+        assert by_name[names[key]].data.params["train.lr_g"] == lr
+        assert by_name[names[key]].data.params["tracking.run_name"] == names[key]
+    for key in ("a", "b"):  # each run's record of the pipeline, beside its checkpoints
+        assert f"checkpoints/{names[key]}/dvc.lock" in records[key]
+    assert _git(repo, "status", "--porcelain") == ""  # nothing written back into the checkout
+    (version,) = [
+        v
+        for v in mlflow.MlflowClient().search_model_versions("name='polyinr-generator'")
+        if v.run_id == by_name[names["a"]].info.run_id
+    ]
+    assert version.tags["eval.protocol"] == "adm"
+
+    # Pre-emption: checkpoint at SIGTERM, flow run Crashed, MLflow run KILLED, then resumed.
+    assert "SIGTERM" in stopped and crashed.is_crashed(), (stopped, crashed)
+    assert killed.info.status == "KILLED"
     train_logs = "\n".join(log.message for log in logs)
     resumed = int(re.search(r"resuming from \S+/snapshot-(\d+)\.pt", train_logs)[1])
-    assert killed_at <= resumed < 384  # from the last checkpoint, not from the start
+    assert 128 < resumed == stopped_at < 384
+    run_c = mlflow.MlflowClient().get_run(by_name[names["c"]].info.run_id)
+    assert run_c.info.status == "FINISHED"  # KILLED at the stop, continued by the rerun
+    states = {name: task.state.name for name, task in tasks.items()}
+    for name in ("demo_data", "prepare@0", "prepare@1", "train@0 (16px)"):
+        assert states[name] == "Skipped", (name, states)
+    assert states["train@1 (32px)"] == states["evaluate"] == "Completed"
 
-    # Artifacts of the run: metrics table, MLflow link, checkpoint URIs (resumed + written).
-    metrics = json.loads((repo / "metrics" / "eval.json").read_text())
-    assert f"| fid | {metrics['fid']} |" in artifacts["poly-inr-eval"].data
-    run_link = artifacts["mlflow-run"].data  # markdown: [MLflow run ID](URL)
-    assert f"({env['MLFLOW_TRACKING_URI']}/#/experiments/" in run_link
-    table = json.loads(artifacts["checkpoints"].data)
-    uris = [row["checkpoint"] for row in table]
-    assert uris[0].endswith(f"snapshot-{resumed:012d}.pt") and len(uris) > 1
-    assert all(uri.startswith("s3://polyinr/checkpoints/demo/") for uri in uris)
+    # The fresh clone: run A's params, lock and outputs; nothing for DVC to redo.
+    assert "lr_g: 2.0e-4" in (fresh / "params.yaml").read_text()
+    assert (fresh / "models" / "generator.pt").is_file()
+    assert "up to date" in status.stdout.lower(), status.stdout + status.stderr
+    meta = torch.load(fresh / "models" / "generator.pt", weights_only=True)["meta"]
+    assert meta["mlflow_run_id"] == by_name[names["a"]].info.run_id
 
-    # Everything landed on disk, in the S3 server's folder (it is stopped now).
-    disk = repo / ".stack" / "s3" / "polyinr"
-    assert (disk / "checkpoints" / "demo" / "latest.json").is_file()
-    assert any((disk / "dvc" / "files" / "md5").rglob("*"))  # dvc push of the outputs
-    mlflow_files = {p.name for p in (disk / "mlflow").rglob("*") if p.is_file()}
-    assert {"eval.json", "grid.png", "train.csv", "generator.pt"} <= mlflow_files
 
-    # The MLflow server's store (SQLite, left on disk): one run with losses and metrics.
-    mlflow.set_tracking_uri(f"sqlite:///{repo / '.stack' / 'mlflow.db'}")
-    (mlrun,) = mlflow.search_runs(experiment_names=["polyinr-demo"], output_format="list")
-    assert run_link.endswith(f"/runs/{mlrun.info.run_id})")
-    assert "loss_g" in mlrun.data.metrics and "eval/fid" in mlrun.data.metrics
-    (version,) = mlflow.MlflowClient().search_model_versions("name='polyinr-generator'")
-    assert version.run_id == mlrun.info.run_id and version.tags["eval.fid"] == str(metrics["fid"])
+def test_sigterm_during_a_stage_reaches_it_and_then_prefects_handler(train_flow, tmp_path):
+    """SIGTERM to the flow process goes to the stage's process group (its child traps it,
+    checkpoints and exits 143); only once the stage's output has ended (its last lines
+    logged) does the flow's previous handler (Prefect's: the run ends Crashed) get it."""
+    import signal
+    import threading
+
+    class Terminated(BaseException):
+        pass
+
+    logged = []
+
+    def prefects(signum, frame):
+        logged.append("prefect's handler")
+        raise Terminated
+
+    class Logger:
+        def info(self, msg, *args):
+            logged.append(msg % args if args else msg)
+
+        warning = info
+
+    child = (
+        "import signal, sys, time\n"
+        "def stop(*_):\n"
+        "    time.sleep(0.5); print('checkpoint written', flush=True); sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('training', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    previous = signal.signal(signal.SIGTERM, prefects)
+    timer = threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        timer.start()
+        with pytest.raises(Terminated):
+            train_flow._stream([sys.executable, "-c", child], Logger(), tmp_path)
+        assert signal.getsignal(signal.SIGTERM) is prefects  # restored after the stage
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    assert logged[1:3] == ["training", "checkpoint written"]
+    assert logged[3].startswith("SIGTERM:") and logged[3].endswith("(exit 143)")
+    assert logged[4] == "prefect's handler"

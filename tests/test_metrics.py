@@ -545,8 +545,8 @@ def test_two_processes_give_the_single_process_result(tmp_path):
 
 def test_training_fid_runs_every_kimg_logs_and_keeps_the_best_snapshot(tmp_path, monkeypatch):
     """Evaluated when an every_kimg boundary is crossed or a stage ends; logged to MLflow as
-    fid8 against kimg and to metrics/fid.csv; the stage's best snapshot survives pruning; a
-    resumed run reads the log back."""
+    fid8 against images seen (cur_nimg) and to metrics/fid.csv; the stage's best snapshot
+    survives pruning; a resumed run reads the log back."""
     from polyinr import tracking
     from polyinr.tracking import TrackingConfig
 
@@ -574,7 +574,10 @@ def test_training_fid_runs_every_kimg_logs_and_keeps_the_best_snapshot(tmp_path,
     import mlflow
 
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "fid8")
-    assert [(m.step, m.value) for m in history] == [(1, values[1000]), (2, values[2100])]
+    assert [(m.step, m.value) for m in history] == [
+        (1000, values[1000]),
+        (2100, values[2100]),
+    ]
     lines = (tmp_path / "metrics" / "fid.csv").read_text().splitlines()
     assert lines[0] == "kimg,stage,resolution,fid8" and len(lines) == 3
     best_nimg = min((1000, 2100), key=lambda n: values[n])

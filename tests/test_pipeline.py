@@ -1,5 +1,6 @@
 """The demo pipeline end to end: `dvc repro` on a copy of the repository leaves every output
-and one MLflow run holding params, losses, samples and metrics."""
+and one MLflow run holding params, losses, samples and metrics. A flow run's workspace is a
+clean tree of the commit; its pipeline record restores a fresh checkout."""
 
 import json
 import os
@@ -50,8 +51,9 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
         manifest = json.loads((repo / f"data/ffcv/train_{resolution}.json").read_text())
         assert manifest["written"] == 4 * 8 and manifest["skipped"] == []
         assert manifest["resolution"] == resolution
-    latest = json.loads((repo / "checkpoints/demo/latest.json").read_text())
-    assert (repo / "checkpoints/demo" / latest["name"]).is_file()
+    (run_dir,) = (repo / "checkpoints").glob("demo-*")  # demo-{params}: the run's identity
+    latest = json.loads((run_dir / "latest.json").read_text())
+    assert (run_dir / latest["name"]).is_file()
     metrics = json.loads((repo / "metrics/eval.json").read_text())
     assert metrics["num_samples"] == 16 and metrics["protocol"] == "adm"
     assert metrics["resolution"] == 32 and metrics["kimg"] == 0.096
@@ -61,8 +63,8 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
         assert isinstance(metrics[key], float), key
     fid_curve = (repo / "metrics/fid.csv").read_text().splitlines()
     assert fid_curve[0] == "kimg,stage,resolution,fid8" and len(fid_curve) == 3
-    best = json.loads((repo / "checkpoints/demo/best.json").read_text())
-    assert (repo / "checkpoints/demo" / best["name"]).is_file()  # kept by pruning
+    best = json.loads((run_dir / "best.json").read_text())
+    assert (run_dir / best["name"]).is_file()  # kept by pruning
     with Image.open(repo / "samples/grid.png") as grid:
         assert grid.size == (32 * 8, 32 * 4)  # 8 seeds x 4 classes, at the last stage's size
 
@@ -146,3 +148,83 @@ def test_a_fresh_clone_has_the_data_folder_and_its_layout():
     text = (ROOT / "data" / "README.md").read_text()
     for name in ("demo/", "ffcv/", "train_<R>.beton", "train_<R>.json", "polyinr prepare"):
         assert name in text, name
+
+
+def _git(repo, *args):
+    cmd = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_workspace_is_the_commit_with_shared_cache_and_inputs(repo_copy, tmp_path):
+    """With git: a worktree at HEAD (uncommitted edits of params.yaml stay out), DVC's cache
+    and the untracked inputs (weights, checkpoints, mlflow.db) shared by links; removing
+    it deletes the links, never what they point to."""
+    from polyinr import pipeline
+
+    repo = repo_copy
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "deployment")
+    committed = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(committed.replace("lr_g: 2.5e-4", "lr_g: 9.0e-4"))
+    (repo / "weights").mkdir()
+    (repo / "weights" / "class_embeddings.pt").write_bytes(b"table")
+
+    ws = tmp_path / "ws"
+    assert pipeline.create_workspace(repo, ws) == _git(repo, "rev-parse", "HEAD")
+    assert (ws / "params.yaml").read_text() == committed
+    assert (ws / "weights" / "class_embeddings.pt").read_bytes() == b"table"
+    assert (ws / "checkpoints").resolve() == (repo / "checkpoints").resolve()
+    assert (ws / "mlflow.db").resolve() == (repo / "mlflow.db").resolve()
+    cache = subprocess.run(
+        [BIN / "dvc", "cache", "dir"], cwd=ws, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert Path(cache).resolve() == (repo / ".dvc" / "cache").resolve()
+    (ws / "leftover").write_text("a killed try")  # `prefect flow-run retry`: the same path
+    pipeline.create_workspace(repo, ws)
+    assert not (ws / "leftover").exists()
+    pipeline.remove_workspace(repo, ws)
+    assert not ws.exists() and (repo / "weights" / "class_embeddings.pt").is_file()
+    assert "ws" not in _git(repo, "worktree", "list")
+
+
+def test_workspace_without_git_copies_sources_not_outputs(repo_copy, tmp_path):
+    """Without git (the image has no .git): a copy of the tree without outputs, local state
+    or caches; params: another params file becomes params.yaml."""
+    from polyinr import pipeline
+
+    repo = repo_copy
+    for out in ("data/demo/train/x.JPEG", "models/generator.pt", ".stack/env"):
+        (repo / out).parent.mkdir(parents=True, exist_ok=True)
+        (repo / out).write_bytes(b"output")
+    ws = tmp_path / "ws"
+    assert pipeline.create_workspace(repo, ws, params="configs/imagenet-256.yaml") == "copy"
+    assert (ws / "params.yaml").read_text() == (repo / "configs/imagenet-256.yaml").read_text()
+    assert (ws / "dvc.yaml").is_file() and (ws / "polyinr" / "train.py").is_file()
+    for out in ("data", "models", ".stack", ".dvc/cache"):
+        assert not (ws / out).exists(), out
+
+
+def test_recorded_run_restores_a_fresh_checkout(repo_copy, tmp_path, monkeypatch):
+    """The record beside a run's checkpoints (params.yaml + dvc.lock) is what `polyinr
+    restore RUN` writes into a fresh checkout; an unknown run is refused by name."""
+    from polyinr import cli, config, pipeline
+    from polyinr.storage import CheckpointStore
+
+    src = tmp_path / "run"
+    src.mkdir()
+    (src / "params.yaml").write_text((repo_copy / "params.yaml").read_text() + "# run\n")
+    (src / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    store_uri = tmp_path / "store"
+    cfg = config.load(repo_copy / "params.yaml", [f"storage.uri={store_uri}"])
+    store = CheckpointStore(cfg.storage, "demo-0123abcd")
+    uris = pipeline.save_record(store, src)
+    assert uris == [f"{store.uri}/params.yaml", f"{store.uri}/dvc.lock"]
+
+    monkeypatch.chdir(repo_copy)
+    argv = ["restore", "--no-pull", "demo-0123abcd", f"storage.uri={store_uri}"]
+    assert cli.main(argv) == 0
+    for name in ("params.yaml", "dvc.lock"):
+        assert (repo_copy / name).read_text() == (src / name).read_text()
+    assert cli.main(["restore", "--no-pull", "nope", f"storage.uri={store_uri}"]) == 2
+    assert cli.main(["restore", "--no-pull", f"storage.uri={store_uri}"]) == 2  # no run

@@ -88,3 +88,32 @@ def test_served_model_refuses_classes_the_generator_does_not_have(tmp_path, sing
     assert model.predict(None, pd.DataFrame({"class_id": [2], "seed": [0]})).shape == (1, 8, 8, 3)
     with pytest.raises(ValueError, match="class 7 requested, but the generator has 3 classes"):
         model.predict(None, pd.DataFrame({"class_id": [7], "seed": [0]}))
+
+
+@pytest.mark.slow
+def test_publish_registers_under_the_run_that_trained_the_generator(tmp_path, single_thread):
+    """Without --mlflow-run, `polyinr publish` logs the model in the training run recorded in
+    the exported generator, not in a new empty run."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from polyinr import tracking
+
+    overrides = [
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"tracking.artifact_location={tmp_path}/mlartifacts",
+        "tracking.experiment=registry-test",
+    ]
+    cfg = config.load(ROOT / "params.yaml", overrides).tracking
+    with tracking.start_run(cfg) as run:  # what training does
+        tracking.log_metrics({"loss_g": 1.0}, step=32)
+    torch.manual_seed(0)
+    gen = tmp_path / "generator.pt"
+    meta = {"resolution": 8, "cur_nimg": 32, "mlflow_run_id": run.info.run_id}
+    save_generator(Generator(TINY, 8), gen, meta)
+    argv = ["publish", "--generator", str(gen), "--name", "tiny", "--params"]
+    assert cli.main([*argv, str(ROOT / "params.yaml"), *overrides]) == 0
+    version = MlflowClient().get_model_version("tiny", "1")
+    assert version.run_id == run.info.run_id
+    runs = mlflow.search_runs(experiment_names=["registry-test"], output_format="list")
+    assert [r.info.run_id for r in runs] == [run.info.run_id]  # no second, empty run

@@ -589,7 +589,7 @@ def test_resuming_with_another_generator_section_is_refused(prepared, tmp_path, 
     monkeypatch.setattr(train, "_stage_models", lambda *a: built.append(1))
     cfg = run_cfg(prepared, tmp_path, kimg=0.016)
     other = dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, hidden=24))
-    with pytest.raises(ValueError, match="different generator section"):
+    with pytest.raises(ValueError, match=r"other params \(generator\.hidden: 16 -> 24\)"):
         train.train(other, torch.device("cpu"), progress=False)
     assert not built
 
@@ -600,3 +600,49 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(prepared, tmp_pat
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch=8, batch_gpu=3))
     with pytest.raises(ValueError, match=r"train.batch=8 is not a multiple of batch_gpu \(3\)"):
         train.train(cfg, torch.device("cpu"), progress=False)
+
+
+def test_resume_refuses_other_params_and_a_shorter_schedule_leaves_the_run_finished(
+    prepared, tmp_path, monkeypatch
+):
+    """A fixed run name with a checkpoint made with other result-affecting params is refused,
+    naming them; a schedule shorter than the finished run's checkpoints is refused before
+    MLflow is touched, so the finished MLflow run stays FINISHED (not FAILED)."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    cpu = torch.device("cpu")
+    done = train.train(run_cfg(prepared, tmp_path, kimg=0.016), cpu, progress=False)
+    other = config.load(
+        REPO / "params.yaml",
+        [*tiny_overrides(prepared, kimg=0.016), "train.lr_g=2.0e-4", "generator.levels=2"],
+    )
+    other = dataclasses.replace(other, storage=run_cfg(prepared, tmp_path).storage)
+    with pytest.raises(ValueError, match=r"generator\.levels: 3 -> 2; train\.lr_g: 0\.00025 ->"):
+        train.train(other, cpu, progress=False)
+
+    shorter = run_cfg(prepared, tmp_path, kimg=0.008)
+    with pytest.raises(ValueError, match="past the end of train.stages"):
+        train.train(shorter, cpu, progress=False)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert mlflow.get_run(done["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_progress_bar_redraws_every_mininterval_not_every_step(prepared, tmp_path):
+    """`polyinr train` with TQDM_MININTERVAL=60 (the flow sets 5 s): six steps draw the bar
+    at its start and end only, so the Prefect log gets a line every few seconds, not per step."""
+    import os
+    import subprocess
+    import sys
+
+    overrides = [o for o in tiny_overrides(prepared, kimg=0.048) if "storage.uri" not in o]
+    overrides += [f"storage.uri={tmp_path / 'checkpoints'}", "train.snapshot_kimg=1.0"]
+    cmd = [sys.executable, "-m", "polyinr", "train", "--params", str(REPO / "params.yaml")]
+    env = {**os.environ, "TQDM_MININTERVAL": "60", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        cmd + overrides, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    draws = [p for p in proc.stderr.replace("\n", "\r").split("\r") if "stage 0 (16px)" in p]
+    assert 2 <= len(draws) <= 4, draws  # start, end (and its redraw around the last log line)
+    assert "0.048/0.048" in draws[-1] and "0.0/0.048" in draws[0], draws

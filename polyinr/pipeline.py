@@ -1,0 +1,142 @@
+"""A flow run's own workspace (a clean copy of the deployment's commit) and the run's record
+of the pipeline state (params.yaml + dvc.lock beside its checkpoints), from which a fresh
+checkout recovers everything with `polyinr restore` (docs/orchestration.md)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from polyinr.storage import CheckpointStore
+
+DVC = str(Path(sys.executable).parent / "dvc")
+# Untracked inputs and stores every workspace shares with the deployment's checkout: weights
+# and class embeddings, local checkpoints and MLflow store, caches (reference statistics).
+SHARED = ("weights", "checkpoints", "mlflow.db", "mlartifacts", ".cache")
+# Copied without git: never pipeline outputs, local state or tool caches.
+NOT_COPIED = {
+    ".git",
+    ".venv",
+    ".workspaces",
+    ".stack",
+    ".prefect",
+    ".pytest_cache",
+    ".ruff_cache",
+    "__pycache__",
+    "data",
+    "models",
+    "samples",
+    "dvc_plots",
+    *SHARED,
+}
+RECORD = ("params.yaml", "dvc.lock")  # the pipeline's state, kept beside the checkpoints
+ENV_CACHE = "POLYINR_DVC_CACHE"  # a DVC cache shared by all workspaces (default: root's)
+
+
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+
+
+def _dvc(where: Path, *args: str) -> str:
+    proc = subprocess.run([DVC, *args], cwd=where, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed in {where}:\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
+
+
+def create_workspace(root: Path, dest: Path, params: str | None = None) -> str:
+    """A clean tree of `root`'s commit at `dest`: a git worktree at HEAD, or without git a copy
+    of the tree minus outputs. It shares root's DVC cache (hard links: no copies of the data),
+    DVC remotes and untracked inputs (SHARED). params: a params file (relative to root) to
+    use as params.yaml, e.g. configs/imagenet-256.yaml. Returns the commit, or "copy"."""
+    root, dest = Path(root).resolve(), Path(dest)
+    remove_workspace(root, dest)  # left by a killed try of the same flow run (flow-run retry)
+    _git(root, "worktree", "prune")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    head = _git(root, "rev-parse", "HEAD")
+    if (root / ".git").exists() and head.returncode == 0:
+        commit = head.stdout.strip()
+        added = _git(root, "worktree", "add", "--detach", str(dest), commit)
+        if added.returncode != 0:
+            raise RuntimeError(f"git worktree add {dest} failed: {added.stderr}")
+    else:
+        commit = "copy"
+        shutil.copytree(root, dest, symlinks=True, ignore=_not_copied(root))
+        _dvc(dest, "config", "--local", "core.no_scm", "true")
+    local = root / ".dvc" / "config.local"  # remotes and credentials configured by hand
+    if local.is_file():
+        shutil.copy2(local, dest / ".dvc" / "config.local")
+    cache = os.environ.get(ENV_CACHE) or str(root / ".dvc" / "cache")
+    _dvc(dest, "cache", "dir", "--local", cache)
+    _dvc(dest, "config", "--local", "cache.type", "reflink,hardlink,copy")
+    for name in SHARED:
+        target = root / name
+        if name == "mlflow.db":
+            target.touch()  # SQLite creates it at the link's target; an empty file is a DB
+        elif not target.exists():
+            target.mkdir()
+        (dest / name).unlink(missing_ok=True)
+        (dest / name).symlink_to(target)
+    if params:
+        shutil.copy2(dest / params, dest / "params.yaml")
+    return commit
+
+
+def _not_copied(root: Path):
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        if Path(folder).resolve() == root:
+            return {n for n in names if n in NOT_COPIED}
+        inside_dvc = Path(folder).name == ".dvc"
+        return {n for n in names if n == "__pycache__" or (inside_dvc and n != "config")}
+
+    return ignore
+
+
+def link_source(root: Path, dest: Path, source: str) -> None:
+    """Link data.source into the workspace when it is a relative path that exists only in
+    root (an ImageNet folder or tar linked there), unless a pipeline stage writes it."""
+    outs = {
+        out if isinstance(out, str) else next(iter(out))
+        for stage in yaml.safe_load((dest / "dvc.yaml").read_text())["stages"].values()
+        for out in stage.get("do", stage).get("outs", [])
+    }
+    target, link = Path(root) / source, Path(dest) / source
+    if Path(source).is_absolute() or source in outs or link.exists() or not target.exists():
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target.resolve())
+
+
+def remove_workspace(root: Path, dest: Path) -> None:
+    """Delete a workspace (the links in it, never what they point to)."""
+    if (Path(dest) / ".git").is_file():
+        _git(root, "worktree", "remove", "--force", str(dest))
+    if Path(dest).exists():
+        shutil.rmtree(dest)
+
+
+def save_record(store: CheckpointStore, where: Path) -> list[str]:
+    """Copy params.yaml and dvc.lock of `where` beside the run's checkpoints; their URIs."""
+    uris = []
+    for name in RECORD:
+        path = Path(where) / name
+        if path.is_file():
+            store.write(name, path.read_bytes())
+            uris.append(f"{store.uri}/{name}")
+    return uris
+
+
+def load_record(store: CheckpointStore, where: Path, names=RECORD) -> list[str]:
+    """Write the run's recorded files (of `names`) into `where`; the names found."""
+    found = []
+    for name in names:
+        data = store.read(name)
+        if data is not None:
+            (Path(where) / name).write_bytes(data)
+            found.append(name)
+    return found
