@@ -227,4 +227,6 @@ def test_recorded_run_restores_a_fresh_checkout(repo_copy, tmp_path, monkeypatch
     for name in ("params.yaml", "dvc.lock"):
         assert (repo_copy / name).read_text() == (src / name).read_text()
     assert cli.main(["restore", "--no-pull", "nope", f"storage.uri={store_uri}"]) == 2
-    assert cli.main(["restore", "--no-pull", f"storage.uri={store_uri}"]) == 2  # no run
+    with pytest.raises(SystemExit) as e:  # no run: argparse's usage error
+        cli.main(["restore", "--no-pull", f"storage.uri={store_uri}"])
+    assert e.value.code == 2
