@@ -3,7 +3,7 @@
 Per resolution, three rows in fp32 and, where bf16 matmuls are native, three in bf16:
 - achieved GFLOP/s of polyinr's generator vs `torch.matmul` on the same ten
   [B*P, C] x [C, C] products (same device, dtype and threads): the speed limit;
-- images/s of polyinr vs the plain SPEC version (benchmarks/plain.py) with the same
+- images/s of polyinr vs the plain version (benchmarks/plain.py) with the same
   weights, whose outputs must agree;
 - bf16 autocast vs fp32 images/s, with the output difference stated.
 """
@@ -96,7 +96,7 @@ def run(quick: bool) -> list[dict]:
         rows.append(row(FP32, f"{case}: vs matmul limit", ours_flops, fp32_limit, GF, note))
         note = f"same weights; rel. output diff {diff:.1e}"
         ours_ips, plain_ips = batch / t["ours"][0], batch / t["plain"][0]
-        rows.append(row(FP32, f"{case}: vs plain SPEC version", ours_ips, plain_ips, IPS, note))
+        rows.append(row(FP32, f"{case}: vs plain version", ours_ips, plain_ips, IPS, note))
         if not bf16:
             continue
         bf16_limit = limit_flops / t["limit_bf16"][0] / 1e9

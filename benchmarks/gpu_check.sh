@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks, for whenever a CUDA device is at hand: the generator benchmark on CUDA in
-# fp32 and bf16 autocast (outputs checked against the plain SPEC version; model FLOP
+# fp32 and bf16 autocast (outputs checked against the plain version; model FLOP
 # utilisation against the device's dense bf16 peak), then the training-step benchmark
 # (images/s, peak CUDA memory). Paste the output into README.md's benchmark section.
 #

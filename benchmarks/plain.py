@@ -1,4 +1,4 @@
-"""The generator's synthesis written plainly, as SPEC.md section 2 describes it: the baseline.
+"""The generator's synthesis written plainly, as docs/model.md section 2 writes it: the baseline.
 
 One nn.Linear per head, one level after the other on whole (B, P, C) tensors. It loads the
 weights of a polyinr Synthesis, so both must render the same images; the benchmarks time one
@@ -17,7 +17,7 @@ from polyinr.generator import EqualizedLinear, GeneratorConfig, Synthesis, coord
 
 
 class PlainLevel(nn.Module):
-    """One level with SPEC's four heads as separate layers."""
+    """One level with the four heads of docs/model.md as separate layers."""
 
     def __init__(self, w_dim: int, hidden: int, first: bool, clamp: float, mixing: str):
         super().__init__()
@@ -46,7 +46,7 @@ class PlainLevel(nn.Module):
 
 
 class PlainSynthesis(nn.Module):
-    """SPEC's synthesis network, level by level on whole tensors (B, P, C)."""
+    """The synthesis network of docs/model.md, level by level on whole tensors (B, P, C)."""
 
     def __init__(self, cfg: GeneratorConfig, resolution: int):
         super().__init__()

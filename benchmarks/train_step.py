@@ -1,6 +1,6 @@
 """Training iterations (one G and one D step): polyinr's generator vs the plain one.
 
-polyinr.train.training_step with polyinr's generator or the plain SPEC version
+polyinr.train.training_step with polyinr's generator or the plain version
 (benchmarks/plain.py), at the demo's width and the paper's.
 
 Each case runs in a fresh process so that its peak memory (RSS; CUDA memory on a GPU) is

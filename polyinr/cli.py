@@ -21,7 +21,7 @@ examples:
   polyinr checkpoints list                    # one JSON line per committed checkpoint
   polyinr evaluate                            # metrics/eval.json + samples/grid.png
   polyinr generate --classes 0 1 --seeds 0-7 --psi 0.6 --out grid.png
-  polyinr class-embeddings                    # SPEC 2: class embeddings, pretrained init
+  polyinr class-embeddings                    # class-embedding init (docs/model.md section 2)
   polyinr generate --classes 0 --seeds 3 --resolution 2048 --out big.png   # any resolution
   polyinr generate --classes random --seeds 0-49999 --out samples.npz     # ADM evaluators
   polyinr interpolate --classes 0 --seeds 1,2,3 --loop --out walk.gif walk.png

@@ -38,7 +38,8 @@ def positions(round_: int, rank: int, world: int, batch_gpu: int) -> torch.Tenso
 
 
 def all_reduce_grads(params, world: int) -> None:
-    """Average gradients over ranks in one flat all-reduce; zero NaN/Inf entries (SPEC)."""
+    """Average gradients over ranks in one flat all-reduce; then, as the reference, NaN
+    entries become 0 and +-inf +-1e5 (docs/model.md section 4)."""
     params = list(params)
     if not params:
         return
@@ -47,7 +48,7 @@ def all_reduce_grads(params, world: int) -> None:
     if world > 1:
         dist.all_reduce(flat)
         flat /= world
-    torch.nan_to_num_(flat, nan=0.0, posinf=0.0, neginf=0.0)
+    torch.nan_to_num_(flat, nan=0.0, posinf=1e5, neginf=-1e5)
     offset = 0
     for p in params:
         p.grad = flat[offset : offset + p.numel()].view_as(p)

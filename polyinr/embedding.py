@@ -1,10 +1,10 @@
-"""Class embeddings for the mapping network, taken from a pretrained classifier (SPEC.md 2).
+"""Class embeddings taken from a pretrained classifier (docs/model.md section 2).
 
 The reference initialises its 1000 x 320 class-embedding table from a pretrained
 classifier and keeps it trainable. 320 is the width of tf_efficientnet_lite0's last
 feature stage (the projected discriminator's deepest tap), so polyinr builds the table as
 each class's mean pooled feature of that stage over the training set, each row scaled to
-unit second moment (the scale of nn.Embedding's N(0, 1) default). SPEC does not say how
+unit second moment (the scale of nn.Embedding's N(0, 1) default). The reference does not say how
 the reference derived its table; this is our reading, and the README says so.
 """
 

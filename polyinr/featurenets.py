@@ -1,4 +1,4 @@
-"""The metrics' frozen feature networks: TF-2015 Inception-v3 and VGG16 (SPEC.md 4).
+"""The metrics' frozen feature networks: TF-2015 Inception-v3 and VGG16 (docs/evaluation.md).
 
 Weights come from local files only; seeded Kaiming-initialised random weights (rFID, tests,
 demos) are built here too, and every network carries a label and a weights id for caches.

@@ -1,4 +1,7 @@
-"""Poly-INR generator: a mapping network and a per-pixel polynomial MLP (SPEC.md section 2)."""
+"""Poly-INR generator: a mapping network and a per-pixel polynomial MLP.
+
+docs/model.md section 2; the paper, section 3.
+"""
 
 from __future__ import annotations
 
@@ -139,7 +142,8 @@ HEAD_WEIGHT_GAIN = 0.25
 def _init_heads(affine: nn.Linear, hidden: int) -> None:
     """Start every level near the identity: warp M = I, lift bias a = 1, small weights.
 
-    SPEC does not fix the init. With PyTorch's default init the ten multiplicative factors
+    The paper does not fix the init (docs/differences.md). With PyTorch's default init the
+    ten multiplicative factors
     lrelu(g_i) have E[lrelu(g)^2] well below 1, so the output of a typical sample vanishes
     (median RMS 0.04 at C=128, 0.01 at C=1024) while a few explode, and the cumulative warp
     contracts the coordinates 40-fold. Gates that start at 1 (as StyleGAN2 starts its style
@@ -162,8 +166,9 @@ class PolyLevel(nn.Module):
         # Level 0 reads w directly; later levels read u = FC_lrelu(w_i) (C wide).
         self.style = None if first else EqualizedLinear(w_dim, hidden, activation=True)
         head_in = w_dim if first else hidden
-        # The four plain linear heads of SPEC (warp M 2x2, shift b 2, lift A 2xC, lift bias
-        # a C) fused into one nn.Linear: identical parameters and init, one matmul.
+        # The four plain linear heads of docs/model.md section 2 (warp M 2x2, shift b 2,
+        # lift A 2xC, lift bias a C) fused into one nn.Linear: identical parameters and init,
+        # one matmul.
         self.affine = nn.Linear(head_in, 4 + 2 + 2 * hidden + hidden)
         _init_heads(self.affine, hidden)
         # Channel mixing, then lrelu (gain sqrt 2 when equalized) and the clamp.

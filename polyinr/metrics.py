@@ -1,4 +1,4 @@
-"""FID, sFID, IS, precision/recall and rFID under the ADM or StyleGAN-XL protocol (SPEC.md 4).
+"""FID, sFID, IS, precision/recall and rFID, ADM or StyleGAN-XL protocol (docs/evaluation.md).
 
 Float64 statistics with TF32 off, Frechet distance from eigenvalues; generation split over
 torchrun ranks with the same result; the cheap FID of training with its best snapshot.

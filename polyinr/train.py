@@ -155,13 +155,6 @@ def _update_ema(g_ema: Generator, g: Generator, beta: float) -> None:
         b_ema.copy_(b)
 
 
-def _sanitize_grads(params) -> None:
-    """As the reference: NaN gradients become 0 and +-inf become +-1e5, in place."""
-    for p in params:
-        if p.grad is not None:
-            torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
-
-
 def training_step(
     g, d, opt_g, opt_d, reals, z_g, z_d, sigma: float, world: int = 1, precision: str = "fp32"
 ) -> dict:
@@ -189,7 +182,6 @@ def training_step(
         lg.backward()
         loss_g += lg.item()
     distributed.all_reduce_grads(g_params, world)
-    _sanitize_grads(g_params)
     opt_g.step()
 
     # D step: hinge loss on blurred reals and fakes.
@@ -209,7 +201,6 @@ def training_step(
         acc_real = acc_real + np.asarray(real_acc) / rounds
         acc_fake = acc_fake + np.asarray(fake_acc) / rounds
     distributed.all_reduce_grads(d_params, world)
-    _sanitize_grads(d_params)
     opt_d.step()
     return {
         "loss_g": loss_g,

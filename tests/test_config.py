@@ -40,7 +40,7 @@ def test_shipped_params_files_load(path):
 
 
 def test_imagenet_config_is_the_papers_generator():
-    """configs/imagenet-256.yaml holds the SPEC generator (C 1024, w 512, 10 levels, 1000)."""
+    """configs/imagenet-256.yaml holds the paper's generator (C 1024, w 512, 10 levels, 1000)."""
     g = config.load(IMAGENET).generator
     assert (g.hidden, g.w_dim, g.z_dim, g.levels, g.num_classes) == (1024, 512, 64, 10, 1000)
     assert (g.embed_dim, g.cond_dim, g.conditional) == (320, 64, True)

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 R = 8
 TINY = TINY_GENERATOR
-# The paper's generator as shipped: SPEC's parameter counts are checked on what users train.
+# The paper's generator as shipped: the reference's parameter counts (docs/model.md) are
+# checked on what users train.
 PAPER = load(Path(__file__).resolve().parents[1] / "configs/imagenet-256.yaml").generator
 
 
@@ -104,7 +105,7 @@ def test_conditional_generator_requires_classes(g):
 
 
 def test_paper_parameter_counts(paper_counts):
-    """The paper configuration has SPEC's exact per-part counts (45,869,695 in all)."""
+    """The paper configuration has the reference's exact per-part counts (45,869,695 in all)."""
     cond, _ = paper_counts
     assert cond["mapping"] == 669_248
     assert cond["levels"][0] == 2_628_614
@@ -290,7 +291,7 @@ def test_init_neither_vanishes_nor_explodes_through_ten_levels(hidden):
 
 
 def _plain_and_scale(g, z, c, coords=None):
-    """The plain SPEC version's render (with autograd) and its largest magnitude."""
+    """The plain version's render (with autograd) and its largest magnitude."""
     plain = PlainSynthesis.like(g.synthesis, g.cfg)
     ws = g.mapping(z, c)
     expected = plain(ws, coords)
@@ -300,8 +301,8 @@ def _plain_and_scale(g, z, c, coords=None):
 @pytest.mark.parametrize("clamp", [256.0, 0.5])
 @pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
 def test_matches_the_plain_spec_version(mode, clamp):
-    """Synthesis renders what SPEC's level-by-level version renders with the same weights
-    (clamp 0.5: the clamps are active)."""
+    """Synthesis renders what the level-by-level version (benchmarks/plain.py) renders with
+    the same weights (clamp 0.5: the clamps are active)."""
     torch.manual_seed(0)
     g = Generator(dataclasses.replace(TINY, clamp=clamp), R)
     z, c = latents(n=5)
