@@ -458,8 +458,8 @@ def _train(
         bar = tqdm(
             total=ends[index] - starts[index],
             initial=cur_nimg - starts[index],
-            unit="kimg",
-            unit_scale=1 / 1000,
+            unit="img",
+            unit_scale=True,  # 1.02k/6.02k img, no float noise
             desc=f"stage {index} ({stage.resolution}px)",
             disable=not progress or rank > 0,
         )
