@@ -569,17 +569,18 @@ def test_data_that_disagree_with_the_config_stop_training_before_any_compute(
     monkeypatch.chdir(tmp_path)
     built = []
     monkeypatch.setattr(train, "_stage_models", lambda *a: built.append(1))
-    wrong_classes = config.load(
-        REPO / "params.yaml", [*tiny_overrides(prepared), "generator.num_classes=1000"]
+    cfg = run_cfg(prepared, tmp_path)
+    wrong_classes = dataclasses.replace(
+        cfg, generator=dataclasses.replace(cfg.generator, num_classes=1000)
     )
     with pytest.raises(data.DataError, match="num_classes=1000 but .* lists 2 classes"):
         train.train(wrong_classes, torch.device("cpu"), progress=False)
     stages = "[{resolution: 16, kimg: 0.016}, {resolution: 32, kimg: 0.016}]"
-    unprepared = config.load(REPO / "params.yaml", tiny_overrides(prepared, stages=stages))
+    unprepared = run_cfg(prepared, tmp_path, stages=stages)
     with pytest.raises(data.DataError, match="train_32.beton; run `polyinr prepare` first"):
         train.train(unprepared, torch.device("cpu"), progress=False)
-    assert not built and not (prepared / "mlflow.db").exists()
-    assert not (prepared / "checkpoints").exists()
+    assert not built and not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_resuming_with_another_generator_section_is_refused(prepared, tmp_path, monkeypatch):
