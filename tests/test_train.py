@@ -648,4 +648,4 @@ def test_progress_bar_redraws_every_mininterval_not_every_step(prepared, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     draws = [p for p in proc.stderr.replace("\n", "\r").split("\r") if "stage 0 (16px)" in p]
     assert 2 <= len(draws) <= 4, draws  # start, end (and its redraw around the last log line)
-    assert "0.048/0.048" in draws[-1] and "0.0/0.048" in draws[0], draws
+    assert "48.0/48.0" in draws[-1] and "0.00/48.0" in draws[0], draws
