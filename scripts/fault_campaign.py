@@ -60,6 +60,8 @@ def tiny_overrides(root: Path) -> list[str]:
         "discriminator.head_channels=8",
         "discriminator.cmap_dim=8",
         "discriminator.blur_kimg=0.016",
+        "discriminator.input_size=16",
+        "train.embed_init=null",
         f"train.stages=[{{resolution: 16, kimg: {KIMG}}}]",
         "train.batch=8",
         f"train.snapshot_kimg={SNAPSHOT_NIMG / 1000}",
