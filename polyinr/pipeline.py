@@ -34,7 +34,15 @@ NOT_COPIED = {
     "dvc_plots",
     *SHARED,
 }
-RECORD = ("params.yaml", "dvc.lock")  # the pipeline's state, kept beside the checkpoints
+# The pipeline's state, kept beside the checkpoints: stored name -> path in the checkout.
+# The metrics files are `cache: false` outputs (git's, not DVC's): `dvc pull` cannot bring them.
+RECORD = {
+    "params.yaml": "params.yaml",
+    "dvc.lock": "dvc.lock",
+    "metrics-eval.json": "metrics/eval.json",
+    "metrics-train.csv": "metrics/train.csv",
+    "metrics-fid.csv": "metrics/fid.csv",
+}
 ENV_CACHE = "POLYINR_DVC_CACHE"  # a DVC cache shared by all workspaces (default: root's)
 
 
@@ -121,10 +129,11 @@ def remove_workspace(root: Path, dest: Path) -> None:
 
 
 def save_record(store: CheckpointStore, where: Path) -> list[str]:
-    """Copy params.yaml and dvc.lock of `where` beside the run's checkpoints; their URIs."""
+    """Copy params.yaml, dvc.lock and the metrics files of `where` beside the run's
+    checkpoints; their URIs."""
     uris = []
-    for name in RECORD:
-        path = Path(where) / name
+    for name, relative in RECORD.items():
+        path = Path(where) / relative
         if path.is_file():
             store.write(name, path.read_bytes())
             uris.append(f"{store.uri}/{name}")
@@ -137,6 +146,8 @@ def load_record(store: CheckpointStore, where: Path, names=RECORD) -> list[str]:
     for name in names:
         data = store.read(name)
         if data is not None:
-            (Path(where) / name).write_bytes(data)
+            path = Path(where) / RECORD[name]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
             found.append(name)
     return found

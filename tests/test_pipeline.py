@@ -63,8 +63,9 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
         assert isinstance(metrics[key], float), key
     fid_curve = (repo / "metrics/fid.csv").read_text().splitlines()
     assert fid_curve[0] == "kimg,stage,resolution,fid8" and len(fid_curve) == 3
-    best = json.loads((run_dir / "best.json").read_text())
-    assert (run_dir / best["name"]).is_file()  # kept by pruning
+    bests = json.loads((run_dir / "best.json").read_text())["stages"]  # one per stage
+    assert sorted(bests) == ["0", "1"]
+    assert all((run_dir / b["name"]).is_file() for b in bests.values())  # kept by pruning
     with Image.open(repo / "samples/grid.png") as grid:
         assert grid.size == (32 * 8, 32 * 4)  # 8 seeds x 4 classes, at the last stage's size
 
