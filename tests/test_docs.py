@@ -15,13 +15,6 @@ from polyinr import cli, config
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-# Pages that other branches of issue 14 add; the README links them before they land.
-ADDED_BY_OTHER_BRANCHES = {
-    "docs/consistency.md",
-    "docs/faults.md",
-    "docs/orchestration.md",
-    "docs/evaluate-speed.md",
-}
 README_LIMIT = 10_240  # bytes: a newcomer's first screen, not a reference manual
 
 FENCE = re.compile(r"^```(\S*)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -237,8 +230,6 @@ def test_every_relative_link_points_at_an_existing_file_and_heading(page, target
     path, _, anchor = target.partition("#")
     file = (page.parent / path).resolve() if path else page
     name = file.relative_to(ROOT).as_posix() if file.is_relative_to(ROOT) else str(file)
-    if name in ADDED_BY_OTHER_BRANCHES and not file.exists():
-        pytest.skip(f"{name} comes with another branch")
     assert file.exists(), f"{page.relative_to(ROOT)}: {target} does not exist"
     if anchor and file.suffix == ".md":
         assert anchor in anchors(file), f"{page.relative_to(ROOT)}: no heading #{anchor} in {name}"
