@@ -43,7 +43,7 @@ stack-status:
 
 # The README's pictures (docs/*.png) from a trained generator: `make docs-images` after
 # `make demo`, or DOCS_GENERATOR=path/to/generator.pt. Seeds are picked for the demo model.
-DOCS_GENERATOR ?= models/generator.pt
+DOCS_GENERATOR ?= run/generator.pt
 docs-images: setup
 	$(BIN)/polyinr mix --generator $(DOCS_GENERATOR) --levels shape --device cpu --quiet \
 	  --source-classes 0 0 1 2 --source-seeds 9,12,15,6 \

@@ -21,7 +21,6 @@ class) to <out>/grid.png.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import shutil
@@ -227,9 +226,7 @@ def train_demo(root: Path, overrides: list[str], quick: bool):
         progress=False,
     )
     embedding.save(table, cfg.train.embed_init, {"network": embedding.NETWORK})
-    with contextlib.chdir(root):  # models/ and metrics/ of this run stay in the work folder
-        summary = train.train(cfg, torch.device("cpu"), progress=True)
-    summary["generator"] = str(root / summary["generator"])
+    summary = train.train(cfg, torch.device("cpu"), root / "run", progress=True)
     return cfg, summary
 
 

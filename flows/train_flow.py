@@ -46,10 +46,6 @@ ENV_OVERRIDES = "POLYINR_OVERRIDES"  # JSON list of section.key=value, before th
 ENV_DVC_REMOTE = "POLYINR_DVC_REMOTE"  # s3://bucket/prefix for `dvc pull/push`; else .dvc/config's
 ENV_WORKSPACES = "POLYINR_WORKSPACES"  # where flow runs' workspaces go (default .workspaces/)
 USAGE_ERROR = 2  # polyinr's exit status for a bad config or a missing file: retrying can't help
-# Lines of `polyinr train` that name checkpoints (see polyinr/train.py).
-RESUMED = re.compile(r"resuming from (\S+/snapshot-(\d+)\.pt)")
-SAVED = re.compile(r"-> (\S+/snapshot-\d+\.pt)\s*$")
-ALREADY_COMPLETE = re.compile(r"^stage \d+ \(\d+px\) is already complete")
 # The DVC stage's command ($POLYINR_TRAIN_LAUNCHER polyinr train), run per progressive stage.
 TRAIN_CMD = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["cmd"]
 
@@ -209,15 +205,23 @@ def _stream(cmd: str | list[str], logger, cwd: Path) -> tuple[int, list[str]]:
     return proc.returncode, lines
 
 
-def _checkpoints(stage: str, lines: list[str]) -> dict:
-    """What training said about checkpoints: the one it resumed from, the ones it wrote."""
+def _run_dir(ws: Path):
+    """The workspace's run folder, where `polyinr train` (dvc.yaml: --run-dir) logs its events."""
+    from polyinr.rundir import DEFAULT, RunDir
+
+    return RunDir(ws / DEFAULT)
+
+
+def _checkpoints(stage: str, events: list[dict]) -> dict:
+    """What training's event log says about checkpoints: the one it resumed from, the ones it
+    wrote."""
     result = {"stage": stage, "ran": True, "resumed_from": None, "checkpoints": []}
-    for line in lines:
-        if match := RESUMED.search(line):
-            result["resumed_from"] = match[1]
-            result["resumed_nimg"] = int(match[2])
-        elif match := SAVED.search(line):
-            result["checkpoints"].append(match[1])
+    for event in events:
+        if event["event"] == "run_started" and event["resumed_from"]:
+            result["resumed_from"] = event["resumed_from"]
+            result["resumed_nimg"] = event["nimg"]
+        elif event["event"] == "checkpoint":
+            result["checkpoints"].append(event["uri"])
     return result
 
 
@@ -253,11 +257,12 @@ def run_stage(stage: str, ws: Path, force: bool = False):
         logger.info("%s is up to date (dvc status): skipped", stage)
         return _skipped(stage, f"dvc: {stage} is up to date")
     cmd = [DVC, "repro", "--single-item", stage] + (["--force"] if force else [])
+    offset = _run_dir(ws).offset()
     returncode, lines = _stream(cmd, logger, ws)
     if returncode != 0:
         raise StageFailed(stage, returncode, lines[-40:])
     _record(ws)
-    return _checkpoints(stage, lines)
+    return _checkpoints(stage, _run_dir(ws).read_events(offset))
 
 
 @task(task_run_name="train@{index} ({resolution}px)", **STAGE_TASK)
@@ -279,14 +284,16 @@ def train_stage(index: int, resolution: int, final: bool, dvc_up_to_date: bool, 
         cmd = [DVC, "repro", "--single-item", "train"]
     else:
         cmd = f"{TRAIN_CMD} --until-stage {index}"
+    offset = _run_dir(ws).offset()
     returncode, lines = _stream(cmd, logger, ws)
     if returncode != 0:
         raise StageFailed(name, returncode, lines[-40:])
     if final:
         _record(ws)
-    if any(ALREADY_COMPLETE.search(line) for line in lines):
+    events = _run_dir(ws).read_events(offset)
+    if any(e["event"] == "already_complete" for e in events):
         return _skipped(name, f"checkpoints are past stage {index} ({resolution}px)")
-    return _checkpoints(name, lines)
+    return _checkpoints(name, events)
 
 
 def _metrics_table(path: Path) -> str:
@@ -385,12 +392,11 @@ def _publish(logger, trained: dict | None, register_as: str | None, push: bool, 
 
     from polyinr import registry, tracking
     from polyinr.config import load
-    from polyinr.train import GENERATOR_PATH
 
     cfg = load(ws / "params.yaml")
     metrics_path = ws / "metrics" / "eval.json"
     metrics = json.loads(metrics_path.read_text())
-    generator = ws / GENERATOR_PATH
+    generator = _run_dir(ws).generator
     meta = torch.load(generator, map_location="cpu", weights_only=True, mmap=True)["meta"]
     run_id = meta["mlflow_run_id"]
     create_markdown_artifact(_metrics_table(metrics_path), key="poly-inr-eval")

@@ -12,6 +12,11 @@ import sys
 import threading
 from pathlib import Path
 
+from polyinr.rundir import DEFAULT as RUN_DIR
+from polyinr.rundir import RunDir
+
+GENERATOR = RunDir(RUN_DIR).generator  # every command's default --generator
+
 EXAMPLES = """\
 examples:
   polyinr demo-data data/demo                 # the embedded demo dataset
@@ -145,13 +150,13 @@ def cmd_train(args) -> None:
 
     device = distributed.setup() if args.device == "auto" else _device(args.device)
     if args.follow:  # another node's ranks: rank 0 says what to run, and where
-        cfg, until_stage, workdir = distributed.from_rank0(None)
+        cfg, until_stage, workdir, run_dir = distributed.from_rank0(None)
         os.chdir(workdir)
     else:
-        cfg, until_stage = _config(args), args.until_stage
-        distributed.from_rank0((cfg, until_stage, os.getcwd()))
+        cfg, until_stage, run_dir = _config(args), args.until_stage, args.run_dir
+        distributed.from_rank0((cfg, until_stage, os.getcwd(), run_dir))
     try:
-        summary = train.train(cfg, device, not args.quiet, until_stage, args.restart)
+        summary = train.train(cfg, device, run_dir, not args.quiet, until_stage, args.restart)
         if dist.is_initialized() and dist.get_rank() > 0:
             return  # rank 0 reports for all (their weights are identical)
     finally:
@@ -532,6 +537,13 @@ def main(argv=None) -> int:
     p = command("train", cmd_train, "Train (or resume) the schedule in train.stages.")
     p.add_argument("--device", default="auto", help="auto (torchrun-aware), cpu, cuda, cuda:N")
     p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=RUN_DIR,
+        help="the local run folder: generator.pt, train.csv, fid.csv and events.jsonl "
+        "(default: %(default)s/; checkpoints go to storage.uri/tracking.run_name)",
+    )
+    p.add_argument(
         "--until-stage",
         type=int,
         metavar="I",
@@ -568,7 +580,7 @@ def main(argv=None) -> int:
         "FID, sFID, IS, precision/recall and rFID of the EMA generator (eval.protocol), a grid.",
     )
     p.add_argument("--device", default="auto", help="auto (torchrun-aware), cpu, cuda, cuda:N")
-    p.add_argument("--generator", default="models/generator.pt", help="exported generator")
+    p.add_argument("--generator", default=GENERATOR, help="exported generator")
     p.add_argument("--out", default="metrics/eval.json", help="metrics JSON (a DVC metric)")
     p.add_argument("--grid", default="samples/grid.png", help="sample grid PNG")
 
@@ -576,7 +588,7 @@ def main(argv=None) -> int:
         from polyinr.sampling import DEFAULT_CHUNK, FULL_VIEW
 
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-        p.add_argument("--generator", default="models/generator.pt", help="exported generator")
+        p.add_argument("--generator", default=GENERATOR, help="exported generator")
         p.add_argument("--psi", type=float, default=1.0, help="truncation towards the class mean")
         p.add_argument(
             "--resolution",
@@ -665,7 +677,7 @@ def main(argv=None) -> int:
         "Register the generator in the MLflow Model Registry as a pyfunc model "
         "(class_id, seed; psi, resolution -> uint8 images) at tracking.uri.",
     )
-    p.add_argument("--generator", default="models/generator.pt", help="exported generator")
+    p.add_argument("--generator", default=GENERATOR, help="exported generator")
     p.add_argument("--name", default="polyinr-generator", help="registered model name")
     p.add_argument(
         "--mlflow-run",

@@ -7,29 +7,23 @@ torchrun ranks with the same result; the cheap FID of training with its best sna
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import scipy.linalg
 import torch
 import torch.nn as nn
 
-from polyinr import data, tracking
+from polyinr import data
 from polyinr.featurenets import Networks, no_tf32
 from polyinr.featurestats import accumulate, rank_share, rank_world
 from polyinr.generator import to_uint8  # samples are scored exactly as they are exported
 from polyinr.reference import load_reference
-from polyinr.storage import snapshot_name
 
 PROTOCOLS = ("stylegan-xl", "adm")
 PR_K = 3
 PARTS = ("fid", "pr", "rfid")  # fid: FID + sFID (+ IS on samples); pr: precision/recall
-FID_CURVE = Path("metrics/fid.csv")
-FID_LOG = "fid.json"  # the training FID rows, kept in storage so they survive a resume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,31 +269,17 @@ def evaluate_generator(cfg, generator, resolution: int, device, progress=True, n
 
 
 class TrainingFID:
-    """The cheap FID of training: eval.train_samples samples every eval.every_kimg.
+    """The cheap FID of training: eval.train_samples samples of a generator against the
+    training data's statistics at its resolution; networks and statistics load at first use.
+    Call it on every rank."""
 
-    Logged to MLflow against kimg and to metrics/fid.csv (a DVC plot); each stage's best
-    snapshot is marked in storage (CheckpointStore.mark_best) so pruning keeps it, and the
-    next stage starts from it. Call `tick` on every rank.
-    """
-
-    def __init__(self, cfg, store, device, nets: Networks | None = None):
-        self.cfg, self.store, self.device = cfg, store, device
-        self.every = int(cfg.eval.every_kimg * 1000)
+    def __init__(self, cfg, device, nets: Networks | None = None):
+        self.cfg, self.device = cfg, device
         self.name = metric_name(cfg.eval.train_samples)
-        raw = store.read(FID_LOG) if self.every > 0 else None
-        self.rows = json.loads(raw) if raw else []
-        self.nets = nets  # loaded at the first evaluation
+        self.nets = nets
         self.references = {}
 
-    def tick(self, g_ema, cur_nimg: int, stage: int, resolution: int, done: bool):
-        """FID of g_ema if an every_kimg boundary was crossed (or the stage ended), else None."""
-        if self.every <= 0:
-            return None
-        # Rows past cur_nimg come from a run that crashed after them: this run redoes them.
-        self.rows = [r for r in self.rows if r["kimg"] * 1000 < cur_nimg]
-        last = max((round(r["kimg"] * 1000) for r in self.rows), default=0)
-        if not done and cur_nimg // self.every <= last // self.every:
-            return None
+    def __call__(self, g_ema, resolution: int) -> float:
         if self.nets is None:
             self.nets = Networks(self.cfg.eval, self.device)
         if resolution not in self.references:
@@ -324,29 +304,4 @@ class TrainingFID:
             num_samples=self.cfg.eval.train_samples,
             progress=False,
         )
-        fid = result["fid"]
-        kimg = cur_nimg / 1000
-        self.rows.append({"kimg": kimg, "stage": stage, "resolution": resolution, self.name: fid})
-        if rank_world()[0] == 0:
-            tracking.log_metrics({self.name: fid}, step=cur_nimg)
-            self.store.write(FID_LOG, json.dumps(self.rows).encode())
-            self.store.mark_best(snapshot_name(cur_nimg), fid, stage)
-            self.write_curve()
-        return fid
-
-    def best(self, stage: int) -> dict | None:
-        """The lowest-FID snapshot of a stage: {name, kimg, fid}; None when none was scored."""
-        rows = [r for r in self.rows if r["stage"] == stage and self.name in r]
-        if not rows:
-            return None
-        row = min(rows, key=lambda r: r[self.name])
-        name = snapshot_name(round(row["kimg"] * 1000))
-        return {"name": name, "kimg": row["kimg"], "fid": row[self.name]}
-
-    def write_curve(self) -> None:
-        """metrics/fid.csv: kimg, stage, resolution and the FID column named by sample count."""
-        FID_CURVE.parent.mkdir(parents=True, exist_ok=True)
-        with FID_CURVE.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["kimg", "stage", "resolution", self.name])
-            writer.writeheader()
-            writer.writerows(r for r in self.rows if self.name in r)
+        return result["fid"]

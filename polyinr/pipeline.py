@@ -29,7 +29,6 @@ NOT_COPIED = {
     ".ruff_cache",
     "__pycache__",
     "data",
-    "models",
     "samples",
     "dvc_plots",
     *SHARED,
@@ -40,8 +39,8 @@ RECORD = {
     "params.yaml": "params.yaml",
     "dvc.lock": "dvc.lock",
     "metrics-eval.json": "metrics/eval.json",
-    "metrics-train.csv": "metrics/train.csv",
-    "metrics-fid.csv": "metrics/fid.csv",
+    "run-train.csv": "run/train.csv",
+    "run-fid.csv": "run/fid.csv",
 }
 ENV_CACHE = "POLYINR_DVC_CACHE"  # a DVC cache shared by all workspaces (default: root's)
 
@@ -99,6 +98,8 @@ def _not_copied(root: Path):
     def ignore(folder: str, names: list[str]) -> set[str]:
         if Path(folder).resolve() == root:
             return {n for n in names if n in NOT_COPIED}
+        if Path(folder).resolve() == root / "run":  # git's curves, not the run's outputs
+            return {n for n in names if not n.endswith(".csv")}
         inside_dvc = Path(folder).name == ".dvc"
         return {n for n in names if n == "__pycache__" or (inside_dvc and n != "config")}
 

@@ -326,6 +326,14 @@ class CheckpointStore:
         """Per progressive stage (as a string), the best checkpoint's {name, fid}."""
         return (self._json(BEST) or {}).get("stages", {})
 
+    def best(self, stage: int) -> dict | None:
+        """The best-FID checkpoint of a progressive stage: {name, kimg, fid}, or None."""
+        best = self._bests().get(str(stage))
+        if best is None:
+            return None
+        kimg = int(best["name"].removeprefix("snapshot-").removesuffix(".pt")) / 1000
+        return {"name": best["name"], "kimg": kimg, "fid": best["fid"]}
+
     def mark_best(self, name: str, fid: float, stage: int = 0) -> bool:
         """Record checkpoint `name` as its stage's best so far if its FID beats the current one.
 

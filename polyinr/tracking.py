@@ -99,6 +99,18 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
+def log_event(record: dict) -> None:
+    """What MLflow keeps of a training event (polyinr/rundir.py): a checkpoint's curve row and
+    a FID as metrics at step = images seen, a stage's starting point as a tag."""
+    event = record["event"]
+    if event == "checkpoint":
+        log_metrics(record["metrics"], step=record["nimg"])
+    elif event == "fid":
+        log_metrics({record["metric"]: record["value"]}, step=record["nimg"])
+    elif event == "stage_started" and record["stage"] > 0:
+        set_tags({f"stage{record['stage']}.start": record["start"]})
+
+
 def log_image(image: np.ndarray, key: str, step: int) -> None:
     """A uint8 (H, W, 3) image, step-indexed so the MLflow UI can page through it."""
     import mlflow

@@ -3,6 +3,7 @@
 Progress is counted in images (cur_nimg). One iteration is one G step then one D step on
 the global batch, split over torchrun ranks and accumulation rounds; every random draw is a
 function of (seed, cur_nimg), so a resumed run continues exactly where the last one stopped.
+A run is a State saved to `<storage.uri>/<run_name>` and a run folder (polyinr/rundir.py).
 """
 
 from __future__ import annotations
@@ -20,13 +21,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from polyinr import augment, data, distributed, embedding, loss, metrics, tracking
+from polyinr import augment, config, data, distributed, embedding, loss, metrics, tracking
 from polyinr.discriminator import ProjectedDiscriminator, head_accuracy, weights_label
 from polyinr.generator import Generator, render_grid, save_generator
-from polyinr.storage import CheckpointStore, NoGoodCheckpoint, StorageError, tensors_sha256
-
-GENERATOR_PATH = Path("models/generator.pt")
-TRAIN_CURVE = Path("metrics/train.csv")
+from polyinr.rundir import RunDir
+from polyinr.storage import (
+    CheckpointStore,
+    NoGoodCheckpoint,
+    StorageError,
+    snapshot_name,
+    tensors_sha256,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +221,51 @@ def _batches(loader):
         yield from loader
 
 
+@dataclasses.dataclass
+class State:
+    """Everything a checkpoint holds: the stage's models and optimisers, and where the run is."""
+
+    g: Generator
+    g_ema: Generator
+    d: ProjectedDiscriminator
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    stage: int  # index into train.stages
+    cur_nimg: int  # images seen since the start of the run
+    history: list[dict]  # a row per snapshot: losses, D's accuracy, the FID when measured
+    mlflow_run_id: str | None
+    config: dict  # the params the run was made with (config.to_dict)
+    data_position: tuple[int, int] = (0, 0)  # (epoch, batches served) of this rank's loader
+
+    def state_dict(self, rng: list[dict]) -> dict:
+        """The checkpoint: weights_only-safe types; `rng` holds every rank's RNG states."""
+        return {
+            "G": self.g.state_dict(),
+            "G_ema": self.g_ema.state_dict(),
+            "D": self.d.trainable_state_dict(),
+            "opt_G": self.opt_g.state_dict(),
+            "opt_D": self.opt_d.state_dict(),
+            "stage": self.stage,
+            "cur_nimg": self.cur_nimg,
+            "history": self.history,
+            "mlflow_run_id": self.mlflow_run_id,
+            "config": self.config,
+            "data_position": list(self.data_position),
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint of this stage (RNG states are per rank: see _resume)."""
+        self.g.load_state_dict(state["G"])
+        self.g_ema.load_state_dict(state["G_ema"])
+        self.d.load_trainable_state_dict(state["D"])
+        self.opt_g.load_state_dict(state["opt_G"])
+        self.opt_d.load_state_dict(state["opt_D"])
+        self.stage, self.cur_nimg = state["stage"], state["cur_nimg"]
+        self.history, self.mlflow_run_id = list(state["history"]), state["mlflow_run_id"]
+        self.data_position = tuple(state.get("data_position") or (0, 0))
+
+
 def _stage_models(cfg, stage: Stage, num_classes: int, device, g_ema_prev):
     """G, G_ema, D and their optimisers for a stage; later stages start from g_ema_prev."""
     table = None
@@ -246,37 +296,43 @@ def _stage_models(cfg, stage: Stage, num_classes: int, device, g_ema_prev):
     return g, g_ema, d, opt_g, opt_d
 
 
-def _handoff(store, fid, g_ema, index: int, stages, rank: int):
-    """The generator stage `index` starts from: the best-FID snapshot of the stage before
-    when FID during training ran there (as the reference), else its last EMA."""
+def _say(run: RunDir, event: str, message: str | None = None, **fields) -> dict:
+    """Rank 0's account of what happened: a line of events.jsonl, what MLflow keeps of it, and
+    a line for people on stderr."""
+    record = run.emit(event, **fields)
+    tracking.log_event(record)
+    if message:
+        tqdm.write(message, file=sys.stderr)
+    return record
+
+
+def _handoff(store, g_ema, index: int, stages) -> tuple[Generator, str]:
+    """The generator stage `index` starts from, and how it was chosen: the best-FID snapshot of
+    the stage before when FID during training ran there (as the reference), else its last EMA."""
     prev = stages[index - 1]
-    best = fid.best(index - 1)
+    best = store.best(index - 1)
     state = store.load(best["name"]) if best else None
     if state is None:
         how = f"the last EMA of stage {index - 1} ({prev.resolution}px)"
         if best:
             how += f" (its best snapshot {best['name']} did not load)"
-    else:
-        g_ema = copy.deepcopy(g_ema)
-        g_ema.load_state_dict(state["G_ema"])
-        how = (
-            f"the best-FID snapshot of stage {index - 1} ({prev.resolution}px): kimg "
-            f"{best['kimg']:g}, {fid.name} {best['fid']:.3f}"
-        )
-    if rank == 0:
-        print(f"stage {index} ({stages[index].resolution}px) starts from {how}", file=sys.stderr)
-        tracking.set_tags({f"stage{index}.start": how})
-    return g_ema
+        return g_ema, how
+    g_ema = copy.deepcopy(g_ema)
+    g_ema.load_state_dict(state["G_ema"])
+    how = (
+        f"the best-FID snapshot of stage {index - 1} ({prev.resolution}px): kimg "
+        f"{best['kimg']:g}, FID {best['fid']:.3f}"
+    )
+    return g_ema, how
 
 
 def _resume(store, cfg, rank: int, restart: bool):
-    """The latest good checkpoint's state (None for a fresh run), after checking it fits cfg.
+    """The latest good checkpoint's state and URI ((None, None) for a fresh run), after checking
+    it fits cfg; sets this rank's RNG states from it.
 
     When the run has checkpoints but none loads, training starts from image 0 only with
     `restart`: a silent restart would train over the old run's names.
     """
-    from polyinr.config import identity, identity_diff
-
     try:
         resumed = store.load_latest(move_aside=rank == 0)
     except NoGoodCheckpoint as e:
@@ -287,38 +343,47 @@ def _resume(store, cfg, rank: int, restart: bool):
             ) from None
         if rank == 0:
             print(f"{e}\nstarting from image 0 (--restart)", file=sys.stderr)
-        return None
+        return None, None
     if resumed is None:
-        return None
+        return None, None
     state, uri = resumed
-    changed = identity_diff(identity(state["config"]), identity(cfg))
+    changed = config.identity_diff(config.identity(state["config"]), config.identity(cfg))
     if changed:
         raise ValueError(
             f"checkpoint {uri} was made with other params ({'; '.join(changed)}); put "
             "{params} in tracking.run_name or use another name to start a new run"
         )
-    if rank == 0:
-        print(f"resuming from {uri} at kimg {state['cur_nimg'] / 1000:g}", file=sys.stderr)
     states = state["rng"]  # one entry per rank of the run that saved it
     if isinstance(states, list) and rank < len(states):
         _set_rng_states(states[rank])
-    return state
+    return state, uri
+
+
+def _schedule(t, batch: int) -> tuple[list[int], list[int]]:
+    """Each stage's first and end cur_nimg. Stages run whole iterations: each one's kimg rounded
+    up to a multiple of the batch, so the next starts where this one stopped (its blur and EMA
+    ramps from its image 0)."""
+    ends = np.cumsum([-(-int(s.kimg * 1000) // batch) * batch for s in t.stages]).tolist()
+    return [0, *ends[:-1]], ends
 
 
 def train(
     cfg,
     device: torch.device,
+    run_dir: str | Path,
     progress: bool = True,
     until_stage: int | None = None,
     restart: bool = False,
 ) -> dict:
     """Run (or resume) the schedule of cfg.train.stages; returns a summary.
 
+    run_dir: the local run folder (polyinr/rundir.py): the exported generator, the curves and
+    the event log; checkpoints go to `<storage.uri>/<tracking.run_name>`.
     until_stage: stop once progressive stage `until_stage` (an index into train.stages) is
     complete and checkpointed, instead of running the whole schedule; the final generator is
     exported only when the last stage completes. The Prefect flow runs one stage per task so.
     restart: start from image 0 when the run has checkpoints but none of them loads.
-    Under torchrun every rank calls this; rank 0 writes checkpoints, logs and samples.
+    Under torchrun every rank calls this; rank 0 writes checkpoints, the run folder and MLflow.
     Raises Preempted after checkpointing when the process receives SIGTERM.
     """
     stages = cfg.train.stages
@@ -334,7 +399,7 @@ def train(
         data.check_prepared(cfg.data.out_dir, stage.resolution, classes)
     with distributed.StopFlag() as stop:
         try:
-            return _train(cfg, device, progress, stop, last, restart)
+            return _train(cfg, device, RunDir(Path(run_dir)), progress, stop, last, restart)
         except BaseException as e:
             # Close the MLflow run (a rerun continues it by id) so this process can start others.
             interrupted = isinstance(e, Preempted | KeyboardInterrupt)
@@ -343,10 +408,8 @@ def train(
 
 
 def _train(
-    cfg, device, progress: bool, stop: distributed.StopFlag, last: int, restart: bool
+    cfg, device, run: RunDir, progress: bool, stop: distributed.StopFlag, last: int, restart: bool
 ) -> dict:
-    from polyinr.config import flatten, to_dict
-
     configure_backends()
     rank, world = distributed.rank_world()
     t = cfg.train
@@ -357,226 +420,110 @@ def _train(
             f"train.batch={t.batch} is not a multiple of batch_gpu ({batch_gpu}) "
             f"x world size ({world})"
         )
+    _check_embed_init(cfg)
 
     # Storage problems (credentials, bucket, permissions) stop here, before any compute.
     store = CheckpointStore(cfg.storage, cfg.tracking.run_name)
     distributed.on_rank0(store.check, rank, world)
-    state = _resume(store, cfg, rank, restart)
+    resumed, resumed_uri = _resume(store, cfg, rank, restart)
     if stop.any_rank(world, device):  # SIGTERM during start-up: nothing new to save yet
         raise Preempted("stopped by SIGTERM during start-up; rerun the same command to resume")
-    if t.embed_init:
-        if not cfg.generator.conditional:
-            raise ValueError("train.embed_init needs generator.conditional=true")
-        if cfg.discriminator.embed_dim != cfg.generator.embed_dim:
-            raise ValueError(
-                f"train.embed_init initialises G's and D's class embeddings from one table: "
-                f"generator.embed_dim ({cfg.generator.embed_dim}) and discriminator.embed_dim "
-                f"({cfg.discriminator.embed_dim}) must be equal"
-            )
-        embedding.load(t.embed_init, cfg.generator.num_classes, cfg.generator.embed_dim)
-    cur_nimg = state["cur_nimg"] if state else 0
-    # Stages run whole iterations: each one's kimg rounded up to a multiple of the batch, so
-    # the next stage starts where this one stopped (its blur and EMA ramps from image 0).
-    ends = np.cumsum([-(-int(s.kimg * 1000) // t.batch) * t.batch for s in t.stages]).tolist()
-    starts = [0] + ends[:-1]
+    cur_nimg = resumed["cur_nimg"] if resumed else 0
+    starts, ends = _schedule(t, t.batch)
     final = last == len(t.stages) - 1  # the whole schedule: export the generator at the end
-    if final and state and (cur_nimg > ends[-1] or state["stage"] >= len(t.stages)):
+    if final and resumed and (cur_nimg > ends[-1] or resumed["stage"] >= len(t.stages)):
         # A shorter schedule than this run's checkpoints: refused before MLflow is touched.
         raise ValueError(
             f"the checkpoints in {store.uri} are at kimg {cur_nimg / 1000:g}, past the end of "
             f"train.stages (kimg {ends[-1] / 1000:g}): lengthen the schedule to continue, or "
-            "use the run's models/generator.pt as it is"
+            f"use the run's {run.generator} as it is"
         )
     if not final and cur_nimg >= ends[last]:
-        resolution = t.stages[last].resolution
         if rank == 0:
+            resolution = t.stages[last].resolution
+            run.emit(
+                "already_complete",
+                stage=last,
+                resolution=resolution,
+                nimg=cur_nimg,
+                checkpoint=resumed_uri,
+            )
             print(
                 f"stage {last} ({resolution}px) is already complete: the checkpoint is at kimg "
                 f"{cur_nimg / 1000:g}, the stage ends at kimg {ends[last] / 1000:g}",
                 file=sys.stderr,
             )
         return {"cur_nimg": cur_nimg, "stage": last, "already_complete": True}
-    fid = metrics.TrainingFID(cfg, store, device)  # FID every eval.every_kimg, best marked
-    history = list(state["history"]) if state else []
 
-    num_classes = cfg.generator.num_classes if cfg.generator.conditional else 0
-    run_id = state["mlflow_run_id"] if state else None
+    run_id = resumed["mlflow_run_id"] if resumed else None
     if rank == 0:
         if run_id is None:
-            run = tracking.start_run(cfg.tracking, params=flatten(cfg))
+            mlflow_run = tracking.start_run(cfg.tracking, params=config.flatten(cfg))
         else:  # a new run, tagged with this id, when the store never saw it (another host)
-            run = tracking.continue_run(cfg.tracking, run_id, params=flatten(cfg))
-        run_id = run.info.run_id
+            mlflow_run = tracking.continue_run(cfg.tracking, run_id, params=config.flatten(cfg))
+        run_id = mlflow_run.info.run_id
         tracking.set_tags(  # the params keep the first schedule; a resume may lengthen it
             {
                 "discriminator.pretrained": str(cfg.discriminator.pretrained),
                 "discriminator.weights": weights_label(cfg.discriminator),
-                "train.stages": str(flatten(cfg)["train.stages"]),
+                "train.stages": str(config.flatten(cfg)["train.stages"]),
             }
         )
+        _say(
+            run,
+            "run_started",
+            f"resuming from {resumed_uri} at kimg {cur_nimg / 1000:g}" if resumed else None,
+            run_name=cfg.tracking.run_name,
+            checkpoints=store.uri,
+            mlflow_run_id=run_id,
+            resumed_from=resumed_uri,
+            nimg=cur_nimg,
+        )
 
+    fid = metrics.TrainingFID(cfg, device) if cfg.eval.every_kimg > 0 else None
+    num_classes = cfg.generator.num_classes if cfg.generator.conditional else 0
     grid_classes = torch.arange(min(max(num_classes, 1), 8)).repeat_interleave(8)
-    g_ema = None
+    state = None  # the State of the stage being trained
     for index, stage in enumerate(t.stages[: last + 1]):
-        if cur_nimg >= ends[index] and not (state and state["stage"] == index):
+        resuming = resumed is not None and resumed["stage"] == index
+        if cur_nimg >= ends[index] and not resuming:
             continue
-        resuming = state is not None and state["stage"] == index
-        if g_ema is not None and not resuming:
-            g_ema = _handoff(store, fid, g_ema, index, t.stages, rank)
-        g, g_ema, d, opt_g, opt_d = _stage_models(cfg, stage, num_classes, device, g_ema)
-        position = None  # (epoch, batches served) of this rank's loader, when resuming
+        g_ema_prev, how = None, "random initialisation"
         if resuming:
-            position = state.get("data_position")
-            g.load_state_dict(state["G"])
-            g_ema.load_state_dict(state["G_ema"])
-            d.load_trainable_state_dict(state["D"])
-            opt_g.load_state_dict(state["opt_G"])
-            opt_d.load_state_dict(state["opt_D"])
-            state = None
-        for module in (g, g_ema, d):
+            how = f"checkpoint {resumed_uri}"
+        elif state is not None:
+            g_ema_prev, how = _handoff(store, state.g_ema, index, t.stages)
+        state = State(
+            *_stage_models(cfg, stage, num_classes, device, g_ema_prev),
+            stage=index,
+            cur_nimg=cur_nimg,
+            history=list(state.history) if state else [],
+            mlflow_run_id=run_id,
+            config=config.to_dict(cfg),
+        )
+        if resuming:
+            state.load_state_dict(resumed)
+            state.mlflow_run_id, resumed = run_id, None
+        for module in (state.g, state.g_ema, state.d):
             distributed.broadcast(module, world)
         if cur_nimg >= ends[index]:
-            continue
-        path = data.beton_path(cfg.data.out_dir, stage.resolution)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run `polyinr prepare` first")
-        loader = data.make_loader(
-            path,
-            batch_gpu,
-            t.seed + index,
-            device,
-            mirror=t.mirror,
-            distributed=world > 1,
-            workers=t.workers,
-        )
-        if position is None and cur_nimg > starts[index]:  # a checkpoint from before data_position
-            position = divmod((cur_nimg - starts[index]) // t.batch * rounds, len(loader))
-        if position is not None:
-            loader.seek(*position)  # continue mid-epoch with the batches not yet consumed
-        batches = _batches(loader)
-        ema_nimg_full = (t.ema_kimg if t.ema_kimg >= 0 else t.batch * 10 / 32) * 1000
-        bar = tqdm(
-            total=ends[index] - starts[index],
-            initial=cur_nimg - starts[index],
-            unit="img",
-            unit_scale=True,  # 1.02k/6.02k img, no float noise
-            desc=f"stage {index} ({stage.resolution}px)",
-            disable=not progress or rank > 0,
-        )
-        heads = len(d.branches) * 4
-        sums, count, next_snapshot = (
-            np.zeros(2 + 2 * heads),
-            0,
-            _next_tick(cur_nimg, t.snapshot_kimg),
-        )
-        next_sample = _next_tick(cur_nimg, t.sample_kimg)
-        positions = [distributed.positions(q, rank, world, batch_gpu) for q in range(rounds)]
-        while cur_nimg < ends[index]:
-            stage_nimg = cur_nimg - starts[index]
-            _reseed(t.seed, rank, cur_nimg)
-            z_g, z_d = _draws(t.seed, cur_nimg, t.batch, cfg.generator.z_dim)
-            sigma = augment.blur_sigma(
-                stage_nimg, cfg.discriminator.blur_sigma, cfg.discriminator.blur_kimg
+            continue  # resumed at the very end of this stage: hand over to the next one
+        if rank == 0:
+            _say(
+                run,
+                "stage_started",
+                f"stage {index} ({stage.resolution}px) starts from {how}" if index else None,
+                stage=index,
+                resolution=stage.resolution,
+                nimg=cur_nimg,
+                start=how,
             )
-            reals = [next(batches) for _ in range(rounds)]
-            stats = training_step(
-                g,
-                d,
-                opt_g,
-                opt_d,
-                reals,
-                [z_g[pos].to(device) for pos in positions],
-                [z_d[pos].to(device) for pos in positions],
-                sigma,
-                world,
-                t.precision,
-            )
-            # The per-class running mean of w (truncation) from the whole global batch, so
-            # that it is the same on every rank and for every split of the batch.
-            with torch.no_grad():
-                labels = distributed.gather_labels([c for _, c in reals], world)
-                g.mapping(z_d.to(device), labels, update_w_avg=True)
-            cur_nimg += t.batch
-            # EMA with half-life ema_kimg, ramped up as ema_rampup x images seen this stage.
-            ema_nimg = ema_nimg_full
-            if t.ema_rampup > 0:
-                ema_nimg = min(ema_nimg, (cur_nimg - starts[index]) * t.ema_rampup)
-            _update_ema(g_ema, g, 0.5 ** (t.batch / max(ema_nimg, 1e-8)))
-
-            sums += [stats["loss_g"], stats["loss_d"], *stats["acc_real"], *stats["acc_fake"]]
-            count += 1
-            bar.update(t.batch)
-            # No forced redraw: every mininterval ($TQDM_MININTERVAL), not every step.
-            bar.set_postfix(
-                loss_g=f"{stats['loss_g']:.3f}",
-                loss_d=f"{stats['loss_d']:.3f}",
-                d_acc=f"{np.mean(stats['acc_real'] + stats['acc_fake']):.2f}",
-                refresh=False,
-            )
-            done = cur_nimg >= ends[index]
-            if rank == 0 and (cur_nimg >= next_sample or done):
-                next_sample = _next_tick(cur_nimg, t.sample_kimg)
-                grid = render_grid(
-                    g_ema,
-                    grid_classes,
-                    list(range(8)) * (len(grid_classes) // 8),
-                    t.sample_psi,
-                    rows=len(grid_classes) // 8,
-                )
-                tracking.log_image(grid, key="samples", step=cur_nimg)  # steps are images
-            stopping = stop.any_rank(world, device)
-            if cur_nimg >= next_snapshot or done or stopping:
-                next_snapshot = _next_tick(cur_nimg, t.snapshot_kimg)
-                mean = distributed.mean_over_ranks(sums / max(count, 1), world, device)
-                sums, count = np.zeros_like(sums), 0
-                row = _curve_row(cur_nimg, index, stage.resolution, mean, heads, sigma)
-                history.append(row)
-                rng = [None] * world
-                if world > 1:
-                    dist.all_gather_object(rng, _rng_states())
-                else:
-                    rng = [_rng_states()]
-                checkpoint = {
-                    "G": g.state_dict(),
-                    "G_ema": g_ema.state_dict(),
-                    "D": d.trainable_state_dict(),
-                    "opt_G": opt_g.state_dict(),
-                    "opt_D": opt_d.state_dict(),
-                    "cur_nimg": cur_nimg,
-                    "stage": index,
-                    "data_position": list(loader.position),
-                    "history": history,
-                    "mlflow_run_id": run_id,
-                    "config": to_dict(cfg),
-                    "rng": rng,
-                }
-                info = {
-                    "stage": index,
-                    "resolution": stage.resolution,
-                    "kimg": cur_nimg / 1000,
-                    "weights_sha256": tensors_sha256(g_ema.state_dict()),
-                }
-                if rank == 0:
-                    tracking.log_metrics(
-                        {k: v for k, v in row.items() if k not in ("kimg", "stage", "resolution")},
-                        step=cur_nimg,
-                    )
-                save = functools.partial(store.save, checkpoint, cur_nimg, info)
-                uri = distributed.on_rank0(save, rank, world)
-                if rank == 0:
-                    tqdm.write(
-                        f"kimg {cur_nimg / 1000:g}: loss_g {row['loss_g']:.3f} loss_d "
-                        f"{row['loss_d']:.3f} D acc real {row['acc_real']:.2f} fake "
-                        f"{row['acc_fake']:.2f} -> {uri}"
-                    )
-                if stopping:
-                    bar.close()
-                    raise Preempted(
-                        f"stopped by SIGTERM at kimg {cur_nimg / 1000:g}; checkpoint {uri}; "
-                        "rerun the same command to resume"
-                    )
-                fid.tick(g_ema, cur_nimg, index, stage.resolution, done)  # all ranks
-        bar.close()
+        cur_nimg = _train_stage(
+            cfg, state, store, run, fid, index, starts[index], ends[index], grid_classes,
+            device, progress, stop, batch_gpu, rounds,
+        )  # fmt: skip
+        if rank == 0:
+            _say(run, "stage_done", stage=index, resolution=stage.resolution, nimg=cur_nimg)
 
     if not final:
         if rank == 0:
@@ -587,33 +534,222 @@ def _train(
                 file=sys.stderr,
             )
         return {"cur_nimg": cur_nimg, "stage": last, "mlflow_run_id": run_id}
+    g_ema = state.g_ema
     if rank == 0:
-        save_generator(
-            g_ema,
-            GENERATOR_PATH,
-            {
-                "mlflow_run_id": run_id,
-                "cur_nimg": cur_nimg,
-                "resolution": t.stages[-1].resolution,
-                "discriminator_pretrained": cfg.discriminator.pretrained,
-                "discriminator_weights": weights_label(cfg.discriminator),
-            },
+        meta = {
+            "mlflow_run_id": run_id,
+            "cur_nimg": cur_nimg,
+            "resolution": t.stages[-1].resolution,
+            "discriminator_pretrained": cfg.discriminator.pretrained,
+            "discriminator_weights": weights_label(cfg.discriminator),
+        }
+        save_generator(g_ema, run.generator, meta)
+        _write_curves(state.history, run)
+        _say(
+            run,
+            "exported",
+            f"generator: {run.generator}",
+            path=str(run.generator),
+            nimg=cur_nimg,
+            weights_sha256=tensors_sha256(g_ema.state_dict()),
+            mlflow_run_id=run_id,
         )
-        _write_curve(history, TRAIN_CURVE)
-        fid.write_curve()
-        tracking.log_artifact(TRAIN_CURVE)
+        for path in (run.train_curve, run.events):
+            tracking.log_artifact(path)
         tracking.end_run()
     return {
         "cur_nimg": cur_nimg,
         "mlflow_run_id": run_id,
-        "generator": str(GENERATOR_PATH),
+        "generator": str(run.generator),
         "weights_sha256": tensors_sha256(g_ema.state_dict()),
     }
+
+
+def _check_embed_init(cfg) -> None:
+    """train.embed_init fits the models: G and every D head start from one class table."""
+    if not cfg.train.embed_init:
+        return
+    if not cfg.generator.conditional:
+        raise ValueError("train.embed_init needs generator.conditional=true")
+    if cfg.discriminator.embed_dim != cfg.generator.embed_dim:
+        raise ValueError(
+            f"train.embed_init initialises G's and D's class embeddings from one table: "
+            f"generator.embed_dim ({cfg.generator.embed_dim}) and discriminator.embed_dim "
+            f"({cfg.discriminator.embed_dim}) must be equal"
+        )
+    embedding.load(cfg.train.embed_init, cfg.generator.num_classes, cfg.generator.embed_dim)
+
+
+def _train_stage(
+    cfg, state: State, store, run: RunDir, fid, index: int, start: int, end: int, grid_classes,
+    device, progress: bool, stop, batch_gpu: int, rounds: int,
+) -> int:  # fmt: skip
+    """Train progressive stage `index` from state.cur_nimg to `end`; returns cur_nimg."""
+    rank, world = distributed.rank_world()
+    t, stage = cfg.train, cfg.train.stages[index]
+    loader = data.make_loader(
+        data.beton_path(cfg.data.out_dir, stage.resolution),
+        batch_gpu,
+        t.seed + index,
+        device,
+        mirror=t.mirror,
+        distributed=world > 1,
+        workers=t.workers,
+    )
+    position = state.data_position
+    if position == (0, 0) and state.cur_nimg > start:  # a checkpoint from before data_position
+        position = divmod((state.cur_nimg - start) // t.batch * rounds, len(loader))
+    loader.seek(*position)  # continue mid-epoch with the batches not yet consumed
+    batches = _batches(loader)
+    ema_nimg_full = (t.ema_kimg if t.ema_kimg >= 0 else t.batch * 10 / 32) * 1000
+    bar = tqdm(
+        total=end - start,
+        initial=state.cur_nimg - start,
+        unit="img",
+        unit_scale=True,  # 1.02k/6.02k img, no float noise
+        desc=f"stage {index} ({stage.resolution}px)",
+        disable=not progress or rank > 0,
+    )
+    heads = len(state.d.branches) * 4
+    sums, count = np.zeros(2 + 2 * heads), 0
+    next_snapshot = _next_tick(state.cur_nimg, t.snapshot_kimg)
+    next_sample = _next_tick(state.cur_nimg, t.sample_kimg)
+    positions = [distributed.positions(q, rank, world, batch_gpu) for q in range(rounds)]
+    g, g_ema = state.g, state.g_ema
+    fid_name = fid.name if fid else None  # the curve's FID column, named by its sample count
+    while state.cur_nimg < end:
+        cur_nimg = state.cur_nimg
+        _reseed(t.seed, rank, cur_nimg)
+        z_g, z_d = _draws(t.seed, cur_nimg, t.batch, cfg.generator.z_dim)
+        sigma = augment.blur_sigma(
+            cur_nimg - start, cfg.discriminator.blur_sigma, cfg.discriminator.blur_kimg
+        )
+        reals = [next(batches) for _ in range(rounds)]
+        stats = training_step(
+            g,
+            state.d,
+            state.opt_g,
+            state.opt_d,
+            reals,
+            [z_g[pos].to(device) for pos in positions],
+            [z_d[pos].to(device) for pos in positions],
+            sigma,
+            world,
+            t.precision,
+        )
+        # The per-class running mean of w (truncation) from the whole global batch, so
+        # that it is the same on every rank and for every split of the batch.
+        with torch.no_grad():
+            labels = distributed.gather_labels([c for _, c in reals], world)
+            g.mapping(z_d.to(device), labels, update_w_avg=True)
+        cur_nimg = state.cur_nimg = cur_nimg + t.batch
+        # EMA with half-life ema_kimg, ramped up as ema_rampup x images seen this stage.
+        ema_nimg = ema_nimg_full
+        if t.ema_rampup > 0:
+            ema_nimg = min(ema_nimg, (cur_nimg - start) * t.ema_rampup)
+        _update_ema(g_ema, g, 0.5 ** (t.batch / max(ema_nimg, 1e-8)))
+
+        sums += [stats["loss_g"], stats["loss_d"], *stats["acc_real"], *stats["acc_fake"]]
+        count += 1
+        bar.update(t.batch)
+        # No forced redraw: every mininterval ($TQDM_MININTERVAL), not every step.
+        bar.set_postfix(
+            loss_g=f"{stats['loss_g']:.3f}",
+            loss_d=f"{stats['loss_d']:.3f}",
+            d_acc=f"{np.mean(stats['acc_real'] + stats['acc_fake']):.2f}",
+            refresh=False,
+        )
+        done = cur_nimg >= end
+        if rank == 0 and (cur_nimg >= next_sample or done):
+            next_sample = _next_tick(cur_nimg, t.sample_kimg)
+            rows = len(grid_classes) // 8
+            grid = render_grid(g_ema, grid_classes, list(range(8)) * rows, t.sample_psi, rows)
+            tracking.log_image(grid, key="samples", step=cur_nimg)  # steps are images
+        stopping = stop.any_rank(world, device)
+        if not (cur_nimg >= next_snapshot or done or stopping):
+            continue
+        # A snapshot: the curve's row (and the FID when due), then the checkpoint.
+        next_snapshot = _next_tick(cur_nimg, t.snapshot_kimg)
+        mean = distributed.mean_over_ranks(sums / max(count, 1), world, device)
+        sums, count = np.zeros_like(sums), 0
+        row = _curve_row(cur_nimg, index, stage.resolution, mean, heads, sigma)
+        if fid is not None and not stopping and _fid_due(state.history, cur_nimg, cfg, done):
+            row[fid.name] = fid(g_ema, stage.resolution)  # all ranks
+        state.history.append(row)
+        state.data_position = loader.position
+        checkpoint = state.state_dict(rng=_all_rng_states(world))
+        info = {
+            "stage": index,
+            "resolution": stage.resolution,
+            "kimg": cur_nimg / 1000,
+            "weights_sha256": tensors_sha256(g_ema.state_dict()),
+        }
+        save = functools.partial(store.save, checkpoint, cur_nimg, info)
+        uri = distributed.on_rank0(save, rank, world)
+        if rank == 0:
+            _say(
+                run,
+                "checkpoint",
+                f"kimg {cur_nimg / 1000:g}: loss_g {row['loss_g']:.3f} loss_d "
+                f"{row['loss_d']:.3f} D acc real {row['acc_real']:.2f} fake "
+                f"{row['acc_fake']:.2f} -> {uri}",
+                stage=index,
+                resolution=stage.resolution,
+                nimg=cur_nimg,
+                uri=uri,
+                metrics={k: row[k] for k in row if k not in CURVE_KEYS and k != fid_name},
+            )
+            if fid_name in row:
+                best = store.mark_best(snapshot_name(cur_nimg), row[fid_name], index)
+                _say(
+                    run,
+                    "fid",
+                    f"kimg {cur_nimg / 1000:g}: {fid_name} {row[fid_name]:.3f}"
+                    + (" (best of the stage)" if best else ""),
+                    stage=index,
+                    resolution=stage.resolution,
+                    nimg=cur_nimg,
+                    metric=fid_name,
+                    value=row[fid_name],
+                    best=best,
+                )
+            _write_curves(state.history, run)
+        if stopping:
+            bar.close()
+            if rank == 0:
+                run.emit("preempted", stage=index, nimg=cur_nimg, uri=uri)
+            raise Preempted(
+                f"stopped by SIGTERM at kimg {cur_nimg / 1000:g}; checkpoint {uri}; "
+                "rerun the same command to resume"
+            )
+    bar.close()
+    return state.cur_nimg
+
+
+def _all_rng_states(world: int) -> list[dict]:
+    """Every rank's RNG states, by rank (a collective: all ranks call it)."""
+    if world == 1:
+        return [_rng_states()]
+    states = [None] * world
+    dist.all_gather_object(states, _rng_states())
+    return states
+
+
+def _fid_due(history: list[dict], cur_nimg: int, cfg, done: bool) -> bool:
+    """Whether to measure the FID now: an eval.every_kimg boundary was crossed since the last
+    measurement, or the stage ends."""
+    every = int(cfg.eval.every_kimg * 1000)
+    name = metrics.metric_name(cfg.eval.train_samples)
+    last = max((round(r["kimg"] * 1000) for r in history if name in r), default=0)
+    return done or cur_nimg // every > last // every
 
 
 def _next_tick(cur_nimg: int, every_kimg: float) -> int:
     every = max(int(every_kimg * 1000), 1)
     return (cur_nimg // every + 1) * every
+
+
+CURVE_KEYS = ("kimg", "stage", "resolution")  # a curve row's position, the rest are numbers
 
 
 def _curve_row(cur_nimg, stage, resolution, mean, heads: int, sigma: float) -> dict:
@@ -634,11 +770,21 @@ def _curve_row(cur_nimg, stage, resolution, mean, heads: int, sigma: float) -> d
     return row
 
 
-def _write_curve(history: list[dict], path: Path) -> None:
-    """The training curve as CSV, which `dvc plots` and the MLflow run show."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields = list(dict.fromkeys(k for row in history for k in row))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, restval="")
-        writer.writeheader()
-        writer.writerows(history)
+def _write_curves(history: list[dict], run: RunDir) -> None:
+    """train.csv (every row, without FIDs) and fid.csv (the rows with one), which `dvc plots`
+    and the MLflow run show."""
+    fid_keys = sorted({k for row in history for k in row if k.startswith("fid")})
+    losses = [{k: v for k, v in row.items() if k not in fid_keys} for row in history]
+    fids = [
+        {"kimg": r["kimg"], "stage": r["stage"], "resolution": r["resolution"], k: r[k]}
+        for r in history
+        for k in fid_keys
+        if k in r
+    ]
+    for path, rows in ((run.train_curve, losses), (run.fid_curve, fids)):
+        fields = list(dict.fromkeys(k for row in rows for k in row)) or ["kimg", "stage"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, restval="")
+            writer.writeheader()
+            writer.writerows(rows)

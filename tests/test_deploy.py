@@ -224,8 +224,8 @@ def test_two_torchrun_nodes_equal_one_node_and_one_process(tmp_path):
 
     assert nodes["cur_nimg"] == one_node["cur_nimg"] == one_process["cur_nimg"] == 32
     assert nodes["weights_sha256"] == one_node["weights_sha256"]
-    g_nodes, _ = load_generator(tmp_path / "nodes" / "models" / "generator.pt")
-    g_single, _ = load_generator(tmp_path / "single" / "models" / "generator.pt")
+    g_nodes, _ = load_generator(tmp_path / "nodes" / "run" / "generator.pt")
+    g_single, _ = load_generator(tmp_path / "single" / "run" / "generator.pt")
     for (name, a), b in zip(
         g_nodes.state_dict().items(), g_single.state_dict().values(), strict=True
     ):

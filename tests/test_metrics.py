@@ -24,7 +24,7 @@ from polyinr.metrics import (
     precision_recall,
     to_uint8,
 )
-from polyinr.storage import CheckpointStore, StorageConfig
+from polyinr.storage import StorageConfig
 
 MISSING = "/nonexistent/weights.pth"
 
@@ -543,65 +543,29 @@ def test_two_processes_give_the_single_process_result(tmp_path):
 # The FID during training
 
 
-def test_training_fid_runs_every_kimg_logs_and_keeps_the_best_snapshot(tmp_path, monkeypatch):
-    """Evaluated when an every_kimg boundary is crossed or a stage ends; logged to MLflow as
-    fid8 against images seen (cur_nimg) and to metrics/fid.csv; the stage's best snapshot
-    survives pruning; a resumed run reads the log back."""
-    from polyinr import tracking
-    from polyinr.tracking import TrackingConfig
-
-    monkeypatch.chdir(tmp_path)
+def test_training_fid_is_the_fid_of_train_samples_with_networks_loaded_once(tmp_path):
+    """TrainingFID(g, resolution) is evaluate()'s FID of eval.train_samples samples against the
+    training statistics at that resolution, which load once; it writes nothing."""
     adm_npz(tmp_path / "ref.npz")
     cfg_eval = eval_config(tmp_path, reference_npz=str(tmp_path / "ref.npz"), every_kimg=1.0)
-    storage = storage_config(str(tmp_path / "ckpt"), None, 1, tmp_path)
-    tracking_cfg = TrackingConfig(f"sqlite:///{tmp_path}/mlflow.db", "t", "art", "run")
     generator = SimpleNamespace(num_classes=10, conditional=True)
     cfg = SimpleNamespace(
-        eval=cfg_eval, storage=storage, generator=generator, data=SimpleNamespace(out_dir=None)
+        eval=cfg_eval, storage=None, generator=generator, data=SimpleNamespace(out_dir=None)
     )
-    store = CheckpointStore(storage, "run")
-    fid = metrics.TrainingFID(cfg, store, "cpu", nets=tiny_networks(cfg_eval))
+    nets = tiny_networks(cfg_eval)
+    fid = metrics.TrainingFID(cfg, "cpu", nets=nets)
     g = TinyGenerator()
-    values = {}
-    with tracking.start_run(tracking_cfg) as run:
-        for cur_nimg, done in ((500, False), (1000, False), (1500, False), (2100, False)):
-            store.save({"cur_nimg": cur_nimg}, cur_nimg)
-            values[cur_nimg] = fid.tick(g, cur_nimg, 0, 32, done)
-            with torch.no_grad():  # the generator "trains": samples move away from the start
-                g.proj.bias += 0.5
-    assert values[500] is None and values[1500] is None
-    assert values[1000] is not None and values[2100] is not None
-    import mlflow
-
-    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "fid8")
-    assert [(m.step, m.value) for m in history] == [
-        (1000, values[1000]),
-        (2100, values[2100]),
-    ]
-    lines = (tmp_path / "metrics" / "fid.csv").read_text().splitlines()
-    assert lines[0] == "kimg,stage,resolution,fid8" and len(lines) == 3
-    best_nimg = min((1000, 2100), key=lambda n: values[n])
-    best = [r["name"] for r in store.records() if r["best"]]
-    assert best == [f"snapshot-{best_nimg:012d}.pt"]
-    names = store._names()
-    assert f"snapshot-{best_nimg:012d}.pt" in names and "snapshot-000000002100.pt" in names
-    assert len(names) <= 2  # keep=1 plus the best one
-
-    resumed = metrics.TrainingFID(cfg, store, "cpu", nets=tiny_networks(cfg_eval))
-    with tracking.start_run(tracking_cfg, run_id=run.info.run_id):  # as train() on resume
-        assert resumed.tick(g, 2500, 0, 32, done=False) is None  # 2100 was evaluated before
-        store.save({"cur_nimg": 2600}, 2600)  # train() ticks right after each snapshot
-        assert resumed.tick(g, 2600, 0, 32, done=True) is not None  # a stage's end always is
-    assert mlflow.active_run() is None
-
-
-def test_training_fid_off_when_every_kimg_is_zero(tmp_path):
-    """every_kimg = 0 never evaluates (and never loads a network)."""
-    cfg_eval = eval_config(tmp_path, every_kimg=0.0)
-    storage = storage_config(str(tmp_path / "ckpt"), None, 1, tmp_path)
-    cfg = SimpleNamespace(eval=cfg_eval, storage=storage)
-    fid = metrics.TrainingFID(cfg, CheckpointStore(storage, "run"), "cpu")
-    assert fid.tick(TinyGenerator(), 5000, 0, 32, done=True) is None and fid.nets is None
+    first = fid(g, 32)
+    reference = fid.references[32]
+    expected = metrics.evaluate(
+        g, reference, cfg_eval, 10, nets, "cpu", parts=["fid"],
+        num_samples=cfg_eval.train_samples, progress=False,
+    )["fid"]  # fmt: skip
+    assert first == expected and fid.name == metrics.metric_name(cfg_eval.train_samples)
+    with torch.no_grad():  # the generator "trains": samples move away from the start
+        g.proj.bias += 0.5
+    assert fid(g, 32) != first and fid.references[32] is reference
+    assert not [*tmp_path.rglob("*.csv"), *tmp_path.rglob("*.json")]
 
 
 # ---------------------------------------------------------------------------------------------

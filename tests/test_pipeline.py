@@ -61,7 +61,7 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
     assert metrics["fid"] > 0 and metrics["is_mean"] >= 1.0
     for key in ("sfid", "precision", "recall", "rfid"):
         assert isinstance(metrics[key], float), key
-    fid_curve = (repo / "metrics/fid.csv").read_text().splitlines()
+    fid_curve = (repo / "run/fid.csv").read_text().splitlines()
     assert fid_curve[0] == "kimg,stage,resolution,fid8" and len(fid_curve) == 3
     bests = json.loads((run_dir / "best.json").read_text())["stages"]  # one per stage
     assert sorted(bests) == ["0", "1"]
@@ -79,7 +79,14 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
     assert run.data.tags["eval.inception_weights"].startswith("random")
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"eval.json", "grid.png", "train.csv"} <= artifacts
+    assert {"eval.json", "grid.png", "train.csv", "events.jsonl"} <= artifacts
+    events = [json.loads(line) for line in (repo / "run/events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events if e["event"] != "checkpoint"][:3] == [
+        "run_started",
+        "stage_started",
+        "fid",
+    ]
+    assert events[-1]["event"] == "exported" and events[-1]["path"] == "run/generator.pt"
 
     status = _run([BIN / "dvc", "status"], repo)
     assert "up to date" in status.lower()
@@ -89,7 +96,7 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
 
 # Where each stage's code starts, and the modules that cannot change its outputs: storage
 # (where files go), tracking (what is logged) and, for train, the metrics modules (they only
-# draw metrics/fid.csv; a change to them must not retrain). config.py is a dependency but
+# draw run/fid.csv; a change to them must not retrain). config.py is a dependency but
 # its imports are the schema's, so the walk stops there.
 STAGE_CODE = {
     "demo_data": ["polyinr/data.py"],
@@ -195,15 +202,16 @@ def test_workspace_without_git_copies_sources_not_outputs(repo_copy, tmp_path):
     from polyinr import pipeline
 
     repo = repo_copy
-    for out in ("data/demo/train/x.JPEG", "models/generator.pt", ".stack/env"):
+    for out in ("data/demo/train/x.JPEG", "run/generator.pt", "run/events.jsonl", ".stack/env"):
         (repo / out).parent.mkdir(parents=True, exist_ok=True)
         (repo / out).write_bytes(b"output")
     ws = tmp_path / "ws"
     assert pipeline.create_workspace(repo, ws, params="configs/imagenet-256.yaml") == "copy"
     assert (ws / "params.yaml").read_text() == (repo / "configs/imagenet-256.yaml").read_text()
     assert (ws / "dvc.yaml").is_file() and (ws / "polyinr" / "train.py").is_file()
-    for out in ("data", "models", ".stack", ".dvc/cache"):
+    for out in ("data", "run/generator.pt", "run/events.jsonl", ".stack", ".dvc/cache"):
         assert not (ws / out).exists(), out
+    assert (ws / "run/train.csv").is_file()  # git's, as in a clone
 
 
 def test_recorded_run_restores_a_fresh_checkout(repo_copy, tmp_path, monkeypatch):

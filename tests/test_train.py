@@ -11,6 +11,7 @@ import torch
 
 from polyinr import config, data, train
 from polyinr.generator import Generator, load_generator
+from polyinr.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,7 +101,7 @@ def test_rerun_resumes_instead_of_restarting(prepared, tmp_path, monkeypatch, ca
     """A second `train` with a longer schedule continues from the checkpoint's cur_nimg."""
     monkeypatch.chdir(tmp_path)
     cfg = run_cfg(prepared, tmp_path, kimg=0.016)
-    first = train.train(cfg, torch.device("cpu"), progress=False)
+    first = train.train(cfg, torch.device("cpu"), "run", progress=False)
     assert first["cur_nimg"] == 16
     assert (tmp_path / "checkpoints/test/latest.json").is_file()
     capsys.readouterr()
@@ -109,15 +110,26 @@ def test_rerun_resumes_instead_of_restarting(prepared, tmp_path, monkeypatch, ca
     original = train.training_step
     monkeypatch.setattr(train, "training_step", lambda *a, **k: seen.append(1) or original(*a, **k))
     cfg2 = run_cfg(prepared, tmp_path, kimg=0.032)
-    second = train.train(cfg2, torch.device("cpu"), progress=False)
+    second = train.train(cfg2, torch.device("cpu"), "run", progress=False)
     assert "resuming from" in capsys.readouterr().err
     assert second["cur_nimg"] == 32
     assert len(seen) == 2  # only the 16 new images (batch 8), not all 32
     assert second["mlflow_run_id"] == first["mlflow_run_id"]
-    g, meta = load_generator(tmp_path / "models/generator.pt")
+    g, meta = load_generator(tmp_path / "run/generator.pt")
     assert meta["cur_nimg"] == 32 and meta["resolution"] == 16
-    curve = (tmp_path / "metrics/train.csv").read_text().splitlines()
+    curve = (tmp_path / "run/train.csv").read_text().splitlines()
     assert curve[0].startswith("kimg") and len(curve) == 3  # header + 0.016 + 0.032
+    events = RunDir(tmp_path / "run").read_events()  # both sessions, appended
+    started = [e for e in events if e["event"] == "run_started"]
+    assert [e["resumed_from"] for e in started] == [
+        None,
+        f"{tmp_path}/checkpoints/test/snapshot-000000000016.pt",
+    ]
+    assert [e["nimg"] for e in events if e["event"] == "checkpoint"] == [16, 32]
+    assert (
+        events[-1]["event"] == "exported"
+        and events[-1]["weights_sha256"] == second["weights_sha256"]
+    )
 
 
 def test_second_stage_starts_from_first_stage_ema(prepared, tmp_path, monkeypatch):
@@ -135,7 +147,7 @@ def test_second_stage_starts_from_first_stage_ema(prepared, tmp_path, monkeypatc
         return out
 
     monkeypatch.setattr(train, "_stage_models", spy)
-    result = train.train(cfg, torch.device("cpu"), progress=False)
+    result = train.train(cfg, torch.device("cpu"), "run", progress=False)
     assert result["cur_nimg"] == 24
     stage1 = torch.load(tmp_path / "checkpoints/test/snapshot-000000000016.pt", weights_only=True)
     assert stage1["stage"] == 0
@@ -161,24 +173,24 @@ def test_stage_by_stage_equals_the_whole_schedule(prepared, tmp_path, monkeypatc
     for d in (whole_dir, staged_dir):
         d.mkdir()
     monkeypatch.chdir(whole_dir)
-    whole = train.train(run_cfg(prepared, whole_dir, stages=stages), cpu, progress=False)
+    whole = train.train(run_cfg(prepared, whole_dir, stages=stages), cpu, "run", progress=False)
 
     monkeypatch.chdir(staged_dir)
     cfg = run_cfg(prepared, staged_dir, stages=stages)
-    first = train.train(cfg, cpu, progress=False, until_stage=0)
+    first = train.train(cfg, cpu, "run", progress=False, until_stage=0)
     assert first["cur_nimg"] == 16 and first["stage"] == 0
-    assert not (staged_dir / "models/generator.pt").exists()
+    assert not (staged_dir / "run/generator.pt").exists()
     capsys.readouterr()
-    again = train.train(cfg, cpu, progress=False, until_stage=0)
+    again = train.train(cfg, cpu, "run", progress=False, until_stage=0)
     assert again == {"cur_nimg": 16, "stage": 0, "already_complete": True}
     assert "stage 0 (16px) is already complete" in capsys.readouterr().err
-    rest = train.train(cfg, cpu, progress=False)
+    rest = train.train(cfg, cpu, "run", progress=False)
     assert rest["cur_nimg"] == 24 and rest["mlflow_run_id"] == first["mlflow_run_id"]
     assert rest["weights_sha256"] == whole["weights_sha256"]
-    _, meta = load_generator(staged_dir / "models/generator.pt")
+    _, meta = load_generator(staged_dir / "run/generator.pt")
     assert meta["resolution"] == 24
     with pytest.raises(ValueError, match="stages 0 to 1 \\(16px, 24px\\)"):
-        train.train(cfg, cpu, progress=False, until_stage=2)
+        train.train(cfg, cpu, "run", progress=False, until_stage=2)
 
 
 def test_stages_run_whole_batches_and_the_next_starts_at_its_image_zero(
@@ -189,13 +201,68 @@ def test_stages_run_whole_batches_and_the_next_starts_at_its_image_zero(
     monkeypatch.chdir(tmp_path)
     stages = "[{resolution: 16, kimg: 0.012}, {resolution: 24, kimg: 0.008}]"
     cfg = run_cfg(prepared, tmp_path, stages=stages)
-    result = train.train(cfg, torch.device("cpu"), progress=False)
+    result = train.train(cfg, torch.device("cpu"), "run", progress=False)
     assert result["cur_nimg"] == 24
     history = torch.load(tmp_path / "checkpoints/test/snapshot-000000000024.pt", weights_only=True)[
         "history"
     ]
     assert [(row["kimg"], row["stage"]) for row in history] == [(0.016, 0), (0.024, 1)]
     assert history[-1]["blur_sigma"] == cfg.discriminator.blur_sigma  # stage 1's first step
+
+
+def test_fid_during_training_marks_each_stage_best_and_the_next_stage_starts_from_it(
+    prepared, tmp_path, monkeypatch
+):
+    """With eval.every_kimg on, the FID is measured at each boundary and at a stage's end; it
+    goes to the curve, the event log and MLflow; each stage's best snapshot is marked in
+    storage and survives pruning; stage 1 starts from stage 0's best, not its last EMA."""
+    import mlflow
+
+    from polyinr import metrics
+    from polyinr.rundir import RunDir
+    from polyinr.storage import CheckpointStore
+
+    monkeypatch.chdir(tmp_path)
+    scripted = iter([3.0, 1.0, 2.0, 5.0])  # kimg 0.008, 0.016, 0.024 (stage 0's end), 0.032
+    monkeypatch.setattr(metrics.TrainingFID, "__call__", lambda self, g, res: next(scripted))
+    starts = []
+    original = train._stage_models
+
+    def spy(cfg_, stage, num_classes, device, g_ema_prev):
+        starts.append(None if g_ema_prev is None else copy.deepcopy(g_ema_prev.state_dict()))
+        return original(cfg_, stage, num_classes, device, g_ema_prev)
+
+    monkeypatch.setattr(train, "_stage_models", spy)
+    stages = "[{resolution: 16, kimg: 0.024}, {resolution: 24, kimg: 0.008}]"
+    cfg = config.load(
+        REPO / "params.yaml",
+        [
+            *tiny_overrides(prepared, stages=stages),
+            f"storage.uri={tmp_path / 'checkpoints'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "storage.keep=1",
+            "train.snapshot_kimg=0.008",
+            "eval.every_kimg=0.008",
+        ],
+    )
+    result = train.train(cfg, torch.device("cpu"), tmp_path / "run", progress=False)
+    name = metrics.metric_name(cfg.eval.train_samples)
+    events = RunDir(tmp_path / "run").read_events()
+    fids = [(e["nimg"], e["value"], e["best"]) for e in events if e["event"] == "fid"]
+    assert fids == [(8, 3.0, True), (16, 1.0, True), (24, 2.0, False), (32, 5.0, True)]
+    store = CheckpointStore(cfg.storage, "test")
+    best = store.best(0)
+    assert best["name"] == "snapshot-000000000016.pt" and best["fid"] == 1.0
+    assert (tmp_path / "checkpoints/test" / best["name"]).is_file()  # kept despite keep=1
+    (stage1,) = [e for e in events if e["event"] == "stage_started" and e["stage"] == 1]
+    assert "best-FID snapshot of stage 0 (16px): kimg 0.016" in stage1["start"]
+    snapshot = store.load(best["name"])["G_ema"]
+    assert all(torch.equal(starts[1][k], v) for k, v in snapshot.items())
+    curve = (tmp_path / "run/fid.csv").read_text().splitlines()
+    assert curve[0] == f"kimg,stage,resolution,{name}" and len(curve) == 5
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    history = mlflow.MlflowClient().get_metric_history(result["mlflow_run_id"], name)
+    assert sorted((m.step, m.value) for m in history) == [(8, 3.0), (16, 1.0), (24, 2.0), (32, 5.0)]
 
 
 def test_schedule_with_a_repeated_resolution_is_refused(prepared):
@@ -223,7 +290,7 @@ def test_resumed_run_sees_the_batches_an_uninterrupted_run_sees(prepared, tmp_pa
             cfg = dataclasses.replace(
                 cfg, train=dataclasses.replace(cfg.train, snapshot_kimg=0.008)
             )
-            train.train(cfg, torch.device("cpu"), progress=False)
+            train.train(cfg, torch.device("cpu"), "run", progress=False)
             if kimg == 0.008:
                 ckpt = torch.load("checkpoints/test/snapshot-000000000008.pt", weights_only=True)
                 assert ckpt["data_position"] == [0, 1]
@@ -255,7 +322,7 @@ def _rank_worker(rank, world, init_file, overrides, workdir, out):
     train.training_step = spy
     try:
         cfg = config.load(REPO / "params.yaml", overrides)
-        summary = train.train(cfg, torch.device("cpu"), progress=False)
+        summary = train.train(cfg, torch.device("cpu"), "run", progress=False)
         torch.save(
             {
                 "G": captured["g"].state_dict(),
@@ -342,7 +409,7 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(prepared, t
     moved = sum(not torch.equal(ckpt["G"][k], first["G"][k]) for k in ckpt["G"])
     assert moved > 0  # the comparison is between runs that trained
     # Only rank 0 writes (each rank ran in its own folder; the checkpoint store is shared).
-    assert (tmp_path / "two/rank0/models/generator.pt").is_file()
+    assert (tmp_path / "two/rank0/run/generator.pt").is_file()
     assert not any((tmp_path / "two/rank1").iterdir())
 
 
@@ -366,7 +433,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(prepared, tmp_path, mo
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    whole = train.train(cfg_in(tmp_path / "a"), torch.device("cpu"), progress=False)
+    whole = train.train(cfg_in(tmp_path / "a"), torch.device("cpu"), "run", progress=False)
 
     calls = []
     original = train.training_step
@@ -380,9 +447,9 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(prepared, tmp_path, mo
     monkeypatch.setattr(train, "training_step", crash_on_fifth)
     cfg_b = cfg_in(tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
-        train.train(cfg_b, torch.device("cpu"), progress=False)
+        train.train(cfg_b, torch.device("cpu"), "run", progress=False)
     calls.clear()
-    resumed = train.train(cfg_b, torch.device("cpu"), progress=False)
+    resumed = train.train(cfg_b, torch.device("cpu"), "run", progress=False)
     assert len(calls) == 3  # from the 24-image checkpoint: 3 of the 6 batches redone
     assert resumed["cur_nimg"] == whole["cur_nimg"] == 48
     assert resumed["weights_sha256"] == whole["weights_sha256"]
@@ -503,7 +570,7 @@ def test_missing_bucket_stops_before_any_compute(prepared, tmp_path, s3_env, mon
     built = []
     monkeypatch.setattr(train, "_stage_models", lambda *a: built.append(1))
     with pytest.raises(StorageError, match="no-such-bucket-for-polyinr"):
-        train.train(cfg, torch.device("cpu"), progress=False)
+        train.train(cfg, torch.device("cpu"), "run", progress=False)
     assert not built and not (tmp_path / "mlflow.db").exists()
 
 
@@ -574,11 +641,11 @@ def test_data_that_disagree_with_the_config_stop_training_before_any_compute(
         cfg, generator=dataclasses.replace(cfg.generator, num_classes=1000)
     )
     with pytest.raises(data.DataError, match="num_classes=1000 but .* lists 2 classes"):
-        train.train(wrong_classes, torch.device("cpu"), progress=False)
+        train.train(wrong_classes, torch.device("cpu"), "run", progress=False)
     stages = "[{resolution: 16, kimg: 0.016}, {resolution: 32, kimg: 0.016}]"
     unprepared = run_cfg(prepared, tmp_path, stages=stages)
     with pytest.raises(data.DataError, match="train_32.beton; run `polyinr prepare` first"):
-        train.train(unprepared, torch.device("cpu"), progress=False)
+        train.train(unprepared, torch.device("cpu"), "run", progress=False)
     assert not built and not (tmp_path / "mlflow.db").exists()
     assert not (tmp_path / "checkpoints").exists()
 
@@ -587,13 +654,13 @@ def test_resuming_with_another_generator_section_is_refused(prepared, tmp_path, 
     """A run's checkpoint made with other generator params is not resumed with these: one
     error naming the checkpoint and the section, before any model is built."""
     monkeypatch.chdir(tmp_path)
-    train.train(run_cfg(prepared, tmp_path, kimg=0.008), torch.device("cpu"), progress=False)
+    train.train(run_cfg(prepared, tmp_path, kimg=0.008), torch.device("cpu"), "run", progress=False)
     built = []
     monkeypatch.setattr(train, "_stage_models", lambda *a: built.append(1))
     cfg = run_cfg(prepared, tmp_path, kimg=0.016)
     other = dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, hidden=24))
     with pytest.raises(ValueError, match=r"other params \(generator\.hidden: 16 -> 24\)"):
-        train.train(other, torch.device("cpu"), progress=False)
+        train.train(other, torch.device("cpu"), "run", progress=False)
     assert not built
 
 
@@ -602,7 +669,7 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(prepared, tmp_pat
     cfg = run_cfg(prepared, tmp_path)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch=8, batch_gpu=3))
     with pytest.raises(ValueError, match=r"train.batch=8 is not a multiple of batch_gpu \(3\)"):
-        train.train(cfg, torch.device("cpu"), progress=False)
+        train.train(cfg, torch.device("cpu"), "run", progress=False)
 
 
 def test_resume_refuses_other_params_and_a_shorter_schedule_leaves_the_run_finished(
@@ -615,18 +682,18 @@ def test_resume_refuses_other_params_and_a_shorter_schedule_leaves_the_run_finis
 
     monkeypatch.chdir(tmp_path)
     cpu = torch.device("cpu")
-    done = train.train(run_cfg(prepared, tmp_path, kimg=0.016), cpu, progress=False)
+    done = train.train(run_cfg(prepared, tmp_path, kimg=0.016), cpu, "run", progress=False)
     other = config.load(
         REPO / "params.yaml",
         [*tiny_overrides(prepared, kimg=0.016), "train.lr_g=2.0e-4", "generator.levels=2"],
     )
     other = dataclasses.replace(other, storage=run_cfg(prepared, tmp_path).storage)
     with pytest.raises(ValueError, match=r"generator\.levels: 3 -> 2; train\.lr_g: 0\.00025 ->"):
-        train.train(other, cpu, progress=False)
+        train.train(other, cpu, "run", progress=False)
 
     shorter = run_cfg(prepared, tmp_path, kimg=0.008)
     with pytest.raises(ValueError, match="past the end of train.stages"):
-        train.train(shorter, cpu, progress=False)
+        train.train(shorter, cpu, "run", progress=False)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert mlflow.get_run(done["mlflow_run_id"]).info.status == "FINISHED"
 
