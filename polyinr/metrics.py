@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 
 from polyinr import data, tracking
+from polyinr.checkpoints import snapshot_name
 from polyinr.featurenets import Networks, no_tf32
 from polyinr.featurestats import accumulate, rank_share, rank_world
 from polyinr.generator import to_uint8  # samples are scored exactly as they are exported
 from polyinr.reference import load_reference
-from polyinr.storage import snapshot_name
 
 PROTOCOLS = ("stylegan-xl", "adm")
 PR_K = 3

@@ -21,9 +21,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from polyinr import augment, data, distributed, embedding, loss, metrics, tracking
+from polyinr.checkpoints import CheckpointStore, NoGoodCheckpoint, tensors_sha256
 from polyinr.discriminator import ProjectedDiscriminator, head_accuracy, weights_label
 from polyinr.generator import Generator, render_grid, save_generator
-from polyinr.storage import CheckpointStore, NoGoodCheckpoint, StorageError, tensors_sha256
+from polyinr.storage import StorageError
 
 GENERATOR_PATH = Path("models/generator.pt")
 TRAIN_CURVE = Path("metrics/train.csv")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_train import tiny_overrides
 
-from polyinr import cli, config, data, storage, tracking, train
+from polyinr import checkpoints, cli, config, data, storage, tracking, train
 from scripts.fault_proxy import Fault, FaultProxy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,15 +111,15 @@ def test_no_loadable_checkpoint_stops_unless_restart_and_restart_keeps_its_commi
     with pytest.raises(storage.StorageError, match="--restart") as error:
         train.train(cfg, CPU, progress=False)
     assert name in str(error.value) and not steps
-    assert (run / "corrupt" / name).is_file() and not (run / storage.LATEST).exists()
+    assert (run / "corrupt" / name).is_file() and not (run / checkpoints.LATEST).exists()
     with pytest.raises(storage.StorageError, match="moved to corrupt/ by an earlier run"):
         train.train(cfg, CPU, progress=False)  # a plain rerun does not start over either
 
     result = train.train(cfg, CPU, progress=False, restart=True)
     assert result["cur_nimg"] == 24 and len(steps) == 3
     assert "starting from image 0 (--restart)" in capsys.readouterr().err
-    latest = json.loads((run / storage.LATEST).read_text())["name"]
-    assert latest == storage.snapshot_name(24) and (run / latest).is_file()
+    latest = json.loads((run / checkpoints.LATEST).read_text())["name"]
+    assert latest == checkpoints.snapshot_name(24) and (run / latest).is_file()
 
 
 def catches_sigterm(pid: int) -> bool:

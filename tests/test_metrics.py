@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from polyinr import metrics, reference
+from polyinr.checkpoints import CheckpointStore
 from polyinr.featurenets import Networks, no_tf32
 from polyinr.featurestats import FeatureStats
 from polyinr.metrics import (
@@ -24,7 +25,7 @@ from polyinr.metrics import (
     precision_recall,
     to_uint8,
 )
-from polyinr.storage import CheckpointStore, StorageConfig
+from polyinr.storage import StorageConfig
 
 MISSING = "/nonexistent/weights.pth"
 

@@ -410,7 +410,7 @@ def test_sigterm_and_sigkill_lose_nothing_committed(prepared, tmp_path, s3_bucke
 
     import boto3
 
-    from polyinr.storage import CheckpointStore
+    from polyinr.checkpoints import CheckpointStore
 
     overrides = [
         o for o in tiny_overrides(prepared, kimg=0.064) if not o.startswith("storage.uri")
