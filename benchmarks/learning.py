@@ -34,7 +34,7 @@ from PIL import Image
 from torch import nn
 
 from benchmarks import row
-from polyinr import config, data, embedding, storage, tracking, train
+from polyinr import checkpoints, config, data, embedding, tracking, train
 from polyinr.generator import Generator, render_grid, seed_latents, to_uint8
 
 OUT = Path(".cache/learning")
@@ -232,7 +232,7 @@ def train_demo(root: Path, overrides: list[str], quick: bool):
 
 def curve(cfg, ref: Reference, run_id: str | None, out: Path) -> list[dict]:
     """Judge every checkpoint of the run; log the curve to MLflow and <out>/curve.csv."""
-    store = storage.CheckpointStore(cfg.storage, cfg.tracking.run_name)
+    store = checkpoints.CheckpointStore(cfg.storage, cfg.tracking.run_name)
     rows = []
     for record in store.records():
         state = store.load(record["name"])

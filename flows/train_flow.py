@@ -312,8 +312,8 @@ def _metrics_table(path: Path) -> str:
 
 def _store(ws: Path):
     """The checkpoint store of the workspace's run: its identity is tracking.run_name."""
+    from polyinr.checkpoints import CheckpointStore
     from polyinr.config import load
-    from polyinr.storage import CheckpointStore
 
     cfg = load(ws / "params.yaml")
     return CheckpointStore(cfg.storage, cfg.tracking.run_name)

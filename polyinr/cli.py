@@ -166,7 +166,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_checkpoints(args) -> None:
-    from polyinr.storage import CheckpointStore
+    from polyinr.checkpoints import CheckpointStore
 
     cfg = _config(args)
     store = CheckpointStore(cfg.storage, cfg.tracking.run_name)
@@ -415,7 +415,7 @@ def cmd_restore(args) -> None:
     import subprocess
 
     from polyinr import pipeline
-    from polyinr.storage import CheckpointStore
+    from polyinr.checkpoints import CheckpointStore
 
     # argparse deals the trailing words to overrides first: the run is the one without "=".
     words = [*args.overrides, args.run]

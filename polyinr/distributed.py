@@ -10,14 +10,13 @@ all-reduce per phase does the same work with one collective.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import threading
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from polyinr.storage import StorageError
 
 
 def rank_world() -> tuple[int, int]:
@@ -87,7 +86,11 @@ def from_rank0(value):
 
 
 def on_rank0(fn, rank: int, world: int):
-    """Run fn on rank 0 and hand its result to all ranks; if it fails, every rank raises."""
+    """Run fn on rank 0 and hand its result to all ranks; if it fails, every rank raises.
+
+    The other ranks raise rank 0's error rebuilt (its class, "rank 0 failed: ..."), so a
+    caller's `except` sees the same error on every rank.
+    """
     result, error = None, None
     if rank == 0:
         try:
@@ -95,14 +98,29 @@ def on_rank0(fn, rank: int, world: int):
         except Exception as e:  # re-raised below, after the other ranks are told
             error = e
     if world > 1:
-        box = [None if error is None else f"{type(error).__name__}: {error}", result]
+        box = [None if error is None else _as_told(error), result]
         dist.broadcast_object_list(box, src=0)
         if rank > 0 and box[0] is not None:
-            raise StorageError(f"rank 0 failed: {box[0]}")
+            raise box[0]
         result = box[1]
     if error is not None:
         raise error
     return result
+
+
+def _as_told(error: Exception) -> Exception:
+    """Rank 0's `error` for the other ranks: the same class and attributes with the message
+    "rank 0 failed: ...", or a RuntimeError with that message when it does not survive a
+    pickle round trip (broadcast_object_list pickles it; a receiver must be able to unpickle)."""
+    message = f"rank 0 failed: {error}"
+    try:
+        told = type(error).__new__(type(error))
+        told.__dict__.update(vars(error))
+        told.args = (message,)
+        pickle.loads(pickle.dumps(told))
+    except Exception:  # an unpicklable attribute, a constructor that needs other arguments
+        return RuntimeError(f"rank 0 failed: {type(error).__name__}: {error}")
+    return told
 
 
 class StopFlag:

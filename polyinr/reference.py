@@ -22,6 +22,7 @@ from polyinr.featurestats import (
     rank_share,
     rank_world,
 )
+from polyinr.storage import Folder, write_atomic
 
 # Real images for precision/recall: ADM compares 10k reference images against all samples;
 # StyleGAN-XL (stylegan2-ada's pr50k3_full) uses up to 200k training images.
@@ -55,16 +56,14 @@ class ReferenceCache:
     """Reference arrays as npz files in a local folder and in storage.uri/reference-stats/."""
 
     def __init__(self, cache_dir, storage_cfg=None):
-        from polyinr.storage import CheckpointStore
-
         self.dir = Path(cache_dir)
-        self.store = CheckpointStore(storage_cfg, "reference-stats") if storage_cfg else None
+        self.shared = Folder(storage_cfg, "reference-stats") if storage_cfg else None
 
     def get(self, key: str) -> dict[str, np.ndarray] | None:
         path = self.dir / f"{key}.npz"
         raw = path.read_bytes() if path.is_file() else None
-        if raw is None and self.store is not None:
-            raw = self.store.read(f"{key}.npz")
+        if raw is None and self.shared is not None:
+            raw = self.shared.get(f"{key}.npz")
             if raw is not None:
                 self._write_local(path, raw)
         if raw is None:
@@ -76,15 +75,13 @@ class ReferenceCache:
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         self._write_local(self.dir / f"{key}.npz", buffer.getvalue())
-        if self.store is not None:
-            self.store.write(f"{key}.npz", buffer.getvalue())
+        if self.shared is not None:
+            self.shared.put(f"{key}.npz", buffer.getvalue())
 
     @staticmethod
     def _write_local(path: Path, raw: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(raw)
-        tmp.replace(path)
+        write_atomic(path, raw)
 
 
 def _npz_length(path: Path) -> int:

@@ -22,16 +22,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from polyinr import augment, config, data, distributed, embedding, loss, metrics, tracking
+from polyinr.checkpoints import CheckpointStore, NoGoodCheckpoint, snapshot_name, tensors_sha256
 from polyinr.discriminator import ProjectedDiscriminator, head_accuracy, weights_label
 from polyinr.generator import Generator, render_grid, save_generator
 from polyinr.rundir import RunDir
-from polyinr.storage import (
-    CheckpointStore,
-    NoGoodCheckpoint,
-    StorageError,
-    snapshot_name,
-    tensors_sha256,
-)
+from polyinr.storage import StorageError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_train import tiny_overrides
 
-from polyinr import cli, config, data, storage, tracking, train
+from polyinr import checkpoints, cli, config, data, storage, tracking, train
 from scripts.fault_proxy import Fault, FaultProxy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,15 +111,15 @@ def test_no_loadable_checkpoint_stops_unless_restart_and_restart_keeps_its_commi
     with pytest.raises(storage.StorageError, match="--restart") as error:
         train.train(cfg, CPU, "run", progress=False)
     assert name in str(error.value) and not steps
-    assert (run / "corrupt" / name).is_file() and not (run / storage.LATEST).exists()
+    assert (run / "corrupt" / name).is_file() and not (run / checkpoints.LATEST).exists()
     with pytest.raises(storage.StorageError, match="moved to corrupt/ by an earlier run"):
         train.train(cfg, CPU, "run", progress=False)  # a plain rerun does not start over either
 
     result = train.train(cfg, CPU, "run", progress=False, restart=True)
     assert result["cur_nimg"] == 24 and len(steps) == 3
     assert "starting from image 0 (--restart)" in capsys.readouterr().err
-    latest = json.loads((run / storage.LATEST).read_text())["name"]
-    assert latest == storage.snapshot_name(24) and (run / latest).is_file()
+    latest = json.loads((run / checkpoints.LATEST).read_text())["name"]
+    assert latest == checkpoints.snapshot_name(24) and (run / latest).is_file()
 
 
 def catches_sigterm(pid: int) -> bool:
@@ -161,7 +161,11 @@ def test_sigterm_while_resuming_stops_before_building_models(prepared, tmp_path,
 
     monkeypatch.chdir(tmp_path)
     cfg = config.load(REPO / "params.yaml", overrides_in(prepared, tmp_path, 0.016, "ckpt"))
-    monkeypatch.setattr(train, "_resume", lambda *a: os.kill(os.getpid(), signal.SIGTERM))
+    def slow_resume(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return None, None  # a fresh run, found while the signal arrived
+
+    monkeypatch.setattr(train, "_resume", slow_resume)
     built = []
     monkeypatch.setattr(train, "_stage_models", lambda *a: built.append(1))
     with pytest.raises(train.Preempted, match="during start-up"):

@@ -94,17 +94,22 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
     assert "resuming from" in again
 
 
-# Where each stage's code starts, and the modules that cannot change its outputs: storage
-# (where files go), tracking (what is logged) and, for train, the metrics modules (they only
-# draw run/fid.csv; a change to them must not retrain). config.py is a dependency but
-# its imports are the schema's, so the walk stops there.
+# Where each stage's code starts, and the modules that cannot change its outputs: storage and
+# checkpoints (where files go), tracking (what is logged) and, for train, the metrics modules
+# (they only draw run/fid.csv; a change to them must not retrain). config.py is a
+# dependency but its imports are the schema's, so the walk stops there.
 STAGE_CODE = {
     "demo_data": ["polyinr/data.py"],
     "prepare": ["polyinr/data.py"],
     "train": ["polyinr/train.py"],
     "evaluate": ["polyinr/metrics.py", "polyinr/generator.py"],
 }
-NO_EFFECT = {"polyinr/storage.py", "polyinr/tracking.py"}
+NO_EFFECT = {
+    "polyinr/storage.py",
+    "polyinr/checkpoints.py",
+    "polyinr/rundir.py",
+    "polyinr/tracking.py",
+}
 TRAIN_PLOTS_ONLY = {
     f"polyinr/{m}.py" for m in ("metrics", "featurenets", "featurestats", "reference")
 }
@@ -218,7 +223,7 @@ def test_recorded_run_restores_a_fresh_checkout(repo_copy, tmp_path, monkeypatch
     """The record beside a run's checkpoints (params.yaml + dvc.lock) is what `polyinr
     restore RUN` writes into a fresh checkout; an unknown run is refused by name."""
     from polyinr import cli, config, pipeline
-    from polyinr.storage import CheckpointStore
+    from polyinr.checkpoints import CheckpointStore
 
     src = tmp_path / "run"
     src.mkdir()

@@ -1,4 +1,4 @@
-"""Tests for polyinr.storage: checkpoints on a local folder and on a real S3 server (moto)."""
+"""Tests for polyinr.storage and polyinr.checkpoints: local folders and real S3 (moto)."""
 
 import json
 import tempfile
@@ -7,8 +7,9 @@ import boto3
 import pytest
 import torch
 
-from polyinr import storage
-from polyinr.storage import CheckpointStore, StorageConfig, StorageError
+from polyinr import checkpoints
+from polyinr.checkpoints import CheckpointStore
+from polyinr.storage import StorageConfig, StorageError
 from scripts.fault_proxy import Fault, FaultProxy
 
 
@@ -60,7 +61,7 @@ def test_local_latest_is_the_newest(tmp_path):
         store.save(state(step), cur_nimg=step)
     loaded, _ = store.load_latest()
     assert_state_equal(loaded, state(30))
-    pointer = json.loads((store.root / storage.LATEST).read_text())
+    pointer = json.loads((store.root / checkpoints.LATEST).read_text())
     assert pointer["name"] == "snapshot-000000000030.pt"
 
 
@@ -107,7 +108,7 @@ def test_a_crash_between_record_and_pointer_lists_what_resume_uses(tmp_path):
     pointer = (tmp_path / "ckpt/run/latest.json").read_bytes()
     store.save(state(2), 2)
     (tmp_path / "ckpt/run/latest.json").write_bytes(pointer)  # as if killed before the pointer
-    assert [r["name"] for r in store.records()] == [storage.snapshot_name(1)]
+    assert [r["name"] for r in store.records()] == [checkpoints.snapshot_name(1)]
     assert store.records()[-1]["latest"]
     assert_state_equal(store.load_latest()[0], state(1))
 
@@ -116,7 +117,7 @@ def test_without_pointer_unloadable_newest_falls_back(tmp_path, capsys):
     """With latest.json gone, a truncated newest snapshot is skipped with a warning."""
     store = local_store(tmp_path)
     store.save(state(1), cur_nimg=1)
-    (store.root / storage.LATEST).unlink()
+    (store.root / checkpoints.LATEST).unlink()
     (store.root / "snapshot-000000000009.pt").write_bytes(b"not a checkpoint")
     loaded, uri = store.load_latest()
     assert_state_equal(loaded, state(1))
@@ -128,7 +129,7 @@ def test_corrupt_pointer_falls_back_to_snapshots(tmp_path):
     """A garbled latest.json does not stop resuming from the snapshots that are there."""
     store = local_store(tmp_path)
     store.save(state(1), cur_nimg=1)
-    (store.root / storage.LATEST).write_bytes(b'{"name": "snapsh')
+    (store.root / checkpoints.LATEST).write_bytes(b'{"name": "snapsh')
     loaded, _ = store.load_latest()
     assert_state_equal(loaded, state(1))
 
@@ -150,7 +151,7 @@ def test_nothing_loadable_is_an_error_not_a_fresh_run(tmp_path):
     assert store.load_latest() is None
     store.save(state(1), cur_nimg=1)
     (store.root / "snapshot-000000000001.pt").write_bytes(b"")
-    with pytest.raises(storage.NoGoodCheckpoint, match="snapshot-000000000001.pt: fails its"):
+    with pytest.raises(checkpoints.NoGoodCheckpoint, match="snapshot-000000000001.pt: fails its"):
         store.load_latest()
 
 
@@ -254,21 +255,21 @@ def test_best_checkpoint_survives_pruning_and_is_listed(tmp_path):
     """mark_best keeps the lowest-FID checkpoint past `keep`; records() flags latest and best."""
     store = local_store(tmp_path, keep=2)
     store.save(state(1), cur_nimg=1, info={"stage": 0, "kimg": 0.001})
-    assert store.mark_best(storage.snapshot_name(1), fid=10.0)
+    assert store.mark_best(checkpoints.snapshot_name(1), fid=10.0)
     store.save(state(2), cur_nimg=2, info={"stage": 0, "kimg": 0.002})
-    assert not store.mark_best(storage.snapshot_name(2), fid=12.0)  # worse: best stays
+    assert not store.mark_best(checkpoints.snapshot_name(2), fid=12.0)  # worse: best stays
     for step in (3, 4):
         store.save(state(step), cur_nimg=step, info={"stage": 1, "kimg": step / 1000})
     records = store.records()
-    assert [r["name"] for r in records] == [storage.snapshot_name(n) for n in (1, 3, 4)]
+    assert [r["name"] for r in records] == [checkpoints.snapshot_name(n) for n in (1, 3, 4)]
     assert [r["best"] for r in records] == [True, False, False]
     assert [r["latest"] for r in records] == [False, False, True]
     assert records[0]["fid"] == 10.0 and records[2]["stage"] == 1
-    assert records[2]["size"] == (store.root / storage.snapshot_name(4)).stat().st_size
-    assert store.mark_best(storage.snapshot_name(4), fid=3.0)
+    assert records[2]["size"] == (store.root / checkpoints.snapshot_name(4)).stat().st_size
+    assert store.mark_best(checkpoints.snapshot_name(4), fid=3.0)
     store.save(state(5), cur_nimg=5)
     names = sorted(p.name for p in store.root.glob("snapshot-*.pt"))
-    assert names == [storage.snapshot_name(n) for n in (4, 5)]  # old best pruned now
+    assert names == [checkpoints.snapshot_name(n) for n in (4, 5)]  # old best pruned now
 
 
 def test_checksum_of_an_older_snapshot_is_checked_from_its_record(tmp_path, capsys):
@@ -277,7 +278,7 @@ def test_checksum_of_an_older_snapshot_is_checked_from_its_record(tmp_path, caps
     for step in (1, 2, 3):
         store.save(state(step), cur_nimg=step)
     for step in (2, 3):
-        path = store.root / storage.snapshot_name(step)
+        path = store.root / checkpoints.snapshot_name(step)
         data = bytearray(path.read_bytes())
         data[-20] ^= 0xFF
         path.write_bytes(bytes(data))
@@ -290,11 +291,11 @@ def test_tensors_sha256_is_stable_and_sensitive():
     """Equal tensors hash equal (fresh copies too); a changed value, name or order does not."""
     a = {"x": torch.arange(6.0).view(2, 3), "y": torch.ones(2, dtype=torch.int64)}
     b = {k: v.clone() for k, v in a.items()}
-    assert storage.tensors_sha256(a) == storage.tensors_sha256(b)
+    assert checkpoints.tensors_sha256(a) == checkpoints.tensors_sha256(b)
     b["x"][0, 0] = 0.5
-    assert storage.tensors_sha256(a) != storage.tensors_sha256(b)
-    assert storage.tensors_sha256(a) != storage.tensors_sha256({"y": a["y"], "x": a["x"]})
-    assert storage.tensors_sha256(a) != storage.tensors_sha256({"z": a["x"], "y": a["y"]})
+    assert checkpoints.tensors_sha256(a) != checkpoints.tensors_sha256(b)
+    assert checkpoints.tensors_sha256(a) != checkpoints.tensors_sha256({"y": a["y"], "x": a["x"]})
+    assert checkpoints.tensors_sha256(a) != checkpoints.tensors_sha256({"z": a["x"], "y": a["y"]})
 
 
 @pytest.mark.slow
@@ -304,7 +305,7 @@ def test_s3_large_checkpoint_goes_up_in_parts(s3_env, s3_bucket, tmp_path):
     big = {"w": torch.randn(11 * 2**20 // 4, generator=torch.Generator().manual_seed(0))}
     store.save(big, cur_nimg=7)
     client = boto3.session.Session().client("s3", endpoint_url=s3_env)
-    head = client.head_object(Bucket=s3_bucket, Key=f"prefix/run/{storage.snapshot_name(7)}")
+    head = client.head_object(Bucket=s3_bucket, Key=f"prefix/run/{checkpoints.snapshot_name(7)}")
     assert head["ETag"].strip('"').endswith("-3")  # S3's ETag of a 3-part upload
     loaded, _ = store.load_latest()
     assert torch.equal(loaded["w"], big["w"])
@@ -327,7 +328,7 @@ def test_s3_flaky_endpoint_still_commits(s3_env, s3_bucket, tmp_path):
         assert len(proxy.served) == 8
     finally:
         proxy.close()
-    assert torch.equal(loaded["w"], big["w"]) and uri.endswith(storage.snapshot_name(2))
+    assert torch.equal(loaded["w"], big["w"]) and uri.endswith(checkpoints.snapshot_name(2))
 
 
 @pytest.mark.slow
@@ -347,7 +348,7 @@ def test_s3_permanent_failure_is_a_clear_error_and_keeps_the_local_copy(
         assert proxy.requests - before == 3  # the configured attempts, then the error
     finally:
         proxy.close()
-    local = tmp_path / "staging" / "run" / storage.snapshot_name(2)
+    local = tmp_path / "staging" / "run" / checkpoints.snapshot_name(2)
     assert str(local) in str(e.value)
     assert_state_equal(torch.load(local, weights_only=True), state(2))
     loaded, _ = s3_store(s3_env, s3_bucket).load_latest()
@@ -378,7 +379,7 @@ def test_s3_cut_off_downloads_are_retried(s3_env, s3_bucket, capsys):
         proxy.close()
     assert [kind for _, _, kind in proxy.served] == ["truncate", "truncate", "drop"]
     assert_state_equal(loaded, state(2))
-    assert uri.endswith(storage.snapshot_name(2))
+    assert uri.endswith(checkpoints.snapshot_name(2))
     assert "trying older" not in capsys.readouterr().err
 
 
@@ -409,22 +410,22 @@ def test_s3_corrupt_checkpoints_are_moved_aside_and_never_pruned_over(s3_env, s3
     store = s3_store(s3_env, s3_bucket, keep=2)
     for step in (10, 20, 30):
         store.save(state(step), cur_nimg=step)
-    corrupt_object(s3_env, s3_bucket, storage.snapshot_name(30))
+    corrupt_object(s3_env, s3_bucket, checkpoints.snapshot_name(30))
     loaded, uri = store.load_latest(move_aside=True)
     assert_state_equal(loaded, state(20))
     keys = s3_keys(s3_env, s3_bucket)
     assert "prefix/run/corrupt/snapshot-000000000030.pt" in keys
     assert "prefix/run/corrupt/snapshot-000000000030.json" in keys
     assert "prefix/run/snapshot-000000000030.pt" not in keys
-    assert store._json(storage.LATEST)["name"] == storage.snapshot_name(20)
+    assert store._json(checkpoints.LATEST)["name"] == checkpoints.snapshot_name(20)
 
-    corrupt_object(s3_env, s3_bucket, storage.snapshot_name(20))
-    with pytest.raises(storage.NoGoodCheckpoint, match="snapshot-000000000020.pt: fails"):
+    corrupt_object(s3_env, s3_bucket, checkpoints.snapshot_name(20))
+    with pytest.raises(checkpoints.NoGoodCheckpoint, match="snapshot-000000000020.pt: fails"):
         store.load_latest(move_aside=True)
-    assert store._json(storage.LATEST) is None  # it named a checkpoint now in corrupt/
+    assert store._json(checkpoints.LATEST) is None  # it named a checkpoint now in corrupt/
     for step in (1, 2, 3):  # a restart from image 0
         store.save(state(step), cur_nimg=step)
-        assert f"prefix/run/{store._json(storage.LATEST)['name']}" in s3_keys(s3_env, s3_bucket)
+        assert f"prefix/run/{store._json(checkpoints.LATEST)['name']}" in s3_keys(s3_env, s3_bucket)
     loaded, uri = store.load_latest()
     assert_state_equal(loaded, state(3))
 
@@ -435,7 +436,7 @@ def test_pruning_never_deletes_the_commit_just_made(tmp_path):
     store.save(state(50), cur_nimg=50)
     for step in (1, 2):
         store.save(state(step), cur_nimg=step)
-        latest = json.loads((store.root / storage.LATEST).read_text())["name"]
+        latest = json.loads((store.root / checkpoints.LATEST).read_text())["name"]
         assert (store.root / latest).is_file()
     assert sorted(p.name for p in store.root.glob("snapshot-*")) == [
         "snapshot-000000000002.json",
@@ -478,7 +479,7 @@ def test_s3_listing_never_marks_a_corrupt_checkpoint_latest(s3_env, s3_bucket):
     store = s3_store(s3_env, s3_bucket, keep=3)
     for step in (1, 2):
         store.save(state(step), cur_nimg=step)
-    corrupt_object(s3_env, s3_bucket, storage.snapshot_name(2))
+    corrupt_object(s3_env, s3_bucket, checkpoints.snapshot_name(2))
     records = store.records()
     assert [(r["latest"], r.get("corrupt")) for r in records] == [
         (True, None),
@@ -504,11 +505,24 @@ def test_each_stage_keeps_its_own_best_checkpoint(tmp_path):
     resolution) does not replace stage 0's, and both survive pruning."""
     store = local_store(tmp_path, keep=1)
     store.save(state(1), cur_nimg=1, info={"stage": 0})
-    assert store.mark_best(storage.snapshot_name(1), fid=10.0, stage=0)
+    assert store.mark_best(checkpoints.snapshot_name(1), fid=10.0, stage=0)
     store.save(state(2), cur_nimg=2, info={"stage": 1})
-    assert store.mark_best(storage.snapshot_name(2), fid=30.0, stage=1)
+    assert store.mark_best(checkpoints.snapshot_name(2), fid=30.0, stage=1)
     for step in (3, 4):
         store.save(state(step), cur_nimg=step, info={"stage": 1})
     names = sorted(p.name for p in store.root.glob("snapshot-*.pt"))
-    assert names == [storage.snapshot_name(n) for n in (1, 2, 4)]
+    assert names == [checkpoints.snapshot_name(n) for n in (1, 2, 4)]
     assert [r["fid"] for r in store.records() if r["best"]] == [10.0, 30.0]
+
+
+def test_best_is_the_stages_lowest_marked_fid_while_its_checkpoint_exists(tmp_path):
+    """best(stage) is the lowest FID marked in that stage with its kimg; None for a stage
+    without one, or once its checkpoint has been moved to corrupt/."""
+    store = local_store(tmp_path, keep=1)
+    for nimg, fid in ((1000, 10.0), (2000, 8.0), (3000, 9.0)):
+        store.save(state(nimg), cur_nimg=nimg, info={"stage": 0})
+        store.mark_best(checkpoints.snapshot_name(nimg), fid=fid, stage=0)
+    assert store.best(0) == {"name": checkpoints.snapshot_name(2000), "kimg": 2.0, "fid": 8.0}
+    assert store.best(1) is None
+    store.folder.move(checkpoints.snapshot_name(2000), checkpoints.CORRUPT)
+    assert store.best(0) is None

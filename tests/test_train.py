@@ -219,8 +219,8 @@ def test_fid_during_training_marks_each_stage_best_and_the_next_stage_starts_fro
     import mlflow
 
     from polyinr import metrics
+    from polyinr.checkpoints import CheckpointStore
     from polyinr.rundir import RunDir
-    from polyinr.storage import CheckpointStore
 
     monkeypatch.chdir(tmp_path)
     scripted = iter([3.0, 1.0, 2.0, 5.0])  # kimg 0.008, 0.016, 0.024 (stage 0's end), 0.032
@@ -477,7 +477,7 @@ def test_sigterm_and_sigkill_lose_nothing_committed(prepared, tmp_path, s3_bucke
 
     import boto3
 
-    from polyinr.storage import CheckpointStore
+    from polyinr.checkpoints import CheckpointStore
 
     overrides = [
         o for o in tiny_overrides(prepared, kimg=0.064) if not o.startswith("storage.uri")

@@ -1,0 +1,291 @@
+"""Checkpoints of one run in a storage folder: commit, prune, keep each stage's best, resume.
+
+A checkpoint is committed in three writes: the checkpoint object, its record
+`snapshot-N.json` (size, sha256, stage, kimg, weights hash), then the `latest.json` pointer.
+A crash between writes leaves the previous commit intact. Loading verifies the checksum and
+falls back to the previous good checkpoint; it never runs code (`torch.load(weights_only=True)`).
+Checkpoints that fail their checksum or do not load are moved aside to `corrupt/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+
+import torch
+
+from polyinr.storage import Folder, StorageConfig, StorageError
+
+LATEST = "latest.json"
+BEST = "best.json"
+CORRUPT = "corrupt"  # the folder that checkpoints failing their checksum are moved to
+
+
+class NoGoodCheckpoint(StorageError):
+    """The run has checkpoints, but none of them loads."""
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """A hash of named tensors in key order (names, dtypes, shapes, bytes): stable across runs."""
+    h = hashlib.sha256()
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def snapshot_name(cur_nimg: int) -> str:
+    """The object name of the checkpoint taken at cur_nimg (sorts by progress)."""
+    return f"snapshot-{cur_nimg:012d}.pt"
+
+
+def _snapshot_nimg(name: str) -> int:
+    return int(name[len("snapshot-") : -len(".pt")])
+
+
+def _record_name(name: str) -> str:
+    return name[: -len(".pt")] + ".json"
+
+
+class CheckpointStore:
+    """Checkpoints of one run under `<uri>/<run_name>/`, on disk or in S3."""
+
+    def __init__(self, cfg: StorageConfig, run_name: str):
+        self.folder = Folder(cfg, run_name)
+        self.keep = cfg.keep
+        self.uri = self.folder.uri
+        self.root = self.folder.root  # the local folder; None on S3
+
+    def check(self) -> None:
+        """Fail now, with one clear message, if the storage cannot be written."""
+        self.folder.check()
+
+    def _names(self, suffix: str = ".pt") -> list[str]:
+        names = self.folder.sizes()
+        return sorted(n for n in names if n.startswith("snapshot-") and n.endswith(suffix))
+
+    def _move_aside(self, name: str, reason: str) -> None:
+        """Move a checkpoint that fails its checks (and its record) to `corrupt/`."""
+        print(f"warning: moving {self.uri}/{name} to {CORRUPT}/: {reason}", file=sys.stderr)
+        for n in (name, _record_name(name)):
+            try:
+                self.folder.move(n, CORRUPT)
+            except (StorageError, OSError) as e:
+                if n == name:  # a missing record is normal (older versions, a crash)
+                    print(f"warning: cannot move {self.uri}/{n} aside: {e}", file=sys.stderr)
+
+    def _json(self, name: str) -> dict | None:
+        raw = self.folder.get(name)
+        if not raw:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError as e:
+            print(f"warning: {self.uri}/{name} is unreadable ({e})", file=sys.stderr)
+            return None
+        return value if isinstance(value, dict) else None
+
+    def write(self, name: str, data: bytes) -> None:
+        """Store a small object (the FID log, the run's record) beside the checkpoints."""
+        self.folder.put(name, data)
+
+    def read(self, name: str) -> bytes | None:
+        """A small object written with `write`, or None when absent."""
+        return self.folder.get(name)
+
+    def save(self, state: dict, cur_nimg: int, info: dict | None = None) -> str:
+        """Commit a checkpoint (object, record, then `latest.json`); prune old ones. -> its URI.
+
+        `info` (stage, kimg, weights hash, ...) goes into the record that `records()` lists.
+        """
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+        name = snapshot_name(cur_nimg)
+        record = {
+            "name": name,
+            "uri": f"{self.uri}/{name}",
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            **(info or {}),
+        }
+        self.folder.put_large(name, data)
+        self.folder.put(_record_name(name), json.dumps(record).encode())
+        pointer = {k: record[k] for k in ("name", "size", "sha256")}
+        self.folder.put(LATEST, json.dumps(pointer).encode())
+        self._prune(name)
+        return record["uri"]
+
+    def _prune(self, newest: str | None) -> None:
+        """Keep the newest `keep` commits up to `newest` (the latest commit) and each stage's best.
+
+        Checkpoints newer than `newest` are leftovers that no rerun reads (a crash before the
+        pointer, a restarted run) and go too, so `newest` is never pruned as an old one.
+        Records go after their objects; records left alone by a kill or a failed delete are
+        removed on the next commit. Best-effort: a failed delete is logged and training goes on.
+        """
+        try:
+            best = {b["name"] for b in self._bests().values()}
+            listed = sorted(n for n in self.folder.sizes() if n.startswith("snapshot-"))
+        except StorageError as e:
+            print(f"warning: not pruning {self.uri}: {e}", file=sys.stderr)
+            return
+        names = [n for n in listed if n.endswith(".pt")]
+        records = [n for n in listed if n.endswith(".json")]
+        committed = [n for n in names if newest is None or n <= newest]
+        old = [n for n in committed[: -self.keep] if n not in best and n != newest]
+        old += [n for n in names if newest is not None and n > newest and n not in best]
+        kept = set(names) - set(old)
+        doomed = old + [r for r in records if r[: -len(".json")] + ".pt" not in kept]
+        for name in sorted(set(doomed), key=lambda n: (n.endswith(".json"), n)):
+            try:
+                self.folder.delete(name)
+            except (StorageError, OSError) as e:
+                print(
+                    f"warning: pruning {self.uri}/{name} failed ({e}); the next commit retries",
+                    file=sys.stderr,
+                )
+
+    def _bests(self) -> dict[str, dict]:
+        """Per progressive stage (as a string), the best checkpoint's {name, fid}."""
+        return (self._json(BEST) or {}).get("stages", {})
+
+    def mark_best(self, name: str, fid: float, stage: int = 0) -> bool:
+        """Record checkpoint `name` as its stage's best so far if its FID beats the current one.
+
+        FIDs are compared within a stage only (one resolution). Each stage's best survives
+        pruning. Returns whether `name` is now the best of its stage.
+        """
+        names = self._names()
+        if name not in names:
+            raise StorageError(f"no checkpoint {self.uri}/{name} to mark as best")
+        bests = self._bests()
+        current = bests.get(str(stage))
+        if current and current["name"] in names and current["fid"] <= fid:
+            return current["name"] == name
+        bests[str(stage)] = {"name": name, "fid": float(fid)}
+        self.folder.put(BEST, json.dumps({"stages": bests}).encode())
+        self._prune((self._json(LATEST) or {}).get("name"))
+        return True
+
+    def best(self, stage: int) -> dict | None:
+        """The stage's best checkpoint as `mark_best` recorded it: {name, kimg, fid}.
+
+        None when none was marked, or when the marked one is gone (moved to `corrupt/`):
+        as in `mark_best`, a checkpoint that is not there is no best.
+        """
+        current = self._bests().get(str(stage))
+        if current is None or current["name"] not in self._names():
+            return None
+        kimg = _snapshot_nimg(current["name"]) / 1000
+        return {"name": current["name"], "kimg": kimg, "fid": current["fid"]}
+
+    def records(self) -> list[dict]:
+        """The committed checkpoints, oldest first: each record plus `latest` and `best` flags.
+
+        `latest` marks the newest checkpoint that matches its record (size and sha256); newer
+        ones that do not carry `corrupt` with the reason, as resume skips them.
+        """
+        latest = (self._json(LATEST) or {}).get("name")
+        best = {b["name"]: b["fid"] for b in self._bests().values()}
+        sizes = self.folder.sizes()
+        names = sorted(n for n in sizes if n.startswith("snapshot-") and n.endswith(".pt"))
+        if latest in names:  # newer ones were never committed: a crash before the pointer
+            names = names[: names.index(latest) + 1]
+        out = []
+        for name in names:
+            record = self._json(_record_name(name))
+            if record is None:  # never committed (a crash mid-commit) or from an older version
+                continue
+            record["latest"] = False
+            record["best"] = name in best
+            if record["best"]:
+                record["fid"] = best[name]
+            out.append(record)
+        for record in reversed(out):
+            problem = None
+            if record.get("size") not in (None, sizes[record["name"]]):
+                problem = f"{sizes[record['name']]} bytes, its record says {record['size']}"
+            else:
+                data = self.folder.get(record["name"]) or b""
+                if hashlib.sha256(data).hexdigest() != record.get("sha256"):
+                    problem = "fails its checksum"
+            if problem is None:
+                record["latest"] = True
+                break
+            record["corrupt"] = problem
+        return out
+
+    def load_latest(self, move_aside: bool = False) -> tuple[dict, str] | None:
+        """The newest checkpoint that loads and matches its checksum, and its URI.
+
+        None when the run has no checkpoint; NoGoodCheckpoint when it has some but none
+        loads. With `move_aside` (one process only), checkpoints that fail their checksum or
+        do not load go to `corrupt/`, and `latest.json` names the one that loaded.
+        """
+        pointer = self._json(LATEST)
+        if pointer is not None and not {"name", "sha256"} <= set(pointer):
+            print(f"warning: {self.uri}/{LATEST} has no name or sha256", file=sys.stderr)
+            pointer = None
+        candidates = self._names()[::-1]
+        if pointer and pointer["name"] in candidates:
+            # Newer objects than the pointer's were never committed: try the pointer first.
+            candidates = candidates[candidates.index(pointer["name"]) :]
+        failures, moved = [], set()
+        for name in candidates:
+            expected = pointer if pointer and pointer["name"] == name else None
+            state, problem, corrupt = self._try_load(name, expected)
+            if state is not None:
+                if pointer and pointer["name"] in moved:  # never point at a moved object
+                    self.folder.put(LATEST, json.dumps(self._pointer_to(name)).encode())
+                return state, f"{self.uri}/{name}"
+            print(f"warning: {self.uri}/{name} {problem}; trying older", file=sys.stderr)
+            failures.append(f"{name}: {problem}")
+            if corrupt and move_aside:
+                self._move_aside(name, problem)
+                moved.add(name)
+        aside = self.folder.sizes(CORRUPT)
+        failures += [
+            f"{name}: moved to {CORRUPT}/ by an earlier run"
+            for name in sorted(aside)
+            if name.endswith(".pt") and name not in moved
+        ]
+        if not failures:
+            return None
+        if pointer and pointer["name"] in moved:
+            self.folder.delete(LATEST)
+        raise NoGoodCheckpoint(f"no checkpoint of {self.uri} loads:\n  " + "\n  ".join(failures))
+
+    def _pointer_to(self, name: str) -> dict:
+        record = self._json(_record_name(name)) or {}
+        return {"name": name, "size": record.get("size"), "sha256": record.get("sha256")}
+
+    def load(self, name: str, expected: dict | None = None) -> dict | None:
+        """Checkpoint `name` if it matches its recorded sha256 and loads safely; else None."""
+        state, problem, _ = self._try_load(name, expected)
+        if problem is not None:
+            print(f"warning: {self.uri}/{name} {problem}", file=sys.stderr)
+        return state
+
+    def _try_load(self, name: str, expected: dict | None) -> tuple[dict | None, str | None, bool]:
+        """(state, None, False) if `name` loads; else (None, why, whether it is corrupt).
+
+        Corrupt: it fails its checksum or does not unpickle safely. Missing or not
+        downloadable (the network, the endpoint) is not corrupt: the object may be fine.
+        """
+        try:
+            data = self.folder.get(name)
+        except StorageError as e:
+            return None, f"cannot be downloaded ({e})", False
+        if data is None:
+            return None, "is missing", False
+        expected = expected or self._json(_record_name(name))
+        if expected and hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            return None, "fails its checksum", True
+        try:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), None, False
+        except Exception as e:  # a truncated or foreign file: fall back to an older one
+            return None, f"does not load ({type(e).__name__}: {e})", True
