@@ -195,6 +195,7 @@ def test_concurrent_runs_preemption_and_recovery_on_the_local_stack(repo_copy, t
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from polyinr.config import load
+    from polyinr.rundir import RunDir
 
     repo = repo_copy
     subprocess.run([DVC, "config", "--unset", "core.no_scm"], cwd=repo, check=True)
@@ -271,13 +272,19 @@ def test_concurrent_runs_preemption_and_recovery_on_the_local_stack(repo_copy, t
                     assert run.state.is_completed(), (key, run.state.message)
                 records = {k: s3_keys(f"checkpoints/{names[k]}/") for k in ("a", "b")}
 
-                # Run C, stopped by `stack.sh down` once a 32 px checkpoint is in S3.
+                # Run C, stopped by `stack.sh down` once its event log (in the flow run's
+                # workspace) says a 32 px checkpoint was committed.
                 third = deployment_run("c")
-                deadline = time.monotonic() + 1500  # 2 shared cores can be very busy
-                while max(nimgs("c"), default=0) <= 128:
+                events = RunDir(repo / ".workspaces" / third / "run")
+                deadline = time.monotonic() + 1500  # a last resort: 2 shared cores can be busy
+                while not any(
+                    e["event"] == "checkpoint" and e["resolution"] == 32
+                    for e in events.read_events()
+                ):
                     assert not client.read_flow_run(third).state.is_final()
                     assert time.monotonic() < deadline, "no 32 px checkpoint after 1500 s"
                     time.sleep(0.2)
+                assert max(nimgs("c")) > 128  # the event follows the commit to S3
         stopped = down()
         stopped_at = max(
             int(p.name[-15:-3])
