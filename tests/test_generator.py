@@ -290,6 +290,17 @@ def test_init_neither_vanishes_nor_explodes_through_ten_levels(hidden):
     assert xs.std(dim=1).mean() > 0.5 * coordinate_grid(8).reshape(-1, 2).std(dim=0).mean()
 
 
+def _generator_with_both_signs(**changes) -> Generator:
+    """A tiny generator whose lifts g take both signs (the init's lift bias of 1 keeps
+    them positive), so lrelu's negative slope is exercised too."""
+    torch.manual_seed(0)
+    g = Generator(dataclasses.replace(TINY, **changes), R)
+    with torch.no_grad():
+        for level in g.synthesis.levels:
+            level.affine.bias.normal_()
+    return g
+
+
 def _render_plain(synthesis, ws, coords=None):
     """The synthesis through its levels' plain forward (the definition), with autograd."""
     synthesis.fast = False
@@ -304,8 +315,7 @@ def _render_plain(synthesis, ws, coords=None):
 def test_fast_render_equals_the_plain_definition(mode, clamp):
     """The default (fast) synthesis renders what PolyLevel.forward defines, level by level,
     with the same weights (clamp 0.5: the clamps are active)."""
-    torch.manual_seed(0)
-    g = Generator(dataclasses.replace(TINY, clamp=clamp), R)
+    g = _generator_with_both_signs(clamp=clamp)
     z, c = latents(n=5)
     coords = torch.rand(7, 5, 2) * 1.5 - 0.25  # (7, 5, 2): not a square grid
     ws = g.mapping(z, c)
@@ -361,8 +371,7 @@ def test_chunks_and_threads_do_not_change_the_images(g):
 def test_fast_gradients_equal_the_plain_definition(clamp, mixing):
     """Every synthesis parameter's gradient through the fast path equals the one through
     the plain levels, also where the clamps are active (clamp 0.5)."""
-    torch.manual_seed(0)
-    g = Generator(dataclasses.replace(TINY, clamp=clamp, mixing=mixing), R)
+    g = _generator_with_both_signs(clamp=clamp, mixing=mixing)
     z, c = latents(n=3)
     ws = g.mapping(z, c).detach()
     params = dict(g.synthesis.named_parameters())
