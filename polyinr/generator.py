@@ -222,7 +222,7 @@ class Synthesis(nn.Module):
         self.to_rgb = nn.Linear(cfg.hidden, 3)  # a 1x1 conv with bias
         self.hidden = cfg.hidden
         self.clamp = cfg.clamp
-        # Run-time settings that change speed and memory only, never the numbers:
+        # Run-time settings that change speed and memory, the numbers by rounding at most:
         # fast=False renders through the levels' forward above instead of fast_synthesis
         # (the reference that tests and benchmarks compare with). The fast path renders CPU
         # inference in chunks of chunk_elements rows x C (None: its default) and, with
