@@ -3,8 +3,8 @@
 Per resolution, three rows in fp32 and, where bf16 matmuls are native, three in bf16:
 - achieved GFLOP/s of polyinr's generator vs `torch.matmul` on the same ten
   [B*P, C] x [C, C] products (same device, dtype and threads): the speed limit;
-- images/s of polyinr vs the plain version (benchmarks/plain.py) with the same
-  weights, whose outputs must agree;
+- images/s of polyinr vs the plain version (the same generator with synthesis.fast=False:
+  the levels as polyinr/generator.py defines them), whose outputs must agree;
 - bf16 autocast vs fp32 images/s, with the output difference stated.
 """
 
@@ -16,7 +16,6 @@ import os
 import torch
 
 from benchmarks import device, fast_bf16, interleaved, row
-from benchmarks.plain import PlainSynthesis
 from polyinr.config import load
 from polyinr.generator import Generator, macs_per_image
 
@@ -43,8 +42,13 @@ def _limit(rows: int, C: int, levels: int, dev, dtype):
     return run
 
 
-def _plain_forward(plain, mapping, z, c):
-    return plain(mapping(z, c))
+def _plain_forward(g, z, c):
+    """g(z, c) through the levels' plain forward (the definition) instead of fast_synthesis."""
+    g.synthesis.fast = False
+    try:
+        return g(z, c)
+    finally:
+        g.synthesis.fast = True
 
 
 def _bf16(g, z, c):
@@ -63,13 +67,11 @@ def run(quick: bool) -> list[dict]:
     C, L = cfg.hidden, cfg.levels
     torch.manual_seed(0)
     g = Generator(cfg, 32).to(dev).eval().requires_grad_(False)
-    plain = PlainSynthesis.like(g.synthesis, cfg).to(dev).eval().requires_grad_(False)
     bf16 = fast_bf16(dev)
     reps = 1 if quick else 2
     rows = []
     for resolution, batch in CPU_CASES[quick] if dev.type == "cpu" else GPU_CASES:
         g.synthesis.set_resolution(resolution)
-        plain.grid = g.synthesis.grid
         z = torch.randn(batch, cfg.z_dim, device=dev)
         c = torch.arange(batch, device=dev) % cfg.num_classes
         flops = 2 * macs_per_image(cfg, resolution) * batch
@@ -79,7 +81,7 @@ def run(quick: bool) -> list[dict]:
         fns = {
             "limit": _limit(batch * resolution**2, C, L, dev, torch.float32),
             "ours": functools.partial(g, z, c),
-            "plain": functools.partial(_plain_forward, plain, g.mapping, z, c),
+            "plain": functools.partial(_plain_forward, g, z, c),
         }
         if bf16:
             fns["limit_bf16"] = _limit(batch * resolution**2, C, L, dev, torch.bfloat16)

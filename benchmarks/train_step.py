@@ -1,7 +1,7 @@
 """Training iterations (one G and one D step): polyinr's generator vs the plain one.
 
-polyinr.train.training_step with polyinr's generator or the plain version
-(benchmarks/plain.py), at the demo's width and the paper's.
+polyinr.train.training_step with polyinr's generator or the plain version (synthesis.fast=False:
+the levels as polyinr/generator.py defines them), at the demo's width and the paper's.
 
 Each case runs in a fresh process so that its peak memory (RSS; CUDA memory on a GPU) is
 its own. D is the demo's projected discriminator (params.yaml, random frozen features)
@@ -28,7 +28,6 @@ GPU_CASES = [("demo", DEMO_PARAMS, 64, 64), ("paper", PAPER_PARAMS, 64, 16)]
 
 def measure(params: str, resolution: int, batch: int, plain: bool, iters: int) -> dict:
     """Images/s (best of `iters` after one warm-up) and peak memory of training_step."""
-    from benchmarks.plain import PlainSynthesis
     from polyinr.config import load
     from polyinr.discriminator import ProjectedDiscriminator
     from polyinr.generator import Generator
@@ -39,8 +38,7 @@ def measure(params: str, resolution: int, batch: int, plain: bool, iters: int) -
     torch.manual_seed(0)
     cfg = load(params).generator
     g = Generator(cfg, resolution)
-    if plain:
-        g.synthesis = PlainSynthesis.like(g.synthesis, cfg)
+    g.synthesis.fast = not plain
     g = g.to(dev).train()
     num_classes = cfg.num_classes if cfg.conditional else 0
     d = ProjectedDiscriminator(load(DEMO_PARAMS).discriminator, resolution, num_classes).to(dev)

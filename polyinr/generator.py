@@ -1,20 +1,19 @@
-"""Poly-INR generator: a mapping network and a per-pixel polynomial MLP.
-
-docs/model.md section 2; the paper, section 3.
+"""Poly-INR generator: a mapping network and a per-pixel polynomial MLP, as the paper (section
+3) and docs/model.md section 2 define them; polyinr/fast_synthesis.py renders the same faster.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
+
+from polyinr import fast_synthesis
 
 # The C x C layers' parametrisation. plain: the reference's nn.Linear with PyTorch's
 # default init, lrelu without gain. equalized: StyleGAN's N(0, 1) weights scaled by
@@ -84,7 +83,7 @@ def _normalize_2nd_moment(x: torch.Tensor) -> torch.Tensor:
 
 
 class MappingNetwork(nn.Module):
-    """z (and a class) -> one w per level, with a per-class running average for truncation."""
+    """z (and a class) -> one w per level (paper section 3.2); per-class w_avg for truncation."""
 
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
@@ -109,6 +108,8 @@ class MappingNetwork(nn.Module):
 
     def forward(self, z, c=None, psi=1.0, update_w_avg=False):
         """z (B, z_dim), c (B,) int64 or None -> ws (B, levels, w_dim)."""
+        # docs/model.md section 2, Mapping: z and the class vector at unit second moment,
+        # concatenated, then two equalized layers; the same w at every level.
         x = _normalize_2nd_moment(z)
         if self.embed is not None:
             if c is None:
@@ -157,13 +158,13 @@ def _init_heads(affine: nn.Linear, hidden: int) -> None:
 
 
 class PolyLevel(nn.Module):
-    """One level's weights: heads that warp and lift the coordinates, and the C x C mixing."""
+    """One level of the polynomial: heads read w, then each pixel rises one order."""
 
     def __init__(self, w_dim: int, hidden: int, first: bool, clamp: float, mixing: str):
         super().__init__()
         self.hidden = hidden
         self.clamp = clamp
-        # Level 0 reads w directly; later levels read u = FC_lrelu(w_i) (C wide).
+        # Level 0 reads w directly; later levels read u = lrelu(FC(w)) (C wide).
         self.style = None if first else EqualizedLinear(w_dim, hidden, activation=True)
         head_in = w_dim if first else hidden
         # The four plain linear heads of docs/model.md section 2 (warp M 2x2, shift b 2,
@@ -171,16 +172,17 @@ class PolyLevel(nn.Module):
         # one matmul.
         self.affine = nn.Linear(head_in, 4 + 2 + 2 * hidden + hidden)
         _init_heads(self.affine, hidden)
-        # Channel mixing, then lrelu (gain sqrt 2 when equalized) and the clamp.
+        # W_i and d_i: the reference's nn.Linear (lrelu without gain) or StyleGAN's
+        # equalized layer (lrelu with gain sqrt 2), docs/model.md section 2.
         if mixing == "plain":
-            self.linear = nn.Linear(hidden, hidden)
+            self.linear, self.gain = nn.Linear(hidden, hidden), 1.0
         else:
-            self.linear = EqualizedLinear(hidden, hidden, activation=True)
+            self.linear, self.gain = EqualizedLinear(hidden, hidden), math.sqrt(2)
 
-    def forward(self, w):
+    def heads(self, w):
         """w (B, w_dim) -> warp M (B, 2, 2), shift b (B, 1, 2), lift A (B, 2, C), a (B, 1, C)."""
         B, C = w.shape[0], self.hidden
-        u = w if self.style is None else self.style(w)
+        u = w if self.style is None else self.style(w)  # (B, C) at levels 1..L-1
         params = self.affine(u)  # (B, 6 + 3C)
         warp = params[:, :4].view(B, 2, 2)
         shift = params[:, 4:6].view(B, 1, 2)
@@ -188,43 +190,22 @@ class PolyLevel(nn.Module):
         lift_bias = params[:, 6 + 2 * C :].view(B, 1, C)
         return warp, shift, lift, lift_bias
 
-    def mixing(self):
-        """The C x C layer with its gains folded in: weight (C_in, C_out), bias (C,).
+    def forward(self, x, h, w):
+        """x (B, P, 2), h (B, P, C) or None (level 0), w (B, w_dim) -> the next x and h.
 
-        lrelu is positively homogeneous, so lrelu(y) * sqrt(2) = lrelu(sqrt(2) * y): the
-        equalized layer's bias_act gain costs nothing at run time.
+        The paper's level (section 3.1, eq. 3-5) as docs/model.md section 2 writes it, on
+        whole tensors; fast_synthesis computes the same numbers faster.
         """
-        lin = self.linear
-        if isinstance(lin, nn.Linear):
-            return lin.weight.t(), lin.bias
-        gain = math.sqrt(2)
-        return (lin.weight * (lin.weight_gain * gain)).t(), lin.bias * (lin.lr_mult * gain)
-
-
-# Elements (rows x C) of one chunk of pixels on the CPU: a chunk's activations stay in a
-# core's L2 cache while all levels run over it (256 rows at C = 1024; benchmarks/README.md
-# has the measurements). A GPU takes the whole batch at once.
-CPU_CHUNK_ELEMENTS = 256 * 1024
-
-
-def _map_chunks(fn, chunks, device: torch.device) -> None:
-    """Call fn on every chunk; on the CPU spread over the intra-op threads, one chunk each.
-
-    Each worker runs its chunks single-threaded (torch.set_num_threads sets the calling
-    thread's OpenMP and MKL teams), so no op waits at a barrier for another core: on busy,
-    shared cores those waits cost more than the work (benchmarks/README.md).
-    """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1 or len(chunks) == 1:
-        for chunk in chunks:
-            fn(chunk)
-        return
-    try:
-        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            for _ in pool.map(fn, chunks):
-                pass
-    finally:
-        torch.set_num_threads(threads)  # also resets the default that new threads read
+        warp, shift, lift, lift_bias = self.heads(w)
+        # Affine warp of the coordinates, accumulated over levels: x <- x M_i + b_i.
+        x = x @ warp + shift  # (B, P, 2)
+        # Lift to C channels: g = x A_i + a_i.
+        g = x @ lift + lift_bias  # (B, P, C)
+        # One polynomial order higher: h <- h * lrelu(g); level 0 starts with h = g.
+        h = g if h is None else h * F.leaky_relu(g, 0.2)
+        # Channel mixing: h <- clamp(lrelu(W_i h + d_i), -clamp, clamp).
+        h = F.leaky_relu(self.linear(h), 0.2) * self.gain  # (B, P, C)
+        return x, h.clamp(-self.clamp, self.clamp)
 
 
 class Synthesis(nn.Module):
@@ -241,11 +222,13 @@ class Synthesis(nn.Module):
         self.to_rgb = nn.Linear(cfg.hidden, 3)  # a 1x1 conv with bias
         self.hidden = cfg.hidden
         self.clamp = cfg.clamp
-        # Inference on the CPU renders chunks of this many rows x C (None: the default);
-        # a run-time setting that changes speed only, never the images.
+        # Run-time settings that change speed and memory, the numbers by rounding at most:
+        # fast=False renders through the levels' forward above instead of fast_synthesis
+        # (the reference that tests and benchmarks compare with). The fast path renders CPU
+        # inference in chunks of chunk_elements rows x C (None: its default) and, with
+        # checkpoint_levels (train.checkpoint_levels), recomputes each level in backward.
+        self.fast = True
         self.chunk_elements: int | None = None
-        # Training: recompute each level in the backward pass instead of keeping its
-        # activations (train.checkpoint_levels); memory for compute, same gradients.
         self.checkpoint_levels = False
         self.set_resolution(resolution)
 
@@ -255,143 +238,23 @@ class Synthesis(nn.Module):
         device = self.to_rgb.weight.device
         self.register_buffer("grid", coordinate_grid(resolution, device), persistent=False)
 
-    def lifts(self, ws):
-        """ws (B, L, w_dim) -> each level's lift as a map of the *input* coordinates (L, B, 3, C).
-
-        The warp is cumulative, x_i = x_{i-1} M_i + b_i, so x_i = x_0 Mc_i + bc_i with
-        Mc_i = Mc_{i-1} M_i and bc_i = bc_{i-1} M_i + b_i; the lift g_i = x_i A_i + a_i is then
-        [x_0, 1] @ [[Mc_i A_i], [bc_i A_i + a_i]]: one small matmul per level and pixel block.
-        """
-        out, mc, bc = [], None, None
-        for i, level in enumerate(self.levels):
-            warp, shift, lift, lift_bias = level(ws[:, i])
-            mc, bc = (warp, shift) if i == 0 else (mc @ warp, torch.baddbmm(shift, bc, warp))
-            out.append(torch.cat([mc @ lift, torch.baddbmm(lift_bias, bc, lift)], dim=1))
-        return torch.stack(out)  # (L, B, 3, C)
-
     def forward(self, ws, coords=None):
         """ws (B, L, w_dim), coords (..., 2) shared by the batch -> RGB (B, 3, ...).
 
         With coords=None the default grid (R, R, 2) gives images (B, 3, R, R). The output
-        has no activation: real images live in [-1, 1]. Under autocast the C x C matmuls run
-        in the autocast dtype; the coordinate lifts stay in float32.
+        has no activation: real images live in [-1, 1].
         """
-        B, device = ws.shape[0], ws.device
-        dtype = self.to_rgb.weight.dtype
-        autocast = torch.is_autocast_enabled(device.type)
-        fast = torch.get_autocast_dtype(device.type) if autocast else dtype
+        B = ws.shape[0]
         coords = self.grid if coords is None else coords
-        x0 = coords.reshape(-1, 2).to(device, dtype)  # (P, 2)
-        with torch.autocast(device.type, enabled=False):
-            lifts = self.lifts(ws.to(dtype))  # (L, B, 3, C)
-            mixing = [tuple(t.to(fast) for t in level.mixing()) for level in self.levels]
-            rgb = self.to_rgb.weight.t().to(fast), self.to_rgb.bias.to(fast)  # (C, 3), (3,)
-            if torch.is_grad_enabled() or device.type != "cpu":
-                out = self._render(x0, lifts, mixing, rgb, inplace=not torch.is_grad_enabled())
-            else:
-                out = self._render_chunked(x0, lifts, mixing, rgb)
-        return out.to(dtype).transpose(1, 2).reshape(B, 3, *coords.shape[:-1])
-
-    def _render_chunked(self, x0, lifts, mixing, rgb):
-        """_render over blocks of samples x pixels that fit in cache, on all CPU threads."""
-        B, P = lifts.shape[1], x0.shape[0]
-        rows = max((self.chunk_elements or CPU_CHUNK_ELEMENTS) // self.hidden, 1)
-        n_p = min(P, rows)
-        n_b = max(min(B, rows // n_p), 1)
-        out = torch.empty(B, P, 3, device=x0.device, dtype=rgb[0].dtype)
-        inference = torch.is_inference_mode_enabled()
-
-        def render(block):
-            b, p = block
-            # Grad mode and inference mode are per thread: carry the caller's over.
-            with torch.inference_mode(inference), torch.no_grad():
-                x, lift = x0[p : p + n_p], lifts[:, b : b + n_b]
-                out[b : b + n_b, p : p + n_p] = self._render(x, lift, mixing, rgb, inplace=True)
-
-        _map_chunks(render, [(b, p) for b in range(0, B, n_b) for p in range(0, P, n_p)], x0.device)
-        return out  # (B, P, 3)
-
-    def _render(self, x0, lifts, mixing, rgb, inplace: bool):
-        """x0 (P, 2), lifts (L, B, 3, C) -> RGB (B, P, 3); in-place products when no grad."""
-        B, P = lifts.shape[1], x0.shape[0]
-        x = torch.cat([x0, x0.new_ones(P, 1)], dim=1).expand(B, P, 3)  # (B, P, 3)
-        checkpoint = self.checkpoint_levels and torch.is_grad_enabled()
-        h = None
-        for lift, (weight, bias) in zip(lifts, mixing, strict=True):
-            if checkpoint:
-                h = torch.utils.checkpoint.checkpoint(
-                    self._level, x, h, lift, weight, bias, inplace, use_reentrant=False
-                )
-            else:
-                h = self._level(x, h, lift, weight, bias, inplace)
-        return torch.addmm(rgb[1], h, rgb[0]).view(B, P, 3)
-
-    def _level(self, x, h, lift, weight, bias, inplace: bool):
-        """One level on (B*P, C) rows: x (B, P, 3), h (B*P, C) or None -> h (B*P, C).
-
-        With autograd (inplace=False) through _TrainingLevel; without, in place on the rows.
-        """
-        if not inplace:
-            return _TrainingLevel.apply(x, h, lift, weight, bias, self.clamp)
-        B, P, C = x.shape[0], x.shape[1], self.hidden
-        # The lift g_i = x_i A_i + a_i (warp folded in, see lifts()).
-        g = torch.bmm(x, lift).view(B * P, C)  # (B*P, C)
-        # h <- h * lrelu(g): one order higher (level 0 starts the polynomial with g).
-        h = g if h is None else h.mul_(F.leaky_relu_(g, 0.2))
-        return _bias_act_(torch.addmm(bias, h.to(weight.dtype), weight), self.clamp)
-
-
-def _bias_act_(z: torch.Tensor, clamp: float) -> torch.Tensor:
-    """StyleGAN's bias_act after the C x C product, in place: clamp(lrelu(z), -c, c)."""
-    return F.leaky_relu_(z, 0.2).clamp_(-clamp, clamp)
-
-
-class _TrainingLevel(torch.autograd.Function):
-    """One level under autograd, h' = clamp(lrelu((h * lrelu(x L)) W + b)), hand-differentiated.
-
-    Autograd on the same in-place ops copies the pre-clamp activations in forward and, in
-    backward, replays the in-place lrelu on the lift's view (a clone, copies, a zero fill)
-    and rebuilds the clamp's mask: about eight extra passes over (B*P, C) per level. Here
-    backward reads the activation's slope from its output, and a level keeps three
-    (B*P, C) tensors instead of four: lrelu(g), the matmul input m and the output (h is
-    the previous level's output). Under autocast m, W, b and h' are in the fast dtype,
-    the lift and its gradient in float32.
-    """
-
-    @staticmethod
-    def forward(ctx, x, h, lift, weight, bias, clamp: float):
-        B, P, C = x.shape[0], x.shape[1], lift.shape[2]
-        g = torch.bmm(x, lift).view(B * P, C)  # (B*P, C) the lift
-        a = None if h is None else F.leaky_relu_(g, 0.2)
-        m = (g if h is None else h * a).to(weight.dtype)  # (B*P, C)
-        y = _bias_act_(torch.addmm(bias, m, weight), clamp)  # (B*P, C)
-        ctx.save_for_backward(x, h, lift, a, m, weight, y)
-        ctx.clamp = clamp
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, h, lift, a, m, weight, y = ctx.saved_tensors
-        B, P, C = x.shape[0], x.shape[1], lift.shape[2]
-        need_x, _, _, need_weight, need_bias, _ = ctx.needs_input_grad
-        # y = clamp(lrelu(z), -c, c): dy/dz is 0 where |y| >= c, else 1 where y > 0 and
-        # 0.2 where y <= 0 (lrelu keeps the sign). Two fused passes, no saved z. (At
-        # |lrelu(z)| == c exactly torch.clamp passes the gradient; here it is 0.)
-        grad_z = torch.ops.aten.hardtanh_backward(grad_y, y, -ctx.clamp, ctx.clamp)
-        grad_z = torch.ops.aten.leaky_relu_backward(grad_z, y, 0.2, True)
-        grad_weight = m.t() @ grad_z if need_weight else None  # (C_in, C_out)
-        grad_bias = grad_z.sum(0) if need_bias else None
-        grad_m = (grad_z @ weight.t()).to(lift.dtype)  # (B*P, C), a fresh buffer
-        if h is None:
-            grad_g, grad_h = grad_m, None
+        if self.fast:
+            rgb = fast_synthesis.render(self, ws, coords.reshape(-1, 2))  # (B, P, 3)
         else:
-            # m = h * a with a = lrelu(g): dm/dh = a, dm/dg = h * lrelu'(g); a > 0 iff g > 0.
-            grad_g = torch.ops.aten.leaky_relu_backward(grad_m * h, a, 0.2, True)
-            grad_h = grad_m.mul_(a).to(h.dtype)
-        grad_g = grad_g.view(B, P, C)
-        grad_lift = torch.bmm(x.transpose(1, 2), grad_g)  # (B, 3, C)
-        grad_x = torch.bmm(grad_g, lift.transpose(1, 2)) if need_x else None  # (B, P, 3)
-        return grad_x, grad_h, grad_lift, grad_weight, grad_bias, None
+            x = coords.to(ws.device, ws.dtype).reshape(1, -1, 2).expand(B, -1, -1)  # (B, P, 2)
+            h = None
+            for i, level in enumerate(self.levels):
+                x, h = level(x, h, ws[:, i])  # (B, P, 2), (B, P, C)
+            rgb = self.to_rgb(h)  # (B, P, 3)
+        return rgb.transpose(1, 2).reshape(B, 3, *coords.shape[:-1])
 
 
 class Generator(nn.Module):

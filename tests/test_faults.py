@@ -161,6 +161,7 @@ def test_sigterm_while_resuming_stops_before_building_models(prepared, tmp_path,
 
     monkeypatch.chdir(tmp_path)
     cfg = config.load(REPO / "params.yaml", overrides_in(prepared, tmp_path, 0.016, "ckpt"))
+
     def slow_resume(*args):
         os.kill(os.getpid(), signal.SIGTERM)
         return None, None  # a fresh run, found while the signal arrived

@@ -1,4 +1,5 @@
-"""Tests for polyinr.generator: shapes, pixel/batch independence, counts, truncation, I/O."""
+"""Tests for polyinr.generator and polyinr.fast_synthesis: shapes, pixel/batch independence,
+counts, truncation, I/O, and the fast path equal to the plain definition."""
 
 import dataclasses
 from pathlib import Path
@@ -7,8 +8,7 @@ import pytest
 import torch
 from tiny import TINY_GENERATOR
 
-from benchmarks.plain import PlainSynthesis
-from polyinr import generator
+from polyinr import fast_synthesis, generator
 from polyinr.config import load
 from polyinr.generator import Generator, coordinate_grid
 
@@ -285,34 +285,61 @@ def test_init_neither_vanishes_nor_explodes_through_ten_levels(hidden):
     xs = coordinate_grid(8).reshape(1, -1, 2).expand(128, -1, -1)
     ws = g.mapping(z, torch.arange(128) % cfg.num_classes)
     for i, level in enumerate(g.synthesis.levels):
-        warp, shift, _, _ = level(ws[:, i])  # (B, 2, 2), (B, 1, 2)
+        warp, shift, _, _ = level.heads(ws[:, i])  # (B, 2, 2), (B, 1, 2)
         xs = torch.baddbmm(shift, xs, warp)  # x <- x M_i + b_i
     assert xs.std(dim=1).mean() > 0.5 * coordinate_grid(8).reshape(-1, 2).std(dim=0).mean()
 
 
-def _plain_and_scale(g, z, c, coords=None):
-    """The plain version's render (with autograd) and its largest magnitude."""
-    plain = PlainSynthesis.like(g.synthesis, g.cfg)
-    ws = g.mapping(z, c)
-    expected = plain(ws, coords)
-    return plain, ws, expected, expected.abs().max().item()
+def _generator_with_both_signs(**changes) -> Generator:
+    """A tiny generator whose lifts g take both signs (the init's lift bias of 1 keeps
+    them positive), so lrelu's negative slope is exercised too."""
+    torch.manual_seed(0)
+    g = Generator(dataclasses.replace(TINY, **changes), R)
+    with torch.no_grad():
+        for level in g.synthesis.levels:
+            level.affine.bias.normal_()
+    return g
+
+
+def _render_plain(synthesis, ws, coords=None):
+    """The synthesis through its levels' plain forward (the definition), with autograd."""
+    synthesis.fast = False
+    try:
+        return synthesis(ws, coords)
+    finally:
+        synthesis.fast = True
 
 
 @pytest.mark.parametrize("clamp", [256.0, 0.5])
 @pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
-def test_matches_the_plain_spec_version(mode, clamp):
-    """Synthesis renders what the level-by-level version (benchmarks/plain.py) renders with
-    the same weights (clamp 0.5: the clamps are active)."""
-    torch.manual_seed(0)
-    g = Generator(dataclasses.replace(TINY, clamp=clamp), R)
+def test_fast_render_equals_the_plain_definition(mode, clamp):
+    """The default (fast) synthesis renders what PolyLevel.forward defines, level by level,
+    with the same weights (clamp 0.5: the clamps are active)."""
+    g = _generator_with_both_signs(clamp=clamp)
     z, c = latents(n=5)
     coords = torch.rand(7, 5, 2) * 1.5 - 0.25  # (7, 5, 2): not a square grid
-    _, ws, expected, scale = _plain_and_scale(g, z, c, coords)
+    ws = g.mapping(z, c)
+    expected = _render_plain(g.synthesis, ws, coords)
+    scale = expected.abs().max().item()
     context = {"grad": torch.enable_grad, "no_grad": torch.no_grad}.get(mode, torch.inference_mode)
     with context():
         out = g.synthesis(ws, coords)
     assert out.shape == expected.shape == (5, 3, 7, 5)
     torch.testing.assert_close(out, expected, atol=1e-5 * scale, rtol=1e-4, check_dtype=True)
+
+
+def test_default_render_never_runs_the_plain_levels(g, monkeypatch):
+    """Synthesis.forward takes the fast path unless told otherwise: PolyLevel.forward unused."""
+
+    def refuse(*args):
+        raise AssertionError("PolyLevel.forward ran on the default path")
+
+    monkeypatch.setattr(generator.PolyLevel, "forward", refuse)
+    z, c = latents()
+    assert g(z, c).shape == (4, 3, R, R)
+    g.synthesis.fast = False
+    with pytest.raises(AssertionError, match="PolyLevel.forward"):
+        g(z, c)
 
 
 def test_chunks_and_threads_do_not_change_the_images(g):
@@ -339,31 +366,29 @@ def test_chunks_and_threads_do_not_change_the_images(g):
     torch.testing.assert_close(batched, whole.detach(), atol=1e-5 * scale, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mixing", ["plain", "equalized"])
 @pytest.mark.parametrize("clamp", [256.0, 0.5])
-def test_gradients_match_the_plain_spec_version(clamp):
-    """Every synthesis parameter's gradient equals the plain version's (heads concatenated),
-    also where the clamps are active (clamp 0.5)."""
-    torch.manual_seed(0)
-    g = Generator(dataclasses.replace(TINY, clamp=clamp), R)
+def test_fast_gradients_equal_the_plain_definition(clamp, mixing):
+    """Every synthesis parameter's gradient through the fast path equals the one through
+    the plain levels, also where the clamps are active (clamp 0.5)."""
+    g = _generator_with_both_signs(clamp=clamp, mixing=mixing)
     z, c = latents(n=3)
-    plain, ws, expected, _ = _plain_and_scale(g, z, c)
-    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2))
+    ws = g.mapping(z, c).detach()
+    params = dict(g.synthesis.named_parameters())
+    assert len(params) == 2 + 4 * TINY.levels + 2 * (TINY.levels - 1)
+    weights = torch.randn(3, 3, R, R, generator=torch.Generator().manual_seed(2))
+    expected = _render_plain(g.synthesis, ws)
     (expected * weights).sum().backward()
-    (g.synthesis(ws.detach().requires_grad_(False)) * weights).sum().backward()
-    pairs = [(g.synthesis.to_rgb.weight, [plain.to_rgb.weight])]
-    pairs.append((g.synthesis.to_rgb.bias, [plain.to_rgb.bias]))
-    for ours, level in zip(g.synthesis.levels, plain.levels, strict=True):
-        heads = [level.warp, level.shift, level.lift, level.lift_bias]
-        for name in ("weight", "bias"):
-            pairs.append((getattr(ours.affine, name), [getattr(h, name) for h in heads]))
-            pairs.append((getattr(ours.linear, name), [getattr(level.linear, name)]))
-            if ours.style is not None:
-                pairs.append((getattr(ours.style, name), [getattr(level.style, name)]))
-    assert len(pairs) == 2 + 4 * TINY.levels + 2 * (TINY.levels - 1)
-    for got, want in pairs:
-        want = torch.cat([p.grad for p in want])
-        assert want.abs().max() > 0
-        torch.testing.assert_close(got.grad, want, atol=1e-4 * want.abs().max().item(), rtol=1e-3)
+    want = {name: p.grad.clone() for name, p in params.items()}
+    g.synthesis.zero_grad()
+    out = g.synthesis(ws)
+    (out * weights).sum().backward()
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(out, expected, atol=1e-5 * scale, rtol=1e-4)
+    for name, p in params.items():
+        assert want[name].abs().max() > 0, name
+        scale = want[name].abs().max().item()
+        torch.testing.assert_close(p.grad, want[name], atol=1e-4 * scale, rtol=1e-3, msg=name)
 
 
 def test_training_level_passes_gradcheck():
@@ -375,7 +400,7 @@ def test_training_level_passes_gradcheck():
         return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
 
     x, h, lift, weight, bias = rand(B, P, 3), rand(B * P, C), rand(B, 3, C), rand(C, C), rand(C)
-    level = generator._TrainingLevel.apply
+    level = fast_synthesis._TrainingLevel.apply
     assert torch.autograd.gradcheck(lambda *t: level(*t, 1.5), (x, h, lift, weight, bias))
     first = (x, lift, weight, bias)  # level 0: no h
     assert torch.autograd.gradcheck(lambda *t: level(t[0], None, *t[1:], 1.5), first)
