@@ -238,7 +238,7 @@ def save_image(path: str | Path, image: np.ndarray) -> None:
     Image.fromarray(image).save(path)
 
 
-def images(
+def render_images(
     g: Generator,
     ws: torch.Tensor,
     size: tuple[int, int] | None = None,
@@ -291,7 +291,7 @@ def generate(
     if fmt == "grid":
         # Each sample at every resolution, enlarged (nearest) to the largest for comparison.
         big = max(sizes)
-        per_size = [upscale(images(g, ws, hw, view, chunk, progress), big) for hw in sizes]
+        per_size = [upscale(render_images(g, ws, hw, view, chunk, progress), big) for hw in sizes]
         grid = np.stack(per_size, axis=1).reshape(-1, *per_size[0].shape[1:])
         save_image(out, tile(grid, rows))
         return fmt, len(ws)
@@ -300,7 +300,7 @@ def generate(
     else:
         out.mkdir(parents=True, exist_ok=True)
     for i in tqdm(range(len(ws)), desc="generate", unit="img", disable=not progress):
-        image = images(g, ws[i : i + 1], sizes[0], view, chunk)
+        image = render_images(g, ws[i : i + 1], sizes[0], view, chunk)
         if fmt == "npz":
             writer.write(image, classes[i : i + 1])
         else:
@@ -325,7 +325,7 @@ def walk(
     if len(keys) < 2:
         raise ValueError("interpolation needs at least two keys: several seeds or classes")
     ws_keys = mapping(g, [c for c, _ in keys], [s for _, s in keys], psi)  # (K, L, w_dim)
-    return images(g, interpolate(ws_keys, steps), size, view, chunk, progress)
+    return render_images(g, interpolate(ws_keys, steps), size, view, chunk, progress)
 
 
 def write_walk(path: str | Path, frames: np.ndarray, fps: float, strip: int, loop: bool) -> None:
@@ -358,7 +358,7 @@ def mix_grid(
     ws_b = mapping(g, [c for c, _ in targets], [s for _, s in targets], psi)
     mixed = mix(ws_a, ws_b, *levels)  # (NA, NB, L, w_dim)
     ws = torch.cat([ws_b, ws_a, mixed.flatten(0, 1)])
-    rendered = images(g, ws, size, view, chunk, progress)  # (NB + NA + NA * NB, H, W, 3)
+    rendered = render_images(g, ws, size, view, chunk, progress)  # (NB + NA + NA * NB, H, W, 3)
     nb, na = len(targets), len(sources)
     blank = np.full_like(rendered[:1], 255)
     rows = [np.concatenate([blank, rendered[:nb]])]

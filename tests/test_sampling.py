@@ -157,7 +157,7 @@ def test_a_walk_passes_through_its_keys(g):
     """Frames 0 and `steps` of a walk are the key samples themselves; one key is refused."""
     keys, size = [(0, 3), (1, 3)], (6, 5)
     frames = sampling.walk(g, keys, psi=0.8, steps=4, size=size)
-    alone = sampling.images(g, sampling.mapping(g, [0, 1], [3, 3], psi=0.8), size)
+    alone = sampling.render_images(g, sampling.mapping(g, [0, 1], [3, 3], psi=0.8), size)
     assert frames.shape == (5, 6, 5, 3)
     assert np.array_equal(frames[[0, 4]], alone)
     with pytest.raises(ValueError, match="two keys"):
