@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from polyinr.cli import GENERATOR
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,7 +61,7 @@ def measure(generator: Path, resolution: int, chunk: int, view_pixels: int, out:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--generator", default="models/generator.pt", help="exported generator")
+    p.add_argument("--generator", default=GENERATOR, help="exported generator")
     p.add_argument("--paper", action="store_true", help="the paper's generator, random weights")
     p.add_argument("--resolution", type=int, default=2048)
     p.add_argument("--chunk", type=int, nargs="+", default=[65536])

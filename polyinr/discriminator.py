@@ -380,6 +380,16 @@ def parameter_counts(d: ProjectedDiscriminator) -> dict:
     return out
 
 
+def config_parameter_counts(cfg: DiscriminatorConfig, resolution: int, num_classes: int) -> dict:
+    """parameter_counts of the D that cfg builds, without its weights files (random weights
+    count the same as pretrained ones) and leaving the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        d = ProjectedDiscriminator(
+            dataclasses.replace(cfg, pretrained=False), resolution, num_classes
+        )
+    return parameter_counts(d)
+
+
 def head_accuracy(real_logits, fake_logits) -> tuple[list[float], list[float]]:
     """Per head, the share of real patch logits > 0 and of fake patch logits < 0."""
     real = [float((r > 0).float().mean()) for r in real_logits]

@@ -72,6 +72,38 @@ def compute(
     return means.float()
 
 
+def create(cfg, out: str | Path, device=None, progress=True, allow_random_weights=False):
+    """The `class-embeddings` command: compute the table of cfg (a Config) from the prepared
+    data at the last training resolution and save it to `out`; returns it."""
+    if not cfg.generator.conditional:
+        raise ValueError("class embeddings are for a conditional generator")
+    if not cfg.discriminator.pretrained and not allow_random_weights:
+        raise ValueError(
+            f"class embeddings come from the pretrained {NETWORK}; set "
+            f"discriminator.pretrained=true and put its weights in "
+            f"{cfg.discriminator.weights_dir} (--allow-random-weights only for tests)"
+        )
+    resolution = max(s.resolution for s in cfg.train.stages)
+    data.check_prepared(cfg.data.out_dir, resolution, cfg.generator.num_classes)
+    table = compute(
+        cfg.data,
+        resolution,
+        cfg.generator.num_classes,
+        cfg.discriminator.weights_dir,
+        pretrained=cfg.discriminator.pretrained,
+        device=device,
+        progress=progress,
+    )
+    meta = {
+        "network": NETWORK,
+        "pretrained": cfg.discriminator.pretrained,
+        "resolution": resolution,
+        "data": str(cfg.data.out_dir),
+    }
+    save(table, out, meta)
+    return table
+
+
 def save(table: torch.Tensor, path, meta: dict) -> None:
     """Write the table and how it was made, atomically, loadable with weights_only."""
     path = Path(path)

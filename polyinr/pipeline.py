@@ -141,6 +141,17 @@ def save_record(store: CheckpointStore, where: Path) -> list[str]:
     return uris
 
 
+def restore(store: CheckpointStore, where: Path, pull: bool = True) -> list[str]:
+    """Bring the run of `store` back into the checkout `where`: its recorded params.yaml,
+    dvc.lock and metrics files, then (pull) `dvc pull` of its outputs; the names restored."""
+    found = load_record(store, where)
+    if "dvc.lock" not in found:
+        raise FileNotFoundError(f"no dvc.lock recorded in {store.uri} (storage.uri, run name?)")
+    if pull:
+        subprocess.run([DVC, "pull"], cwd=where, check=True)
+    return found
+
+
 def load_record(store: CheckpointStore, where: Path, names=RECORD) -> list[str]:
     """Write the run's recorded files (of `names`) into `where`; the names found."""
     found = []

@@ -1,5 +1,5 @@
 """Sampling from a trained generator: w codes from (class, seed), chunked rendering at any
-resolution and field of view, interpolation and level mixing in w space, image files."""
+resolution and field of view, and the sample grids, walks and mixes built from them."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
+from polyinr import video
 from polyinr.generator import Generator, seed_latents, to_uint8
 
 # Pixel evaluations per synthesis call. Peak memory is about chunk x hidden x 4 bytes x a
@@ -23,6 +25,9 @@ MIN_CHUNK = 1024
 # (None: up to the last level).
 MIX_PRESETS = {"shape": (0, 5), "style": (5, None)}
 FULL_VIEW = (0.0, 0.0, 1.0, 1.0)
+# `generate`'s format from the output's suffix; any other is a folder of PNGs.
+FORMATS = {".npz": "npz", ".png": "grid", ".jpg": "grid"}
+WALK_SUFFIXES = (".gif", ".mp4", ".png")  # animations, or a strip of frames
 
 
 def view_grid(height: int, width: int | None = None, box=FULL_VIEW, device=None) -> torch.Tensor:
@@ -41,6 +46,20 @@ def view_grid(height: int, width: int | None = None, box=FULL_VIEW, device=None)
 
     rows, cols = axis(height, top, bottom), axis(width, left, right)
     return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)  # (H, W, 2)
+
+
+def pairs(classes: Sequence[int], seeds: Sequence[int]) -> list[tuple[int, int]]:
+    """Key samples (class, seed): equal-length lists, or one side of length 1 broadcast."""
+    cs, ss = list(classes), list(seeds)
+    if len(cs) == 1:
+        cs = cs * len(ss)
+    elif len(ss) == 1:
+        ss = ss * len(cs)
+    if len(cs) != len(ss):
+        raise ValueError(
+            f"{len(cs)} classes and {len(ss)} seeds: give equal counts, or one of either"
+        )
+    return list(zip(cs, ss, strict=True))
 
 
 def random_classes(seeds: Iterable[int], num_classes: int) -> list[int]:
@@ -211,3 +230,139 @@ class NpzWriter:
         with self.zip.open("arr_1.npy", "w") as f:
             np.lib.format.write_array(f, np.asarray(self.labels, dtype=np.int64))
         self.zip.close()
+
+
+def save_image(path: str | Path, image: np.ndarray) -> None:
+    """Write a uint8 (H, W, 3) image (PNG, JPEG, ... by the suffix), making its folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+
+
+def render_images(
+    g: Generator,
+    ws: torch.Tensor,
+    size: tuple[int, int] | None = None,
+    view=FULL_VIEW,
+    chunk: int = DEFAULT_CHUNK,
+    progress: bool = False,
+) -> np.ndarray:
+    """ws (N, L, w_dim) rendered at size (H, W) (default: the trained one) over the region
+    `view`: uint8 (N, H, W, 3)."""
+    size = size or (g.resolution, g.resolution)
+    return to_hwc(render(g, ws, view_grid(*size, box=view), chunk, progress))
+
+
+def grid_samples(
+    g: Generator, classes: Sequence[int] | None, seeds: Sequence[int]
+) -> tuple[list[int], list[int], int]:
+    """Paired (classes, seeds) of a grid and its row count: every class with every seed, a row
+    per class; or, with classes None, one random class per seed in rows of 8."""
+    if classes is None:
+        # An unconditional generator has no classes: label 0 throughout.
+        cond = g.cfg.conditional
+        drawn = random_classes(seeds, g.cfg.num_classes) if cond else [0] * len(seeds)
+        return drawn, list(seeds), -(-len(seeds) // 8)
+    return [c for c in classes for _ in seeds], list(seeds) * len(classes), len(classes)
+
+
+def generate(
+    g: Generator,
+    out: str | Path,
+    classes: Sequence[int] | None,
+    seeds: Sequence[int],
+    psi: float,
+    sizes: Sequence[tuple[int, int]] = (),
+    fmt: str | None = None,
+    view=FULL_VIEW,
+    chunk: int = DEFAULT_CHUNK,
+    progress: bool = False,
+) -> tuple[str, int]:
+    """Every class with every seed (or, with classes None, one random class per seed) written
+    to `out` as fmt (default: from the suffix, FORMATS): 'grid', one image with a row per
+    class (rows of 8 for random classes), each sample at every size side by side; 'pngs', a
+    folder of PNGs; 'npz', ADM's format. Returns (fmt, number of samples)."""
+    out = Path(out)
+    fmt = fmt or FORMATS.get(out.suffix, "pngs")
+    sizes = list(sizes) or [(g.resolution, g.resolution)]
+    if fmt != "grid" and len(sizes) > 1:
+        raise ValueError("several resolutions are for --format grid only")
+    classes, seeds, rows = grid_samples(g, classes, seeds)
+    ws = mapping(g, classes, seeds, psi)  # (N, L, w_dim)
+    if fmt == "grid":
+        # Each sample at every resolution, enlarged (nearest) to the largest for comparison.
+        big = max(sizes)
+        per_size = [upscale(render_images(g, ws, hw, view, chunk, progress), big) for hw in sizes]
+        grid = np.stack(per_size, axis=1).reshape(-1, *per_size[0].shape[1:])
+        save_image(out, tile(grid, rows))
+        return fmt, len(ws)
+    if fmt == "npz":
+        writer = NpzWriter(out, len(ws), *sizes[0])
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+    for i in tqdm(range(len(ws)), desc="generate", unit="img", disable=not progress):
+        image = render_images(g, ws[i : i + 1], sizes[0], view, chunk)
+        if fmt == "npz":
+            writer.write(image, classes[i : i + 1])
+        else:
+            Image.fromarray(image[0]).save(out / f"{i:06d}-class{classes[i]}-seed{seeds[i]}.png")
+    if fmt == "npz":
+        writer.close()
+    return fmt, len(ws)
+
+
+def walk(
+    g: Generator,
+    keys: Sequence[tuple[int, int]],
+    psi: float,
+    steps: int,
+    size: tuple[int, int] | None = None,
+    view=FULL_VIEW,
+    chunk: int = DEFAULT_CHUNK,
+    progress: bool = False,
+) -> np.ndarray:
+    """Frames of a walk, linear in w, through key samples (class, seed), `steps` frames from
+    one key to the next: uint8 ((K - 1) * steps + 1, H, W, 3)."""
+    if len(keys) < 2:
+        raise ValueError("interpolation needs at least two keys: several seeds or classes")
+    ws_keys = mapping(g, [c for c, _ in keys], [s for _, s in keys], psi)  # (K, L, w_dim)
+    return render_images(g, interpolate(ws_keys, steps), size, view, chunk, progress)
+
+
+def write_walk(path: str | Path, frames: np.ndarray, fps: float, strip: int, loop: bool) -> None:
+    """A walk's frames as a .png strip of `strip` evenly spaced frames, or an animation."""
+    path = Path(path)
+    if path.suffix not in WALK_SUFFIXES:
+        raise ValueError(f"{path}: use .gif or .mp4 (animation) or .png (strip)")
+    if path.suffix == ".png":
+        picks = np.linspace(0, len(frames) - 1, min(strip, len(frames))).round().astype(int)
+        save_image(path, tile(frames[picks], rows=1, pad=2))
+    else:
+        # A loop's last frame is its first: drop it so the animation cycles smoothly.
+        video.write(path, frames[:-1] if loop else frames, fps)
+
+
+def mix_grid(
+    g: Generator,
+    sources: Sequence[tuple[int, int]],
+    targets: Sequence[tuple[int, int]],
+    levels: tuple[int, int],
+    psi: float,
+    size: tuple[int, int] | None = None,
+    view=FULL_VIEW,
+    chunk: int = DEFAULT_CHUNK,
+    progress: bool = False,
+) -> np.ndarray:
+    """Targets B (class, seed) with levels [start, stop) of sources A's w as one uint8 grid:
+    row 0 the targets, column 0 the sources, cell (i, j) B_j with A_i's levels."""
+    ws_a = mapping(g, [c for c, _ in sources], [s for _, s in sources], psi)
+    ws_b = mapping(g, [c for c, _ in targets], [s for _, s in targets], psi)
+    mixed = mix(ws_a, ws_b, *levels)  # (NA, NB, L, w_dim)
+    ws = torch.cat([ws_b, ws_a, mixed.flatten(0, 1)])
+    rendered = render_images(g, ws, size, view, chunk, progress)  # (NB + NA + NA * NB, H, W, 3)
+    nb, na = len(targets), len(sources)
+    blank = np.full_like(rendered[:1], 255)
+    rows = [np.concatenate([blank, rendered[:nb]])]
+    for i in range(na):
+        cells = rendered[nb + na + i * nb : nb + na + (i + 1) * nb]
+        rows.append(np.concatenate([rendered[nb + i : nb + i + 1], cells]))
+    return tile(np.concatenate(rows), rows=na + 1, pad=2)

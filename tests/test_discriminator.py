@@ -153,6 +153,17 @@ def test_trainable_state_dict_excludes_feature_networks(d):
         d.load_trainable_state_dict({k: v for k, v in state.items() if ".heads.0." not in k})
 
 
+def test_counts_of_a_config_are_its_ds_and_leave_the_rng_alone(d):
+    """Counting a config gives the counts of the D it builds, and draws nothing from the
+    global RNG (summary runs beside seeded work)."""
+    torch.manual_seed(1)
+    counts = discriminator.config_parameter_counts(CFG, R, CLASSES)
+    drawn = torch.rand(1)
+    torch.manual_seed(1)
+    assert torch.equal(drawn, torch.rand(1))
+    assert counts == discriminator.parameter_counts(d)
+
+
 def test_input_size_rule():
     """EfficientNet sees images resized up to input_size, never down; DeiT always sees 224."""
     assert discriminator.input_size("tf_efficientnet_lite0", 32, 64) == 64

@@ -102,7 +102,7 @@ STAGE_CODE = {
     "demo_data": ["polyinr/data.py"],
     "prepare": ["polyinr/data.py"],
     "train": ["polyinr/train.py"],
-    "evaluate": ["polyinr/metrics.py", "polyinr/generator.py"],
+    "evaluate": ["polyinr/evaluation.py"],
 }
 NO_EFFECT = {
     "polyinr/storage.py",

@@ -135,6 +135,35 @@ def test_tile_and_upscale_place_pixels():
         sampling.upscale(np.zeros((1, 2, 2, 3), np.uint8), (3, 3))
 
 
+def test_pairs_broadcast_one_class_or_one_seed_and_refuse_unequal_counts():
+    """One class goes with every seed (and one seed with every class); 2 and 3 do not pair."""
+    assert sampling.pairs([4], [1, 2]) == [(4, 1), (4, 2)]
+    assert sampling.pairs([0, 1], [7]) == [(0, 7), (1, 7)]
+    assert sampling.pairs([0, 1], [5, 6]) == [(0, 5), (1, 6)]
+    with pytest.raises(ValueError, match="2 classes and 3 seeds"):
+        sampling.pairs([0, 1], [1, 2, 3])
+
+
+def test_a_grid_has_a_row_per_class_or_rows_of_eight_random_classes(g):
+    """Classes x seeds pair every class with every seed, a row each; without classes each
+    seed draws its class (random_classes) and the grid has rows of 8."""
+    assert sampling.grid_samples(g, [0, 2], [5, 6, 7]) == ([0, 0, 0, 2, 2, 2], [5, 6, 7] * 2, 2)
+    classes, seeds, rows = sampling.grid_samples(g, None, range(10))
+    assert classes == sampling.random_classes(range(10), 3) and seeds == list(range(10))
+    assert rows == 2
+
+
+def test_a_walk_passes_through_its_keys(g):
+    """Frames 0 and `steps` of a walk are the key samples themselves; one key is refused."""
+    keys, size = [(0, 3), (1, 3)], (6, 5)
+    frames = sampling.walk(g, keys, psi=0.8, steps=4, size=size)
+    alone = sampling.render_images(g, sampling.mapping(g, [0, 1], [3, 3], psi=0.8), size)
+    assert frames.shape == (5, 6, 5, 3)
+    assert np.array_equal(frames[[0, 4]], alone)
+    with pytest.raises(ValueError, match="two keys"):
+        sampling.walk(g, keys[:1], psi=0.8, steps=4)
+
+
 def test_random_classes_depend_on_the_seed_alone():
     """--classes random gives each seed the same class whatever the other seeds are."""
     assert sampling.random_classes([5, 9], 1000)[1] == sampling.random_classes([9], 1000)[0]
