@@ -29,7 +29,6 @@ import logging
 import multiprocessing
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -41,6 +40,9 @@ from fault_proxy import KINDS, Fault, FaultProxy
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's polyinr, in the forked runs too
+
+from polyinr.rundir import RunDir  # noqa: E402  (after the path above)
+
 BUCKET = "campaign"
 KIMG, SNAPSHOT_NIMG = 0.048, 8
 
@@ -195,10 +197,9 @@ class Run:
         self.process.kill()
 
 
-def _resumed_nimg(text: str) -> int | None:
-    """The cur_nimg a run said it resumed from, or None if it started fresh (or said nothing)."""
-    found = re.search(r"resuming from \S+ at kimg ([0-9.]+)", text)
-    return round(float(found.group(1)) * 1000) if found else None
+def _started(events: list[dict]) -> dict | None:
+    """The run_started event of one run's events (None: killed before it got that far)."""
+    return next((e for e in events if e["event"] == "run_started"), None)
 
 
 def _summary(text: str) -> dict | None:
@@ -227,6 +228,7 @@ def run_trial(campaign: Campaign, index: int, seed: int, duration: float, refere
         served_before = len(campaign.proxy.served)
         committed = campaign.committed_nimg(name)
         log = where / f"run{k}.log"
+        offset = RunDir(where / "run").offset()  # `polyinr train`'s default --run-dir
         proc = campaign.start(name, where, mlflow_db, log)
         sig, at, started = None, None, time.monotonic()
         if not last:
@@ -250,7 +252,8 @@ def run_trial(campaign: Campaign, index: int, seed: int, duration: float, refere
             proc.kill()
             code = proc.wait()
         text = log.read_text()
-        resumed = _resumed_nimg(text)
+        began = _started(RunDir(where / "run").read_events(offset))
+        resumed = began["nimg"] if began and began["resumed_from"] else None
         run = {
             "signal": sig.name if sig else None,
             "at_s": round(at, 2) if at is not None else None,
@@ -266,7 +269,7 @@ def run_trial(campaign: Campaign, index: int, seed: int, duration: float, refere
             trial["failures"].append(f"run {k} exited {code}: {text.strip()[-600:]}")
         # A commit is lost when a run resumes from an older checkpoint than the last one
         # committed, or (having got past start-up) starts from image 0 although one was.
-        started_over = resumed is None and ("kimg " in text or code == 0)
+        started_over = began is not None and resumed is None
         if committed and (started_over or (resumed is not None and resumed < committed)):
             trial["commits_lost"] += (committed - (resumed or 0)) // SNAPSHOT_NIMG
     summary = _summary(log.read_text()) if code == 0 else None
