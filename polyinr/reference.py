@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from polyinr import data
+from polyinr.distributed import rank_world
 from polyinr.featurenets import file_sha256
 from polyinr.featurestats import (
     PartialPass,
@@ -20,8 +21,8 @@ from polyinr.featurestats import (
     all_reduce,
     distributed,
     rank_share,
-    rank_world,
 )
+from polyinr.storage import write_atomic
 
 # Real images for precision/recall: ADM compares 10k reference images against all samples;
 # StyleGAN-XL (stylegan2-ada's pr50k3_full) uses up to 200k training images.
@@ -82,9 +83,8 @@ class ReferenceCache:
     @staticmethod
     def _write_local(path: Path, raw: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(raw)
-        tmp.replace(path)
+        with write_atomic(path) as tmp:
+            tmp.write_bytes(raw)
 
 
 def _npz_length(path: Path) -> int:

@@ -9,16 +9,20 @@ Checkpoints that fail their checksum or do not load are moved aside to `corrupt/
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import hashlib
 import io
+import itertools
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from polyinr.config import StorageConfig
 
 LATEST = "latest.json"
 BEST = "best.json"
@@ -32,28 +36,6 @@ class StorageError(RuntimeError):
 
 class NoGoodCheckpoint(StorageError):
     """The run has checkpoints, but none of them loads."""
-
-
-@dataclasses.dataclass(frozen=True)
-class StorageConfig:
-    """Where checkpoints go (a folder or s3://bucket/prefix), how many are kept, S3 transfer."""
-
-    uri: str
-    endpoint_url: str | None
-    keep: int
-    retries: int
-    multipart_mb: int
-    staging_dir: str
-
-    def __post_init__(self):
-        if self.keep < 1:
-            raise ValueError(f"keep must be >= 1, got {self.keep}")
-        if self.retries < 1:
-            raise ValueError(f"retries must be >= 1 (attempts per request), got {self.retries}")
-        if self.multipart_mb < 5:
-            raise ValueError(
-                f"multipart_mb must be >= 5 (S3's smallest part), got {self.multipart_mb}"
-            )
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -127,7 +109,8 @@ class CheckpointStore:
             self._s3_call("upload", self.s3.put_object, Body=data, Key=f"{self.prefix}/{name}")
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.root / name, data)
+        with write_atomic(self.root / name) as tmp:
+            tmp.write_bytes(data)
 
     def _put_large(self, name: str, data: bytes) -> None:
         """A checkpoint: atomic file locally; on S3 staged on disk, then (multipart) uploaded."""
@@ -138,7 +121,8 @@ class CheckpointStore:
 
         self.staging.mkdir(parents=True, exist_ok=True)
         local = self.staging / name
-        _write_atomic(local, data)
+        with write_atomic(local) as tmp:
+            tmp.write_bytes(data)
         part = self.cfg.multipart_mb * MiB
         transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part)
         key = f"{self.prefix}/{name}"
@@ -448,14 +432,31 @@ class CheckpointStore:
             return None, f"does not load ({type(e).__name__}: {e})", True
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name, flush to disk, then rename: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+_TMP_IDS = itertools.count()  # with the pid, a unique temporary name per write_atomic call
+
+
+@contextlib.contextmanager
+def write_atomic(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; when the block ends, flush that file to
+    disk and rename it onto `path`, so readers see the old file or all of the new one.
+
+    A block that raises leaves `path` untouched and the temporary removed; a block that
+    deletes the temporary itself publishes nothing. The temporary is `.<name>.<pid>-<n>.tmp`,
+    unique per process and call, so concurrent writers never share one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{next(_TMP_IDS)}.tmp")
+    try:
+        yield tmp
+        if tmp.exists():
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _s3_client(endpoint_url: str | None, attempts: int):

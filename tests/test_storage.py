@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from polyinr import storage
-from polyinr.storage import CheckpointStore, StorageConfig, StorageError
+from polyinr.config import StorageConfig
+from polyinr.storage import CheckpointStore, StorageError
 from scripts.fault_proxy import Fault, FaultProxy
 
 
@@ -512,3 +513,24 @@ def test_each_stage_keeps_its_own_best_checkpoint(tmp_path):
     names = sorted(p.name for p in store.root.glob("snapshot-*.pt"))
     assert names == [storage.snapshot_name(n) for n in (1, 2, 4)]
     assert [r["fid"] for r in store.records() if r["best"]] == [10.0, 30.0]
+
+
+def test_write_atomic_publishes_all_or_nothing(tmp_path):
+    """write_atomic replaces the file only when its block succeeds; a block that raises or
+    deletes the temporary leaves the old file, and no temporary is left behind."""
+    path = tmp_path / "f.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), storage.write_atomic(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert path.read_text() == "old"
+    with storage.write_atomic(path) as tmp:
+        tmp.write_text("discarded")
+        tmp.unlink()
+    assert path.read_text() == "old"
+    with storage.write_atomic(path) as tmp:
+        assert tmp.parent == path.parent and not tmp.exists()
+        tmp.write_text("new")
+        assert path.read_text() == "old"  # readers see the old file until the block ends
+    assert path.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
