@@ -28,6 +28,7 @@ import torch
 from PIL import Image, features
 
 from polyinr import data
+from polyinr.config import DataConfig
 
 RESOLUTION = 64
 BATCH = 256
@@ -78,8 +79,8 @@ def make_source(root: Path, n: int, classes: int, workers: int) -> Path:
     return root
 
 
-def _config(source: Path, out: Path, workers: int) -> data.DataConfig:
-    return data.DataConfig(
+def _config(source: Path, out: Path, workers: int) -> DataConfig:
+    return DataConfig(
         source=str(source),
         out_dir=str(out),
         encoding="jpg",

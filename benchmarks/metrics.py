@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from benchmarks import device, interleaved, row
-from polyinr import featurenets, featurestats, metrics
+from polyinr import featurenets, featurestats
+from polyinr.config import EvalConfig
 
 NOTE = "same network: inception-v3-compat with seeded random Kaiming weights (speed only)"
 
@@ -36,7 +37,7 @@ class _Images(torch.utils.data.Dataset):
 
 def _ours(images: torch.Tensor, net, batch: int) -> int:
     """polyinr's evaluation path: pool + spatial statistics and logits rows; -> images."""
-    cfg = metrics.EvalConfig(
+    cfg = EvalConfig(
         protocol="adm", num_samples=len(images), batch=batch, psi=1.0, seed=0,
         inception_weights="", vgg16_weights="", allow_random_weights=True, random_seed=0,
         reference_npz=None, cache_dir="", every_kimg=0.0, train_samples=2, grid_classes=1,

@@ -104,6 +104,7 @@ def apply_overrides(overrides: list[str], params: str | Path) -> None:
     from ruamel.yaml import YAML
 
     from polyinr.config import load  # raises ConfigError naming the bad key and the valid ones
+    from polyinr.storage import write_atomic
 
     params = Path(params)
     expected = load(params, overrides)
@@ -126,14 +127,10 @@ def apply_overrides(overrides: list[str], params: str | Path) -> None:
             new.fa.set_block_style()  # a block list stays a block list
         node[leaf] = new
     # Write beside the target, check it reads back as the validated config, then replace.
-    tmp = params.with_name(f".{params.name}.tmp")
-    yaml.dump(doc, tmp)
-    try:
+    with write_atomic(params) as tmp:
+        yaml.dump(doc, tmp)
         if load(tmp) != expected:
             raise ValueError(f"overrides {overrides} do not round-trip through {params}")
-        os.replace(tmp, params)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _transient(task, task_run, state) -> bool:

@@ -51,16 +51,8 @@ def cutout(x: torch.Tensor, ratio: float = 0.2) -> torch.Tensor:
     return x * (~inside).unsqueeze(1).to(x.dtype)
 
 
+# The ops that config.DIFFAUGMENT_OPS names, which config.parse_policy checks against.
 POLICIES = {"color": color, "translation": translation, "cutout": cutout}
-
-
-def parse_policy(policy: str) -> tuple[str, ...]:
-    """'color,translation,cutout' -> names, checked against the known augmentations."""
-    names = tuple(p.strip() for p in policy.split(",") if p.strip())
-    unknown = [n for n in names if n not in POLICIES]
-    if unknown:
-        raise ValueError(f"unknown DiffAugment op {unknown[0]!r}; valid: {sorted(POLICIES)}")
-    return names
 
 
 def diff_augment(x: torch.Tensor, policy: tuple[str, ...]) -> torch.Tensor:

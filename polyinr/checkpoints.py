@@ -16,7 +16,8 @@ import sys
 
 import torch
 
-from polyinr.storage import Folder, StorageConfig, StorageError
+from polyinr.config import StorageConfig
+from polyinr.storage import Folder, StorageError
 
 LATEST = "latest.json"
 BEST = "best.json"

@@ -26,31 +26,9 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm import tqdm
 
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Where the source images are (folder or ILSVRC tar), how they are stored, and the demo
-    dataset's shape."""
-
-    source: str
-    out_dir: str
-    encoding: str
-    jpeg_quality: int
-    strict: bool
-    workers: int
-    scan_cache: str | None
-    demo_classes: int
-    demo_per_class: int
-    demo_size: int
-    demo_seed: int
-
-    def __post_init__(self):
-        if self.encoding not in ("jpg", "raw"):
-            raise ValueError(f"encoding must be 'jpg' or 'raw', got {self.encoding!r}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0 (0: every available core), got {self.workers}")
+from polyinr.config import DataConfig
+from polyinr.distributed import rank_world
+from polyinr.storage import write_atomic
 
 
 class DataError(ValueError):
@@ -383,8 +361,7 @@ def scan_source(source, progress: bool = False, cache_dir=None) -> Source:
 def _write_listing(source: Source, path: Path) -> None:
     """A tar Source's listing as an npz (plain arrays, no pickles), written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
+    with write_atomic(path) as tmp, tmp.open("wb") as f:
         np.savez(
             f,
             classes=np.asarray(source.classes, dtype=str),
@@ -395,7 +372,6 @@ def _write_listing(source: Source, path: Path) -> None:
             offsets=source.offsets,
             unlisted=np.asarray(json.dumps(source.unlisted)),
         )
-    os.replace(tmp, path)
 
 
 def _read_listing(cached: Path, archive: Path) -> Source:
@@ -559,39 +535,36 @@ def _write_beton(
         "label": IntField(),
     }
     start = time.perf_counter()  # after the imports: ffcv's costs seconds, once per process
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     # ffcv's own bar says neither what nor img/s and cannot be silenced: swap in ours.
     bar = functools.partial(
         tqdm, unit="img", desc=f"{path.name}", smoothing=0.05, disable=not progress
     )
     plain_bar, ffcv.writer.tqdm = ffcv.writer.tqdm, bar
     try:
-        with tempfile.TemporaryDirectory(dir=path.parent) as failures:
+        with (
+            write_atomic(path) as tmp,
+            tempfile.TemporaryDirectory(dir=path.parent) as failures,
+        ):
             # 2 MiB is ffcv's smallest page: the default 8 MiB makes tiny files ~20 MB.
             writer = ffcv.writer.DatasetWriter(
-                tmp, fields, page_size=1 << 21, num_workers=_workers(cfg)
+                str(tmp), fields, page_size=1 << 21, num_workers=_workers(cfg)
             )
             chunk = int(np.clip(len(indices) // (8 * _workers(cfg)), 1, 100))
             writer.from_indexed_dataset(
                 _SquareImages(source, indices, resolution, Path(failures)), chunksize=chunk
             )
             failed = {int(f.name): f.read_text() for f in Path(failures).iterdir()}
-        if publish and not failed:
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; the data is not
-            os.replace(tmp, path)
+            if failed or not publish:
+                tmp.unlink()  # publishes nothing
         return failed, time.perf_counter() - start
     finally:
         ffcv.writer.tqdm = plain_bar
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _write_json(path: Path, content: dict) -> None:
     """Write JSON atomically so a reader never sees half a manifest."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, path)
+    with write_atomic(path) as tmp:
+        tmp.write_text(json.dumps(content, indent=2) + "\n")
 
 
 def _listing(skipped: list[dict]) -> str:
@@ -685,14 +658,6 @@ def prepare(cfg: DataConfig, resolutions: Sequence[int], progress: bool = True) 
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-def _rank_world(distributed: bool) -> tuple[int, int]:
-    if distributed and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if distributed:
-        raise DataError("distributed=True needs an initialised torch.distributed process group")
-    return 0, 1
 
 
 class EpochOrder:
@@ -813,7 +778,9 @@ def make_loader(
 
     _check_file(path)
     device = torch.device(device)  # ToDevice rejects strings
-    rank, world = _rank_world(distributed)
+    if distributed and not torch.distributed.is_initialized():
+        raise DataError("distributed=True needs an initialised torch.distributed process group")
+    rank, world = rank_world() if distributed else (0, 1)
     n = int(Reader(str(path)).num_samples)
     if n // world < (batch_size if drop_last else 1):
         raise DataError(

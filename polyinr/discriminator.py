@@ -18,6 +18,8 @@ from torch import nn
 from torch.nn.utils import spectral_norm
 
 from polyinr import augment
+from polyinr.config import DiscriminatorConfig, parse_policy
+from polyinr.featurenets import MissingWeightsError
 from polyinr.generator import EqualizedLinear
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -41,41 +43,6 @@ HEAD_WIDTHS = {4: 512, 8: 512, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 
 HEAD_END = 8  # heads halve the nominal size down to 8, then a 4 x 4 conv gives the logits
 VIT_BLOCKS = (2, 5, 8, 11)  # DeiT-B's tokens after blocks 3, 6, 9 and 12
 VIT_CHANNELS = (96, 192, 384, 768)  # its random readout convs (strides 4, 8, 16, 32)
-
-
-class MissingWeightsError(FileNotFoundError):
-    """Pretrained weights that are needed but not on this machine."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DiscriminatorConfig:
-    """Which frozen networks D looks through, its widths, augmentation and blur."""
-
-    networks: tuple[str, ...]  # timm names, from NETWORKS
-    pretrained: bool  # ImageNet weights (false: random frozen features, labelled everywhere)
-    weights_dir: str  # <weights_dir>/<network>.safetensors|.pth|.bin wins over packaged ones
-    input_size: int  # EfficientNet input below this size is resized up to it (reference: 224)
-    proj_channels: int  # width of the first channel mixing: x1, x2, x4, x8 (reference: 64)
-    head_channels: int  # head width at nominal size 64, doubling per halving (reference: 64)
-    embed_dim: int  # the heads' class-embedding width (reference: 320, as the generator's)
-    cmap_dim: int  # width of the projection onto the class (reference: 64)
-    diffaugment: str  # DiffAugment ops, drawn per feature network
-    blur_sigma: float  # blur of D's inputs at the start of each stage (reference: 2)
-    blur_kimg: float  # ... fading linearly to 0 over this many kimg (reference: 300)
-
-    def __post_init__(self):
-        if not self.networks:
-            raise ValueError("networks must name at least one feature network")
-        unknown = [n for n in self.networks if n not in NETWORKS]
-        if unknown:
-            raise ValueError(f"unknown network {unknown[0]!r}; valid: {sorted(NETWORKS)}")
-        for name in ("proj_channels", "head_channels", "embed_dim", "cmap_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.input_size < 16:
-            # Below 32 px the deepest taps are 1 px; below 16 the networks' maps vanish.
-            raise ValueError(f"input_size must be >= 16, got {self.input_size}")
-        augment.parse_policy(self.diffaugment)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -329,7 +296,7 @@ class ProjectedDiscriminator(nn.Module):
     def __init__(self, cfg: DiscriminatorConfig, resolution: int, num_classes: int):
         super().__init__()
         self.cfg = cfg
-        self.policy = augment.parse_policy(cfg.diffaugment)
+        self.policy = parse_policy(cfg.diffaugment)
         self.branches = nn.ModuleList(
             [Branch(name, cfg, resolution, num_classes) for name in cfg.networks]
         )

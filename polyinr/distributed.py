@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 def rank_world() -> tuple[int, int]:
     """(rank, world size) of this process; (0, 1) outside torchrun."""
-    if dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 

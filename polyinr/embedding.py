@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from polyinr import data
+from polyinr.config import DataConfig
 from polyinr.discriminator import FeatureNetwork
+from polyinr.storage import write_atomic
 
 NETWORK = "tf_efficientnet_lite0"
 INPUT_SIZE = 224  # the classifier's native resolution
@@ -29,7 +31,7 @@ class EmbeddingError(ValueError):
 
 @torch.no_grad()
 def compute(
-    data_cfg: data.DataConfig,
+    data_cfg: DataConfig,
     resolution: int,
     num_classes: int,
     weights_dir: str,
@@ -108,9 +110,8 @@ def save(table: torch.Tensor, path, meta: dict) -> None:
     """Write the table and how it was made, atomically, loadable with weights_only."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"embed": table.contiguous(), "meta": dict(meta)}, tmp)
-    tmp.replace(path)
+    with write_atomic(path) as tmp:
+        torch.save({"embed": table.contiguous(), "meta": dict(meta)}, tmp)
 
 
 def load(path, num_classes: int, embed_dim: int) -> torch.Tensor:

@@ -45,7 +45,7 @@ def extract(model: nn.Module, images_uint8: torch.Tensor) -> dict[str, np.ndarra
 
 
 class MissingWeightsError(FileNotFoundError):
-    """A feature network's weights are not on disk and random weights were not allowed."""
+    """Pretrained weights (of D's or the metrics' networks) that are needed but not here."""
 
 
 def file_sha256(path) -> str:

@@ -6,7 +6,6 @@ order, so a result does not depend on the number of ranks.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -14,6 +13,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+from polyinr.distributed import rank_world
+from polyinr.storage import write_atomic
 
 
 class FeatureStats:
@@ -60,10 +62,6 @@ class FeatureStats:
 
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
 
 
 def rank_share(num_images: int, batch: int) -> int:
@@ -138,10 +136,8 @@ class PartialPass:
             arrays |= {f"n_{k}": np.array(s.n), f"sum_{k}": s.sum, f"outer_{k}": s.outer}
         arrays |= {f"rows_{k}": np.concatenate(r) for k, r in rows.items()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("wb") as f:
+        with write_atomic(self.path) as tmp, tmp.open("wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, self.path)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -14,41 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polyinr import fast_synthesis
-
-# The C x C layers' parametrisation. plain: the reference's nn.Linear with PyTorch's
-# default init, lrelu without gain. equalized: StyleGAN's N(0, 1) weights scaled by
-# 1/sqrt(C) at run time, lrelu with gain sqrt(2). The same functions; Adam's effective step
-# on the weights differs by sqrt(C / 2) (docs/model.md).
-MIXING = ("plain", "equalized")
-
-
-@dataclasses.dataclass(frozen=True)
-class GeneratorConfig:
-    """Shape of the generator; the paper's is hidden=1024, w_dim=512, levels=10."""
-
-    conditional: bool
-    num_classes: int
-    z_dim: int
-    w_dim: int
-    embed_dim: int
-    cond_dim: int
-    mapping_lr_mult: float
-    hidden: int
-    levels: int
-    clamp: float
-    w_avg_beta: float
-    mixing: str  # C x C layers: plain (the reference's nn.Linear) or equalized (StyleGAN's)
-
-    def __post_init__(self):
-        for name in ("num_classes", "z_dim", "w_dim", "embed_dim", "cond_dim", "hidden"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.levels < 1:
-            raise ValueError(f"levels must be >= 1, got {self.levels}")
-        if not 0.0 <= self.w_avg_beta < 1.0:
-            raise ValueError(f"w_avg_beta must be in [0, 1), got {self.w_avg_beta}")
-        if self.mixing not in MIXING:
-            raise ValueError(f"mixing must be one of {MIXING}, got {self.mixing!r}")
+from polyinr.config import GeneratorConfig
 
 
 def coordinate_grid(resolution: int, device=None) -> torch.Tensor:

@@ -7,7 +7,6 @@ torchrun ranks with the same result; the cheap FID of training with its best sna
 from __future__ import annotations
 
 import collections
-import dataclasses
 import time
 
 import numpy as np
@@ -16,50 +15,15 @@ import torch
 import torch.nn as nn
 
 from polyinr import data
+from polyinr.config import EvalConfig
+from polyinr.distributed import rank_world
 from polyinr.featurenets import Networks, no_tf32
-from polyinr.featurestats import accumulate, rank_share, rank_world
+from polyinr.featurestats import accumulate, rank_share
 from polyinr.generator import to_uint8  # samples are scored exactly as they are exported
 from polyinr.reference import load_reference
 
-PROTOCOLS = ("stylegan-xl", "adm")
 PR_K = 3
 PARTS = ("fid", "pr", "rfid")  # fid: FID + sFID (+ IS on samples); pr: precision/recall
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    """How samples are drawn and scored, and the cheap FID during training."""
-
-    protocol: str
-    num_samples: int
-    batch: int
-    psi: float
-    seed: int
-    inception_weights: str
-    vgg16_weights: str
-    allow_random_weights: bool
-    random_seed: int
-    reference_npz: str | None
-    cache_dir: str
-    every_kimg: float
-    train_samples: int
-    grid_classes: int
-    grid_seeds: int
-    grid_psi: float
-
-    def __post_init__(self):
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
-        if self.num_samples < 2 or self.train_samples < 2:
-            raise ValueError("num_samples and train_samples must be >= 2")
-        if self.every_kimg < 0:
-            raise ValueError(f"every_kimg must be >= 0 (0: off), got {self.every_kimg}")
-        if self.batch < 1:
-            raise ValueError(f"batch must be >= 1, got {self.batch}")
-        if min(self.seed, self.random_seed) < 0:
-            raise ValueError(
-                f"seed and random_seed must be >= 0, got {self.seed}, {self.random_seed}"
-            )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from polyinr import data
+from polyinr.distributed import rank_world
 from polyinr.featurenets import file_sha256
 from polyinr.featurestats import (
     PartialPass,
@@ -20,7 +21,6 @@ from polyinr.featurestats import (
     all_reduce,
     distributed,
     rank_share,
-    rank_world,
 )
 from polyinr.storage import Folder, write_atomic
 
@@ -81,7 +81,8 @@ class ReferenceCache:
     @staticmethod
     def _write_local(path: Path, raw: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, raw)
+        with write_atomic(path) as tmp:
+            tmp.write_bytes(raw)
 
 
 def _npz_length(path: Path) -> int:

@@ -15,6 +15,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 import polyinr
 from polyinr import sampling, tracking
+from polyinr.config import TrackingConfig
 
 DEFAULT_NAME = "polyinr-generator"
 # MLflow's "models from code": the model is this script, not a pickled object.
@@ -71,7 +72,7 @@ def signature(resolution: int) -> ModelSignature:
 def publish(
     generator_path: str | Path,
     resolution: int,
-    tracking_cfg: tracking.TrackingConfig,
+    tracking_cfg: TrackingConfig,
     name: str = DEFAULT_NAME,
     run_id: str | None = None,
     tags: dict[str, str] | None = None,

@@ -6,38 +6,20 @@ are staged on disk, then uploaded in parts. Checkpoints on top of it: `polyinr.c
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import itertools
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from polyinr.config import StorageConfig
 
 MiB = 1 << 20
 
 
 class StorageError(RuntimeError):
     """Storage that cannot be reached or used."""
-
-
-@dataclasses.dataclass(frozen=True)
-class StorageConfig:
-    """Where checkpoints go (a folder or s3://bucket/prefix), how many are kept, S3 transfer."""
-
-    uri: str
-    endpoint_url: str | None
-    keep: int
-    retries: int
-    multipart_mb: int
-    staging_dir: str
-
-    def __post_init__(self):
-        if self.keep < 1:
-            raise ValueError(f"keep must be >= 1, got {self.keep}")
-        if self.retries < 1:
-            raise ValueError(f"retries must be >= 1 (attempts per request), got {self.retries}")
-        if self.multipart_mb < 5:
-            raise ValueError(
-                f"multipart_mb must be >= 5 (S3's smallest part), got {self.multipart_mb}"
-            )
 
 
 class Folder:
@@ -92,7 +74,8 @@ class Folder:
             self._call("upload", self.s3.put_object, Body=data, Key=f"{self.prefix}/{name}")
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.root / name, data)
+        with write_atomic(self.root / name) as tmp:
+            tmp.write_bytes(data)
 
     def put_large(self, name: str, data: bytes) -> None:
         """A large object: an atomic file locally; on S3 staged on disk, then (multipart)
@@ -104,7 +87,8 @@ class Folder:
 
         self.staging.mkdir(parents=True, exist_ok=True)
         local = self.staging / name
-        write_atomic(local, data)
+        with write_atomic(local) as tmp:
+            tmp.write_bytes(data)
         part = self.multipart_mb * MiB
         transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part)
         key = f"{self.prefix}/{name}"
@@ -207,14 +191,31 @@ class Folder:
         ) from error
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name, flush to disk, then rename: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+_TMP_IDS = itertools.count()  # with the pid, a unique temporary name per write_atomic call
+
+
+@contextlib.contextmanager
+def write_atomic(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; when the block ends, flush that file to
+    disk and rename it onto `path`, so readers see the old file or all of the new one.
+
+    A block that raises leaves `path` untouched and the temporary removed; a block that
+    deletes the temporary itself publishes nothing. The temporary is `.<name>.<pid>-<n>.tmp`,
+    unique per process and call, so concurrent writers never share one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{next(_TMP_IDS)}.tmp")
+    try:
+        yield tmp
+        if tmp.exists():
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _s3_client(endpoint_url: str | None, attempts: int):

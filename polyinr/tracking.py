@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class TrackingConfig:
-    """Where runs are logged: a tracking URI (SQLite file or server), experiment, run name."""
-
-    uri: str
-    experiment: str
-    artifact_location: str
-    run_name: str
+from polyinr.config import TrackingConfig
+from polyinr.storage import write_atomic
 
 
 def _connect(cfg: TrackingConfig):
@@ -43,9 +35,8 @@ def _create_sqlite_store(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # from a process killed here
         stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments()  # migrates
-    os.replace(tmp, path)
+    with write_atomic(path) as tmp:
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments()  # migrates
 
 
 def start_run(cfg: TrackingConfig, run_id: str | None = None, params: dict | None = None):

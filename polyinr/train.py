@@ -23,74 +23,20 @@ from tqdm import tqdm
 
 from polyinr import augment, config, data, distributed, embedding, loss, metrics, tracking
 from polyinr.checkpoints import CheckpointStore, NoGoodCheckpoint, snapshot_name, tensors_sha256
+from polyinr.config import Stage
 from polyinr.discriminator import ProjectedDiscriminator, head_accuracy, weights_label
 from polyinr.generator import Generator, render_grid, save_generator
 from polyinr.rundir import RunDir
 from polyinr.storage import StorageError
 
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """One stage of the progressive schedule: train at `resolution` for `kimg` images."""
-
-    resolution: int
-    kimg: float
-
-    def __post_init__(self):
-        if self.resolution < 4 or self.kimg <= 0:
-            raise ValueError(f"stage needs resolution >= 4 and kimg > 0, got {self}")
-
-
 # train.precision -> the autocast dtype of the G and D forward passes (None: plain fp32).
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def _autocast(device_type: str, precision: str):
     """bf16 autocast for the models' forward passes; losses and optimisers stay in fp32."""
-    dtype = PRECISIONS[precision]
+    dtype = DTYPES[precision]
     return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """The recipe: stages, global batch, Adam, EMA, seeds and how often to snapshot."""
-
-    stages: tuple[Stage, ...]
-    batch: int
-    batch_gpu: int
-    lr_g: float
-    lr_d: float
-    betas: tuple[float, ...]
-    eps: float
-    ema_kimg: float
-    ema_rampup: float
-    mirror: bool
-    seed: int
-    snapshot_kimg: float
-    sample_kimg: float
-    sample_psi: float
-    workers: int
-    embed_init: str | None
-    precision: str
-    checkpoint_levels: bool
-
-    def __post_init__(self):
-        if not self.stages:
-            raise ValueError("stages must list at least one {resolution, kimg}")
-        resolutions = [s.resolution for s in self.stages]
-        if len(set(resolutions)) != len(resolutions):
-            # One FFCV file, one DVC `prepare@<index>` stage per resolution.
-            raise ValueError(f"stages must have distinct resolutions, got {resolutions}")
-        if len(self.betas) != 2:
-            raise ValueError(f"betas must be two numbers, got {self.betas}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}"
-            )
-        if self.batch < 1 or self.batch_gpu < 0:
-            raise ValueError("batch must be >= 1 and batch_gpu >= 0")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0 (numpy seeds are unsigned), got {self.seed}")
 
 
 def configure_backends() -> None:

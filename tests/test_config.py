@@ -1,5 +1,9 @@
 """Tests for polyinr.config: loading, overrides, errors that name the key, the frozen surface."""
 
+import dataclasses
+import subprocess
+import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -12,19 +16,25 @@ ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
 IMAGENET = ROOT / "configs" / "imagenet-256.yaml"
 SECTIONS = ["data", "generator", "discriminator", "train", "eval", "storage", "tracking"]
-GENERATOR_KEYS = [
-    "conditional",
-    "num_classes",
-    "z_dim",
-    "w_dim",
-    "embed_dim",
-    "cond_dim",
-    "mapping_lr_mult",
-    "hidden",
-    "levels",
-    "clamp",
-    "w_avg_beta",
-]
+# The config surface, frozen: adding, removing or renaming a key is a deliberate act that
+# edits this list, params.yaml and configs/ together.
+SURFACE = {
+    "data": "source out_dir encoding jpeg_quality strict workers scan_cache demo_classes "
+    "demo_per_class demo_size demo_seed",
+    "generator": "conditional num_classes z_dim w_dim embed_dim cond_dim mapping_lr_mult hidden "
+    "levels clamp w_avg_beta mixing",
+    "discriminator": "networks pretrained weights_dir input_size proj_channels head_channels "
+    "embed_dim cmap_dim diffaugment blur_sigma blur_kimg",
+    "train": "stages batch batch_gpu lr_g lr_d betas eps ema_kimg ema_rampup mirror seed "
+    "snapshot_kimg sample_kimg sample_psi workers embed_init precision checkpoint_levels",
+    "eval": "protocol num_samples batch psi seed inception_weights vgg16_weights "
+    "allow_random_weights random_seed reference_npz cache_dir every_kimg train_samples "
+    "grid_classes grid_seeds grid_psi",
+    "storage": "uri endpoint_url keep retries multipart_mb staging_dir",
+    "tracking": "uri experiment artifact_location run_name",
+}
+GENERATOR_KEYS = SURFACE["generator"].split()
+PARAMS_FILES = [PARAMS, *sorted((ROOT / "configs").glob("*.yaml"))]
 
 
 def raw_params() -> dict:
@@ -198,13 +208,58 @@ def test_config_sections_snapshot():
     assert [f for f in config.Config.__dataclass_fields__] == SECTIONS
 
 
-def test_both_params_files_cover_the_same_surface():
-    """params.yaml and configs/imagenet-256.yaml set exactly the same keys (both complete)."""
-    demo = set(config.flatten(config.load(PARAMS)))
-    paper = set(config.flatten(config.load(IMAGENET)))
-    assert demo == paper
-    raw_demo = {f"{s}.{k}" for s, sec in raw_params().items() for k in sec}
-    assert raw_demo == demo  # the YAML itself lists every key (no key comes from a default)
+def test_config_surface_snapshot():
+    """The `section.key` names of the dataclasses are exactly the frozen SURFACE list."""
+    fields = {
+        f"{section.name}.{key.name}"
+        for section in dataclasses.fields(config.Config)
+        for key in dataclasses.fields(typing.get_type_hints(config.Config)[section.name])
+    }
+    assert fields == {f"{s}.{k}" for s, keys in SURFACE.items() for k in keys.split()}
+
+
+@pytest.mark.parametrize("path", PARAMS_FILES, ids=lambda p: p.name)
+def test_every_params_file_sets_exactly_the_surface(path):
+    """params.yaml and every file in configs/ list every key of the surface, and no other
+    (no key comes from a default, none is silently ignored)."""
+    raw = yaml.safe_load(path.read_text())
+    keys = {f"{s}.{k}" for s, section in raw.items() for k in section}
+    assert keys == {f"{s}.{k}" for s, keys in SURFACE.items() for k in keys.split()}
+    assert set(config.flatten(config.load(path))) == keys
+
+
+def test_importing_config_loads_no_component_and_no_numerics():
+    """`import polyinr.config` loads no polyinr component and none of torch, timm, scipy or
+    numpy: the config is the lowest layer (a flow or a CLI can read it for free)."""
+    code = (
+        "import sys, polyinr.config; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'timm', 'scipy', 'numpy') or m.startswith('polyinr.')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
+    assert out.strip() == "['polyinr.config']"
+
+
+def test_every_named_choice_has_an_implementation():
+    """Each name the config accepts (precision, feature network, DiffAugment op) maps to code
+    in its component, and each implementation is accepted by the config."""
+    from polyinr import augment, discriminator, train
+
+    assert set(train.DTYPES) == set(config.PRECISIONS)
+    assert set(discriminator.NETWORKS) == set(config.FEATURE_NETWORKS)
+    assert set(augment.POLICIES) == set(config.DIFFAUGMENT_OPS)
+
+
+def test_parse_policy_rejects_unknown_ops():
+    """parse_policy keeps known names in order and names an unknown op."""
+    assert config.parse_policy(" color, cutout ,") == ("color", "cutout")
+    assert config.parse_policy("") == ()
+    with pytest.raises(ValueError, match="'flip'"):
+        config.parse_policy("color,flip")
+    with pytest.raises(ConfigError, match="discriminator: unknown DiffAugment op 'flip'"):
+        config.load(PARAMS, ["discriminator.diffaugment=color,flip"])
 
 
 def test_override_with_broken_yaml_is_a_config_error():

@@ -14,12 +14,13 @@ import torch
 from PIL import Image
 
 from polyinr import data
+from polyinr.config import DataConfig
 
 CLASSES, PER_CLASS, SIZE = 4, 8, 16
 
 
-def config(source, out_dir, **overrides) -> data.DataConfig:
-    base = data.DataConfig(
+def config(source, out_dir, **overrides) -> DataConfig:
+    base = DataConfig(
         source=str(source),
         out_dir=str(out_dir),
         encoding="raw",

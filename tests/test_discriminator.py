@@ -8,7 +8,9 @@ import torch
 from tiny import TINY_GENERATOR
 
 from polyinr import augment, discriminator, loss
-from polyinr.discriminator import DiscriminatorConfig, ProjectedDiscriminator
+from polyinr.config import DiscriminatorConfig
+from polyinr.discriminator import ProjectedDiscriminator
+from polyinr.featurenets import MissingWeightsError
 from polyinr.generator import Generator
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -110,7 +112,7 @@ def test_pretrained_without_weights_says_where_to_put_them(tmp_path):
         pretrained=True,
         weights_dir=str(tmp_path),
     )
-    with pytest.raises(discriminator.MissingWeightsError) as e:
+    with pytest.raises(MissingWeightsError) as e:
         ProjectedDiscriminator(cfg, R, CLASSES)
     message = str(e.value)
     assert str(tmp_path / "deit_base_distilled_patch16_224.safetensors") in message

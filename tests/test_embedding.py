@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from polyinr import cli, config, data, embedding, train
-from polyinr.discriminator import FeatureNetwork, MissingWeightsError
+from polyinr.discriminator import FeatureNetwork
+from polyinr.featurenets import MissingWeightsError
 
 REPO = Path(__file__).resolve().parents[1]
 

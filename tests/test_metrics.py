@@ -15,16 +15,15 @@ import torch
 import torch.nn as nn
 
 from polyinr import metrics, reference
+from polyinr.config import DataConfig, EvalConfig, StorageConfig
 from polyinr.featurenets import Networks, no_tf32
 from polyinr.featurestats import FeatureStats
 from polyinr.metrics import (
-    EvalConfig,
     frechet_distance,
     inception_score,
     precision_recall,
     to_uint8,
 )
-from polyinr.storage import StorageConfig
 
 MISSING = "/nonexistent/weights.pth"
 
@@ -414,7 +413,7 @@ def test_training_data_reference_reads_the_ffcv_file_once_with_an_even_pr_subset
     of every stride-th image (here at most 3 of 8: images 0, 3, 6), then the cache answers."""
     from polyinr import data
 
-    cfg_data = data.DataConfig(
+    cfg_data = DataConfig(
         source=str(tmp_path / "demo"), out_dir=str(tmp_path / "ffcv"), encoding="raw",
         jpeg_quality=90, strict=True, workers=1, scan_cache=None, demo_classes=2, demo_per_class=4,
         demo_size=16, demo_seed=0,
@@ -595,7 +594,7 @@ def test_evaluate_refuses_reference_data_of_other_classes_than_the_generator(tmp
     """Training data with 2 classes cannot score a 10-class generator: one line, both counts."""
     from polyinr import data
 
-    cfg_data = data.DataConfig(
+    cfg_data = DataConfig(
         source=str(tmp_path / "demo"), out_dir=str(tmp_path / "ffcv"), encoding="raw",
         jpeg_quality=90, strict=True, workers=1, scan_cache=None, demo_classes=2, demo_per_class=2,
         demo_size=8, demo_seed=0,

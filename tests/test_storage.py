@@ -7,9 +7,10 @@ import boto3
 import pytest
 import torch
 
-from polyinr import checkpoints
+from polyinr import checkpoints, storage
 from polyinr.checkpoints import CheckpointStore
-from polyinr.storage import StorageConfig, StorageError
+from polyinr.config import StorageConfig
+from polyinr.storage import StorageError
 from scripts.fault_proxy import Fault, FaultProxy
 
 
@@ -526,3 +527,24 @@ def test_best_is_the_stages_lowest_marked_fid_while_its_checkpoint_exists(tmp_pa
     assert store.best(1) is None
     store.folder.move(checkpoints.snapshot_name(2000), checkpoints.CORRUPT)
     assert store.best(0) is None
+
+
+def test_write_atomic_publishes_all_or_nothing(tmp_path):
+    """write_atomic replaces the file only when its block succeeds; a block that raises or
+    deletes the temporary leaves the old file, and no temporary is left behind."""
+    path = tmp_path / "f.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), storage.write_atomic(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert path.read_text() == "old"
+    with storage.write_atomic(path) as tmp:
+        tmp.write_text("discarded")
+        tmp.unlink()
+    assert path.read_text() == "old"
+    with storage.write_atomic(path) as tmp:
+        assert tmp.parent == path.parent and not tmp.exists()
+        tmp.write_text("new")
+        assert path.read_text() == "old"  # readers see the old file until the block ends
+    assert path.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]

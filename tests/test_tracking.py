@@ -2,10 +2,11 @@
 polyinr.registry's, tested in tests/test_registry.py.)"""
 
 from polyinr import tracking
+from polyinr.config import TrackingConfig
 
 
 def test_run_url_names_the_store_and_the_run(tmp_path):
-    cfg = tracking.TrackingConfig(
+    cfg = TrackingConfig(
         uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
         experiment="e",
         artifact_location=str(tmp_path / "artifacts"),
@@ -25,7 +26,7 @@ def test_a_kill_while_the_sqlite_store_is_created_leaves_no_broken_store(tmp_pat
     import time
 
     db = tmp_path / "mlflow.db"
-    cfg = tracking.TrackingConfig(f"sqlite:///{db}", "e", str(tmp_path / "artifacts"), "r")
+    cfg = TrackingConfig(f"sqlite:///{db}", "e", str(tmp_path / "artifacts"), "r")
     code = f"from polyinr import tracking; tracking.start_run(tracking.{cfg!r})"
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.monotonic() + 60
