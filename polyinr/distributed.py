@@ -1,4 +1,5 @@
-"""The torchrun process group: joining it, all-reducing gradients, rank-0 work, pre-emption.
+"""The torchrun process group: joining it, what each rank draws, all-reducing gradients,
+rank-0 work, pre-emption.
 
 Gradients are all-reduced by hand after each phase instead of wrapping G and D in DDP: the
 G step backpropagates through a D whose parameters are frozen for that phase, the D step
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import signal
 import threading
 
@@ -171,3 +173,55 @@ def setup() -> torch.device:
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+def mix(*numbers: int) -> int:
+    """One 63-bit seed from several integers (seed, rank, cur_nimg, ...)."""
+    h = 0
+    for n in numbers:
+        h = (h * 1_000_003 + int(n) + 7_919) % (2**63 - 1)
+    return h
+
+
+def reseed(seed: int, rank: int, cur_nimg: int) -> None:
+    # The global RNG (DiffAugment's draws) is a function of (seed, rank, cur_nimg), so a
+    # resumed run draws what an uninterrupted one would have at the same cur_nimg.
+    torch.manual_seed(mix(seed, rank, cur_nimg))
+
+
+def draws(seed: int, cur_nimg: int, batch: int, z_dim: int):
+    """Per global sample: G-step latents (N, z_dim) and D-step latents (N, z_dim).
+
+    Drawn from (seed, cur_nimg) alone, so every rank and every world size agrees on them.
+    """
+    gen = torch.Generator().manual_seed(mix(seed, cur_nimg))
+    return torch.randn(batch, z_dim, generator=gen), torch.randn(batch, z_dim, generator=gen)
+
+
+def rng_states() -> dict:
+    """This process's torch, CUDA, numpy and Python RNG states, as weights_only-safe types."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    kind, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(s["python"])
+
+
+def all_rng_states(world: int) -> list[dict]:
+    """Every rank's RNG states, by rank (a collective: all ranks call it)."""
+    if world == 1:
+        return [rng_states()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_states())
+    return states

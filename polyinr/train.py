@@ -12,13 +12,11 @@ import copy
 import csv
 import dataclasses
 import functools
-import random
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from polyinr import augment, config, data, distributed, embedding, loss, metrics, tracking
@@ -48,49 +46,6 @@ def configure_backends() -> None:
 
 class Preempted(RuntimeError):
     """Training stopped by SIGTERM (a pre-empted node) after saving a checkpoint."""
-
-
-def _mix(*numbers: int) -> int:
-    """One 63-bit seed from several integers (seed, rank, cur_nimg, ...)."""
-    h = 0
-    for n in numbers:
-        h = (h * 1_000_003 + int(n) + 7_919) % (2**63 - 1)
-    return h
-
-
-def _reseed(seed: int, rank: int, cur_nimg: int) -> None:
-    # The global RNG (DiffAugment's draws) is a function of (seed, rank, cur_nimg), so a
-    # resumed run draws what an uninterrupted one would have at the same cur_nimg.
-    torch.manual_seed(_mix(seed, rank, cur_nimg))
-
-
-def _draws(seed: int, cur_nimg: int, batch: int, z_dim: int):
-    """Per global sample: G-step latents (N, z_dim) and D-step latents (N, z_dim).
-
-    Drawn from (seed, cur_nimg) alone, so every rank and every world size agrees on them.
-    """
-    gen = torch.Generator().manual_seed(_mix(seed, cur_nimg))
-    return torch.randn(batch, z_dim, generator=gen), torch.randn(batch, z_dim, generator=gen)
-
-
-def _rng_states() -> dict:
-    """This process's torch, CUDA, numpy and Python RNG states, as weights_only-safe types."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_states(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    kind, keys, pos, has_gauss, gauss = s["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(s["python"])
 
 
 @torch.no_grad()
@@ -296,7 +251,7 @@ def _resume(store, cfg, rank: int, restart: bool):
         )
     states = state["rng"]  # one entry per rank of the run that saved it
     if isinstance(states, list) and rank < len(states):
-        _set_rng_states(states[rank])
+        distributed.set_rng_states(states[rank])
     return state, uri
 
 
@@ -560,8 +515,8 @@ def _train_stage(
     fid_name = fid.name if fid else None  # the curve's FID column, named by its sample count
     while state.cur_nimg < end:
         cur_nimg = state.cur_nimg
-        _reseed(t.seed, rank, cur_nimg)
-        z_g, z_d = _draws(t.seed, cur_nimg, t.batch, cfg.generator.z_dim)
+        distributed.reseed(t.seed, rank, cur_nimg)
+        z_g, z_d = distributed.draws(t.seed, cur_nimg, t.batch, cfg.generator.z_dim)
         sigma = augment.blur_sigma(
             cur_nimg - start, cfg.discriminator.blur_sigma, cfg.discriminator.blur_kimg
         )
@@ -618,7 +573,7 @@ def _train_stage(
             row[fid.name] = fid(g_ema, stage.resolution)  # all ranks
         state.history.append(row)
         state.data_position = loader.position
-        checkpoint = state.state_dict(rng=_all_rng_states(world))
+        checkpoint = state.state_dict(rng=distributed.all_rng_states(world))
         info = {
             "stage": index,
             "resolution": stage.resolution,
@@ -665,15 +620,6 @@ def _train_stage(
             )
     bar.close()
     return state.cur_nimg
-
-
-def _all_rng_states(world: int) -> list[dict]:
-    """Every rank's RNG states, by rank (a collective: all ranks call it)."""
-    if world == 1:
-        return [_rng_states()]
-    states = [None] * world
-    dist.all_gather_object(states, _rng_states())
-    return states
 
 
 def _fid_due(history: list[dict], cur_nimg: int, cfg, done: bool) -> bool:
