@@ -172,7 +172,7 @@ def cmd_checkpoints(args) -> None:
 
     cfg = _config(args)
     store = CheckpointStore(cfg.storage, cfg.tracking.run_name)
-    if store.s3 is not None:
+    if store.root is None:  # on S3
         store.check()  # credentials and bucket, with one clear message
     for record in store.records():
         print(json.dumps(record))
