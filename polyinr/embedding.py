@@ -110,8 +110,10 @@ def save(table: torch.Tensor, path, meta: dict) -> None:
     """Write the table and how it was made, atomically, loadable with weights_only."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with write_atomic(path) as tmp:
-        torch.save({"embed": table.contiguous(), "meta": dict(meta)}, tmp)
+    # Through a file object: with a path, torch would write the temporary's name into the
+    # bytes, and DVC would hash every save differently.
+    with write_atomic(path) as tmp, tmp.open("wb") as f:
+        torch.save({"embed": table.contiguous(), "meta": dict(meta)}, f)
 
 
 def load(path, num_classes: int, embed_dim: int) -> torch.Tensor:

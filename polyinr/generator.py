@@ -15,6 +15,7 @@ from torch import nn
 
 from polyinr import fast_synthesis
 from polyinr.config import GeneratorConfig
+from polyinr.storage import write_atomic
 
 
 def coordinate_grid(resolution: int, device=None) -> torch.Tensor:
@@ -295,9 +296,10 @@ def save_generator(g: Generator, path: str | Path, meta: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"config": dataclasses.asdict(g.cfg), "g_ema": g.state_dict(), "meta": dict(meta)}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    # Through a file object: torch names the zip's root after a path's stem, which would put
+    # the temporary name into the bytes (and into DVC's hash of the output).
+    with write_atomic(path) as tmp, tmp.open("wb") as f:
+        torch.save(state, f)
 
 
 def load_generator(path: str | Path, device=None) -> tuple[Generator, dict]:

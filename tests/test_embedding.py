@@ -120,3 +120,18 @@ def test_wrong_or_missing_embedding_file_is_a_clear_error(tmp_path):
     embedding.save(torch.zeros(5, 320), tmp_path / "e.pt", {})
     with pytest.raises(embedding.EmbeddingError, match=r"\(5, 320\).*\(4, 320\)"):
         embedding.load(tmp_path / "e.pt", 4, 320)
+
+
+def test_saving_the_same_table_twice_gives_the_same_bytes(tmp_path):
+    """DVC hashes the file: equal tables and metadata must give equal bytes, whatever the
+    temporary file name of the atomic write."""
+    import hashlib
+
+    from polyinr import embedding
+
+    table = torch.arange(12.0).reshape(3, 4)
+    digests = set()
+    for name in ("a.pt", "b.pt"):
+        embedding.save(table, tmp_path / name, {"network": "n"})
+        digests.add(hashlib.md5((tmp_path / name).read_bytes()).hexdigest())
+    assert len(digests) == 1
