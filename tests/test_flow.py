@@ -351,9 +351,9 @@ def test_concurrent_runs_preemption_and_recovery_on_the_local_stack(repo_copy, t
 
     # The fresh clone: run A's params, lock and outputs; nothing for DVC to redo.
     assert "lr_g: 2.0e-4" in (fresh / "params.yaml").read_text()
-    assert (fresh / "models" / "generator.pt").is_file()
+    assert (fresh / "run" / "generator.pt").is_file()
     assert "up to date" in status.stdout.lower(), status.stdout + status.stderr
-    meta = torch.load(fresh / "models" / "generator.pt", weights_only=True)["meta"]
+    meta = torch.load(fresh / "run" / "generator.pt", weights_only=True)["meta"]
     assert meta["mlflow_run_id"] == by_name[names["a"]].info.run_id
 
 
