@@ -457,9 +457,9 @@ def test_manifests_of_identical_data_are_identical_whatever_the_workers_or_timin
 
 
 def test_one_worker_writes_the_same_ffcv_bytes_every_time(tmp_path):
-    """DVC hashes the FFCV file: with data.workers=1 (the demo's) the same images give the
-    same bytes, so a rerun of prepare leaves the stages after it up to date. (With more
-    workers ffcv lays the images out in the order they finish: same content, other bytes.)"""
+    """DVC hashes the FFCV file: with data.workers=1 the same images give the same bytes, so a
+    rerun of prepare leaves the stages after it up to date. (With more workers ffcv lays the
+    images out in the order they finish: same content, other bytes.)"""
     data.make_demo_dataset(tmp_path / "src", 4, 16, SIZE, seed=0)
     for out in "ab":
         data.prepare(config(tmp_path / "src", tmp_path / out, workers=1), [8], progress=False)
