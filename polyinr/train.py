@@ -569,8 +569,9 @@ def _train_stage(
         mean = distributed.mean_over_ranks(sums / max(count, 1), world, device)
         sums, count = np.zeros_like(sums), 0
         row = _curve_row(cur_nimg, index, stage.resolution, mean, heads, sigma)
-        if fid is not None and not stopping and _fid_due(state.history, cur_nimg, cfg, done):
-            row[fid.name] = fid(g_ema, stage.resolution)  # all ranks
+        every = int(cfg.eval.every_kimg * 1000)
+        if fid and not stopping and (done or _fid_due(state.history, fid_name, cur_nimg, every)):
+            row[fid_name] = fid(g_ema, stage.resolution)  # all ranks
         state.history.append(row)
         state.data_position = loader.position
         checkpoint = state.state_dict(rng=distributed.all_rng_states(world))
@@ -622,13 +623,10 @@ def _train_stage(
     return state.cur_nimg
 
 
-def _fid_due(history: list[dict], cur_nimg: int, cfg, done: bool) -> bool:
-    """Whether to measure the FID now: an eval.every_kimg boundary was crossed since the last
-    measurement, or the stage ends."""
-    every = int(cfg.eval.every_kimg * 1000)
-    name = metrics.metric_name(cfg.eval.train_samples)
+def _fid_due(history: list[dict], name: str, cur_nimg: int, every: int) -> bool:
+    """Whether an `every`-image boundary was crossed since the curve's last FID (column `name`)."""
     last = max((round(r["kimg"] * 1000) for r in history if name in r), default=0)
-    return done or cur_nimg // every > last // every
+    return cur_nimg // every > last // every
 
 
 def _next_tick(cur_nimg: int, every_kimg: float) -> int:
