@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 
 from benchmarks import device, row, sync
-from polyinr import config, data, featurenets, metrics
-from polyinr.generator import Generator
+from polyinr import data
+from polyinr.core import config
+from polyinr.evaluation import featurenets, metrics
+from polyinr.model.generator import Generator
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ Per resolution, three rows in fp32 and, where bf16 matmuls are native, three in 
 - achieved GFLOP/s of polyinr's generator vs `torch.matmul` on the same ten
   [B*P, C] x [C, C] products (same device, dtype and threads): the speed limit;
 - images/s of polyinr vs the plain version (the same generator with synthesis.fast=False:
-  the levels as polyinr/generator.py defines them), whose outputs must agree;
+  the levels as polyinr/model/generator.py defines them), whose outputs must agree;
 - bf16 autocast vs fp32 images/s, with the output difference stated.
 """
 
@@ -16,8 +16,8 @@ import os
 import torch
 
 from benchmarks import device, fast_bf16, interleaved, row
-from polyinr.config import load
-from polyinr.generator import Generator, macs_per_image
+from polyinr.core.config import load
+from polyinr.model.generator import Generator, macs_per_image
 
 PAPER_PARAMS = "configs/imagenet-256.yaml"
 # (resolution, batch): 4096+ pixel rows ([4096, 1024] x [1024, 1024] is issue 9's reference

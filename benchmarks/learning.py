@@ -34,8 +34,10 @@ from PIL import Image
 from torch import nn
 
 from benchmarks import row
-from polyinr import checkpoints, config, data, embedding, tracking, train
-from polyinr.generator import Generator, render_grid, seed_latents, to_uint8
+from polyinr import data
+from polyinr.core import config
+from polyinr.model.generator import Generator, render_grid, seed_latents, to_uint8
+from polyinr.training import checkpoints, embedding, tracking, train
 
 OUT = Path(".cache/learning")
 SNAPSHOT_KIMG = 1.0
@@ -121,7 +123,7 @@ def diversity(feats, labels, real_feats, real_labels) -> float:
 
 def frechet(a, b) -> float:
     """Frechet distance between Gaussians fitted to feature sets a and b (N, D)."""
-    from polyinr.metrics import frechet_distance
+    from polyinr.evaluation.metrics import frechet_distance
 
     a, b = a.numpy(), b.numpy()
     return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
@@ -306,7 +308,7 @@ def run(quick: bool, out: Path = OUT, overrides: list[str] = ()) -> list[dict]:
 
 
 def load_final(path):
-    from polyinr.generator import load_generator
+    from polyinr.model.generator import load_generator
 
     return load_generator(path)
 

@@ -28,7 +28,7 @@ import torch
 from PIL import Image, features
 
 from polyinr import data
-from polyinr.config import DataConfig
+from polyinr.core.config import DataConfig
 
 RESOLUTION = 64
 BATCH = 256

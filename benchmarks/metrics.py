@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from benchmarks import device, interleaved, row
-from polyinr import featurenets, featurestats
-from polyinr.config import EvalConfig
+from polyinr.core.config import EvalConfig
+from polyinr.evaluation import featurenets, featurestats
 
 NOTE = "same network: inception-v3-compat with seeded random Kaiming weights (speed only)"
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from polyinr.cli import GENERATOR
+from polyinr.commands.cli import GENERATOR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,8 +25,8 @@ def paper_generator(path: Path) -> None:
     """The paper's 45.9M-parameter generator with RANDOM weights (memory and time only)."""
     import torch
 
-    from polyinr import config
-    from polyinr.generator import Generator, save_generator
+    from polyinr.core import config
+    from polyinr.model.generator import Generator, save_generator
 
     cfg = config.load(ROOT / "configs/imagenet-256.yaml", [])
     torch.manual_seed(0)

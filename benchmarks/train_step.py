@@ -1,7 +1,8 @@
 """Training iterations (one G and one D step): polyinr's generator vs the plain one.
 
-polyinr.train.training_step with polyinr's generator or the plain version (synthesis.fast=False:
-the levels as polyinr/generator.py defines them), at the demo's width and the paper's.
+polyinr.training.train.training_step with polyinr's generator or the plain version
+(synthesis.fast=False:
+the levels as polyinr/model/generator.py defines them), at the demo's width and the paper's.
 
 Each case runs in a fresh process so that its peak memory (RSS; CUDA memory on a GPU) is
 its own. D is the demo's projected discriminator (params.yaml, random frozen features)
@@ -28,10 +29,10 @@ GPU_CASES = [("demo", DEMO_PARAMS, 64, 64), ("paper", PAPER_PARAMS, 64, 16)]
 
 def measure(params: str, resolution: int, batch: int, plain: bool, iters: int) -> dict:
     """Images/s (best of `iters` after one warm-up) and peak memory of training_step."""
-    from polyinr.config import load
-    from polyinr.discriminator import ProjectedDiscriminator
-    from polyinr.generator import Generator
-    from polyinr.train import configure_backends, training_step
+    from polyinr.core.config import load
+    from polyinr.model.discriminator import ProjectedDiscriminator
+    from polyinr.model.generator import Generator
+    from polyinr.training.train import configure_backends, training_step
 
     configure_backends()
     dev = device()

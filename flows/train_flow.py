@@ -1,7 +1,7 @@
 """Prefect flow `train-poly-inr`: the DVC pipeline's stages as tasks, then publish the result.
 
 Each flow run works in its own workspace, a clean tree of the deployment's commit under
-$POLYINR_WORKSPACES (polyinr/pipeline.py), so concurrent runs never share params.yaml,
+$POLYINR_WORKSPACES (polyinr/commands/pipeline.py), so concurrent runs never share params.yaml,
 dvc.lock or outputs; overrides go into the workspace's params.yaml only. DVC owns the DAG and
 decides what is up to date: a stage whose `dvc status` is clean is reported as `Skipped`, any
 other runs `dvc repro --single-item <stage>`. The tasks are demo_data, prepare@i (DVC's
@@ -103,8 +103,8 @@ def apply_overrides(overrides: list[str], params: str | Path) -> None:
     """
     from ruamel.yaml import YAML
 
-    from polyinr.config import load  # raises ConfigError naming the bad key and the valid ones
-    from polyinr.storage import write_atomic
+    from polyinr.core.config import load  # raises ConfigError naming the bad key and the valid ones
+    from polyinr.core.storage import write_atomic
 
     params = Path(params)
     expected = load(params, overrides)
@@ -204,7 +204,7 @@ def _stream(cmd: str | list[str], logger, cwd: Path) -> tuple[int, list[str]]:
 
 def _run_dir(ws: Path):
     """The workspace's run folder, where `polyinr train` (dvc.yaml: --run-dir) logs its events."""
-    from polyinr.rundir import DEFAULT, RunDir
+    from polyinr.training.rundir import DEFAULT, RunDir
 
     return RunDir(ws / DEFAULT)
 
@@ -309,8 +309,8 @@ def _metrics_table(path: Path) -> str:
 
 def _store(ws: Path):
     """The checkpoint store of the workspace's run: its identity is tracking.run_name."""
-    from polyinr.checkpoints import CheckpointStore
-    from polyinr.config import load
+    from polyinr.core.config import load
+    from polyinr.training.checkpoints import CheckpointStore
 
     cfg = load(ws / "params.yaml")
     return CheckpointStore(cfg.storage, cfg.tracking.run_name)
@@ -318,7 +318,7 @@ def _store(ws: Path):
 
 def _record(ws: Path) -> list[str]:
     """params.yaml and dvc.lock of the workspace, beside the run's checkpoints."""
-    from polyinr import pipeline
+    from polyinr.commands import pipeline
 
     return pipeline.save_record(_store(ws), ws)
 
@@ -336,8 +336,8 @@ def workspace(ws: Path, params: str | None, overrides: list[str], pull: bool) ->
     """The flow run's workspace: a clean tree of the deployment's commit, the overrides in its
     params.yaml, and the pipeline state of the last run with the same identity (its recorded
     dvc.lock, outputs from the shared DVC cache or, with `pull`, the DVC remote)."""
-    from polyinr import pipeline
-    from polyinr.config import load
+    from polyinr.commands import pipeline
+    from polyinr.core.config import load
 
     logger = get_run_logger()
     commit = pipeline.create_workspace(ROOT, ws, params)
@@ -387,8 +387,9 @@ def publish(trained: dict | None, register_as: str | None, push: bool, ws: Path)
 def _publish(logger, trained: dict | None, register_as: str | None, push: bool, ws: Path):
     import torch
 
-    from polyinr import registry, tracking
-    from polyinr.config import load
+    from polyinr.commands import registry
+    from polyinr.core.config import load
+    from polyinr.training import tracking
 
     cfg = load(ws / "params.yaml")
     metrics_path = ws / "metrics" / "eval.json"
@@ -429,7 +430,7 @@ def _publish(logger, trained: dict | None, register_as: str | None, push: bool, 
         numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         tags = {f"eval.{k}": str(v) for k, v in numbers.items()}
         tags.update({k: str(metrics[k]) for k in ("protocol", "label") if k in metrics})
-        # A pyfunc model (polyinr.registry), loadable with mlflow.pyfunc.load_model.
+        # A pyfunc model (polyinr.commands.registry), loadable with mlflow.pyfunc.load_model.
         uri = registry.publish(
             generator, meta["resolution"], cfg.tracking, register_as, run_id, tags
         )
@@ -475,8 +476,8 @@ def train_poly_inr(
     params: a params file of the repository to start from (default params.yaml), e.g.
     configs/imagenet-256.yaml.
     """
-    from polyinr import pipeline
-    from polyinr.config import load
+    from polyinr.commands import pipeline
+    from polyinr.core.config import load
 
     ws = _workspace_path()
     try:

@@ -2,6 +2,6 @@
 
 import sys
 
-from polyinr.cli import main
+from polyinr.commands.cli import main
 
 sys.exit(main())

@@ -41,7 +41,7 @@ from fault_proxy import KINDS, Fault, FaultProxy
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's polyinr, in the forked runs too
 
-from polyinr.rundir import RunDir  # noqa: E402  (after the path above)
+from polyinr.training.rundir import RunDir  # noqa: E402  (after the path above)
 
 BUCKET = "campaign"
 KIMG, SNAPSHOT_NIMG = 0.048, 8
@@ -129,7 +129,14 @@ class Campaign:
         os.environ.update(self.env)  # before the fork server starts: the runs inherit it
         self.forks = multiprocessing.get_context("forkserver")
         self.forks.set_forkserver_preload(
-            ["__main__", "torch", "mlflow", "boto3", "polyinr.cli", "polyinr.train"]
+            [
+                "__main__",
+                "torch",
+                "mlflow",
+                "boto3",
+                "polyinr.commands.cli",
+                "polyinr.training.train",
+            ]
         )
         self.s3 = boto3.session.Session().client("s3", endpoint_url=self.endpoint)
         self.s3.create_bucket(Bucket=BUCKET)
@@ -169,7 +176,7 @@ def _polyinr(argv: list[str], where: str, log: str) -> None:
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.argv = ["polyinr", *argv]
-    from polyinr import cli
+    from polyinr.commands import cli
 
     sys.exit(cli.main())
 

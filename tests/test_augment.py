@@ -1,9 +1,9 @@
-"""Tests for polyinr.augment (DiffAugment, blur) and polyinr.loss (hinge losses)."""
+"""Tests for polyinr.model.augment (DiffAugment, blur) and polyinr.model.loss (hinge losses)."""
 
 import pytest
 import torch
 
-from polyinr import augment, loss
+from polyinr.model import augment, loss
 
 B, H = 6, 16
 

@@ -12,8 +12,9 @@ import torch
 from PIL import Image, ImageSequence
 from tiny import TINY_GENERATOR
 
-from polyinr import cli, sampling
-from polyinr.generator import Generator, save_generator
+from polyinr.commands import cli
+from polyinr.model import sampling
+from polyinr.model.generator import Generator, save_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = [

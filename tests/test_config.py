@@ -1,4 +1,5 @@
-"""Tests for polyinr.config: loading, overrides, errors that name the key, the frozen surface."""
+"""Tests for polyinr.core.config: loading, overrides, errors that name the key, the frozen
+surface."""
 
 import dataclasses
 import subprocess
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from polyinr import config
-from polyinr.config import ConfigError
+from polyinr.core import config
+from polyinr.core.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
@@ -229,23 +230,25 @@ def test_every_params_file_sets_exactly_the_surface(path):
 
 
 def test_importing_config_loads_no_component_and_no_numerics():
-    """`import polyinr.config` loads no polyinr component and none of torch, timm, scipy or
-    numpy: the config is the lowest layer (a flow or a CLI can read it for free)."""
+    """`import polyinr.core.config` loads no polyinr component (only core's error model) and none
+    of torch, timm, scipy or numpy: the config is the lowest layer (a flow or a CLI can read it
+    for free)."""
     code = (
-        "import sys, polyinr.config; "
+        "import sys, polyinr.core.config; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('torch', 'timm', 'scipy', 'numpy') or m.startswith('polyinr.')))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout
-    assert out.strip() == "['polyinr.config']"
+    assert out.strip() == "['polyinr.core', 'polyinr.core.config', 'polyinr.core.errors']"
 
 
 def test_every_named_choice_has_an_implementation():
     """Each name the config accepts (precision, feature network, DiffAugment op) maps to code
     in its component, and each implementation is accepted by the config."""
-    from polyinr import augment, discriminator, train
+    from polyinr.model import augment, discriminator
+    from polyinr.training import train
 
     assert set(train.DTYPES) == set(config.PRECISIONS)
     assert set(discriminator.NETWORKS) == set(config.FEATURE_NETWORKS)

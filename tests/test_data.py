@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from polyinr import data
-from polyinr.config import DataConfig
+from polyinr.core.config import DataConfig
+from polyinr.data import convert, sources
 
 CLASSES, PER_CLASS, SIZE = 4, 8, 16
 
@@ -176,7 +177,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def broken(image, resolution):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(data, "_square", broken)  # writer processes are forked: they see it
+    monkeypatch.setattr(convert, "_square", broken)  # writer processes are forked: they see it
     with pytest.raises(data.DataError, match="disk on fire"):
         data.prepare(config(tmp_path / "src", out), [8], progress=False)
     assert data.beton_path(out, 8).read_bytes() == b"previous"
@@ -368,7 +369,7 @@ def test_position_counts_the_batches_served(demo_beton):
 
 def test_prepare_command_warns_in_one_line_or_fails_when_strict(tmp_path, capsys):
     """`polyinr prepare` exits 0 with one warning line on bad files; 2 with data.strict=true."""
-    from polyinr import cli
+    from polyinr.commands import cli
 
     odd_source(tmp_path / "src")
     args = [
@@ -391,7 +392,7 @@ def test_prepare_command_warns_in_one_line_or_fails_when_strict(tmp_path, capsys
 
 def test_prepare_command_converts_only_the_named_resolution(tmp_path, capsys):
     """`polyinr prepare --resolution R` (DVC's prepare@i) writes R's file and no other."""
-    from polyinr import cli
+    from polyinr.commands import cli
 
     data.make_demo_dataset(tmp_path / "src", 2, 4, 16, 0)
     args = [
@@ -423,8 +424,8 @@ def test_tar_listing_is_scanned_once_and_rescanned_when_the_archive_changes(
     make_ilsvrc_tar(tmp_path / "src", archive)
     cache = tmp_path / "cache"
     scans = []
-    original = data._scan_tar
-    monkeypatch.setattr(data, "_scan_tar", lambda *a: scans.append(1) or original(*a))
+    original = sources._scan_tar
+    monkeypatch.setattr(sources, "_scan_tar", lambda *a: scans.append(1) or original(*a))
 
     first = data.scan_source(archive, cache_dir=cache)
     again = data.scan_source(archive, cache_dir=cache)

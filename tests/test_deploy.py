@@ -142,8 +142,9 @@ def test_two_torchrun_nodes_equal_one_node_and_one_process(tmp_path):
     import torch
     from test_train import tiny_overrides
 
-    from polyinr import config, data
-    from polyinr.generator import load_generator
+    from polyinr import data
+    from polyinr.core import config
+    from polyinr.model.generator import load_generator
 
     bin_dir = Path(sys.executable).parent
     params = str(ROOT / "params.yaml")

@@ -1,4 +1,5 @@
-"""Tests for polyinr.discriminator: logits per tap, frozen features, gradients to G, weights."""
+"""Tests for polyinr.model.discriminator: logits per tap, frozen features, gradients to G,
+weights."""
 
 import dataclasses
 
@@ -7,11 +8,11 @@ import pytest
 import torch
 from tiny import TINY_GENERATOR
 
-from polyinr import augment, discriminator, loss
-from polyinr.config import DiscriminatorConfig
-from polyinr.discriminator import ProjectedDiscriminator
-from polyinr.featurenets import MissingWeightsError
-from polyinr.generator import Generator
+from polyinr.core.config import DiscriminatorConfig
+from polyinr.core.errors import MissingWeightsError
+from polyinr.model import augment, discriminator, loss
+from polyinr.model.discriminator import ProjectedDiscriminator
+from polyinr.model.generator import Generator
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -223,13 +224,13 @@ def test_d_learns_against_a_fixed_random_generator():
     """With pretrained features, 30 Adam steps of D alone on shape images (random colours)
     against a fixed random G take the hinge loss from ~8 (chance) to below 2."""
 
-    from polyinr import data
+    from polyinr.data import demo
 
     torch.manual_seed(0)
     classes, n = 2, 32
     images = torch.stack(
         [
-            torch.from_numpy(np.array(data._demo_image(k % classes, np.random.default_rng(k), R)))
+            torch.from_numpy(np.array(demo._demo_image(k % classes, np.random.default_rng(k), R)))
             for k in range(n)
         ]
     )

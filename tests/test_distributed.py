@@ -1,10 +1,10 @@
-"""Tests for polyinr.distributed in a real 2-process gloo group."""
+"""Tests for polyinr.core.distributed in a real 2-process gloo group."""
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from polyinr import distributed
-from polyinr.storage import StorageError
+from polyinr.core import distributed
+from polyinr.core.storage import StorageError
 
 
 class TwoArgumentError(Exception):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from polyinr import cli, config
+from polyinr.commands import cli
+from polyinr.core import config
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -7,9 +7,12 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from polyinr import cli, config, data, embedding, train
-from polyinr.discriminator import FeatureNetwork
-from polyinr.featurenets import MissingWeightsError
+from polyinr import data
+from polyinr.commands import cli
+from polyinr.core import config
+from polyinr.core.errors import MissingWeightsError
+from polyinr.model.discriminator import FeatureNetwork
+from polyinr.training import embedding, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +130,7 @@ def test_saving_the_same_table_twice_gives_the_same_bytes(tmp_path):
     temporary file name of the atomic write."""
     import hashlib
 
-    from polyinr import embedding
+    from polyinr.training import embedding
 
     table = torch.arange(12.0).reshape(3, 4)
     digests = set()

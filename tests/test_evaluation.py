@@ -1,4 +1,4 @@
-"""Tests for polyinr.evaluation, the evaluate stage: its files and its MLflow record (the
+"""Tests for polyinr.commands.evaluate, the evaluate stage: its files and its MLflow record (the
 scores themselves are tested in test_metrics)."""
 
 import json
@@ -10,8 +10,11 @@ import torch
 from PIL import Image
 from tiny import TINY_GENERATOR
 
-from polyinr import config, evaluation, metrics, tracking
-from polyinr.generator import Generator, load_generator, render_grid, save_generator
+from polyinr.commands import evaluate
+from polyinr.core import config
+from polyinr.evaluation import metrics
+from polyinr.model.generator import Generator, load_generator, render_grid, save_generator
+from polyinr.training import tracking
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -50,7 +53,7 @@ def test_the_stage_writes_the_scores_with_the_generators_provenance_and_a_grid(
     are named (the file wins)."""
     path = export(tmp_path / "generator.pt")
     out, grid = tmp_path / "metrics" / "eval.json", tmp_path / "samples" / "grid.png"
-    result, seconds = evaluation.run(stage, path, out, grid, "cpu", progress=False)
+    result, seconds = evaluate.run(stage, path, out, grid, "cpu", progress=False)
     assert json.loads(out.read_text()) == result
     assert result == SCORES | {
         "resolution": 8,
@@ -76,7 +79,7 @@ def test_the_stage_logs_to_the_run_that_trained_the_generator(stage, tmp_path):
         run_id = run.info.run_id
     path = export(tmp_path / "generator.pt", mlflow_run_id=run_id)
     out, grid = tmp_path / "eval.json", tmp_path / "grid.png"
-    evaluation.run(stage, path, out, grid, "cpu", progress=False)
+    evaluate.run(stage, path, out, grid, "cpu", progress=False)
     client = mlflow.MlflowClient(stage.tracking.uri)
     logged = client.get_run(run_id).data
     assert logged.metrics["eval/fid"] == 12.5 and logged.metrics["eval/kimg"] == 2.5

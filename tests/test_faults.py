@@ -15,7 +15,10 @@ import pytest
 import torch
 from test_train import tiny_overrides
 
-from polyinr import checkpoints, cli, config, data, storage, tracking, train
+from polyinr import data
+from polyinr.commands import cli
+from polyinr.core import config, storage
+from polyinr.training import checkpoints, tracking, train
 from scripts.fault_proxy import Fault, FaultProxy
 
 REPO = Path(__file__).resolve().parents[1]

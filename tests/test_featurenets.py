@@ -1,4 +1,5 @@
-"""Tests for polyinr.featurenets: weights from local files, clear errors, honest random doubles."""
+"""Tests for polyinr.evaluation.featurenets: weights from local files, clear errors, honest
+random doubles."""
 
 import os
 
@@ -6,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from polyinr import featurenets
-from polyinr.featurenets import MissingWeightsError, extract, load_inception, load_vgg16
-from polyinr.featurestats import FeatureStats
-from polyinr.metrics import frechet_distance, inception_score
+from polyinr.evaluation import featurenets
+from polyinr.evaluation.featurenets import MissingWeightsError, extract, load_inception, load_vgg16
+from polyinr.evaluation.featurestats import FeatureStats
+from polyinr.evaluation.metrics import frechet_distance, inception_score
 
 MISSING = "/nonexistent/weights.pth"
 
@@ -119,7 +120,7 @@ def test_the_configured_inception_path_is_the_file_the_loader_reads():
     (pytorch-fid's pt_inception-*.pth is another format)."""
     from pathlib import Path
 
-    from polyinr import config
+    from polyinr.core import config
 
     root = Path(__file__).resolve().parents[1]
     for params in ("params.yaml", "configs/imagenet-256.yaml"):

@@ -34,7 +34,7 @@ def _comments(text: str) -> list[str]:
 def test_apply_overrides_validates_and_keeps_comments(train_flow, tmp_path):
     """An unknown key fails with the config's message and leaves the file alone; valid
     overrides change only their own lines and read back as the validated config."""
-    from polyinr.config import ConfigError, load
+    from polyinr.core.config import ConfigError, load
 
     params = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", params)
@@ -194,8 +194,8 @@ def test_concurrent_runs_preemption_and_recovery_on_the_local_stack(repo_copy, t
     )
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from polyinr.config import load
-    from polyinr.rundir import RunDir
+    from polyinr.core.config import load
+    from polyinr.training.rundir import RunDir
 
     repo = repo_copy
     subprocess.run([DVC, "config", "--unset", "core.no_scm"], cwd=repo, check=True)

@@ -1,4 +1,5 @@
-"""Tests for polyinr.generator and polyinr.fast_synthesis: shapes, pixel/batch independence,
+"""Tests for polyinr.model.generator and polyinr.model.fast_synthesis: shapes, pixel/batch
+independence,
 counts, truncation, I/O, and the fast path equal to the plain definition."""
 
 import dataclasses
@@ -8,9 +9,9 @@ import pytest
 import torch
 from tiny import TINY_GENERATOR
 
-from polyinr import fast_synthesis, generator
-from polyinr.config import load
-from polyinr.generator import Generator, coordinate_grid
+from polyinr.core.config import load
+from polyinr.model import fast_synthesis, generator
+from polyinr.model.generator import Generator, coordinate_grid
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -423,7 +424,7 @@ def test_exporting_the_same_generator_twice_gives_the_same_bytes(tmp_path):
     """DVC hashes run/generator.pt: the same weights and meta give the same bytes."""
     import hashlib
 
-    from polyinr.generator import save_generator
+    from polyinr.model.generator import save_generator
 
     g = Generator(TINY_GENERATOR, 8)
     for name in ("a", "b"):

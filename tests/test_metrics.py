@@ -1,4 +1,5 @@
-"""Tests for the metrics suite (polyinr.metrics, .reference, .featurestats): the formulas,
+"""Tests for the metrics suite (polyinr.evaluation.metrics, .reference, .featurestats): the
+formulas,
 reference statistics (ADM npz, cache, storage), evaluate() under both protocols, one
 process vs two, and the FID during training."""
 
@@ -14,11 +15,11 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 
-from polyinr import metrics, reference
-from polyinr.config import DataConfig, EvalConfig, StorageConfig
-from polyinr.featurenets import Networks, no_tf32
-from polyinr.featurestats import FeatureStats
-from polyinr.metrics import (
+from polyinr.core.config import DataConfig, EvalConfig, StorageConfig
+from polyinr.evaluation import metrics, reference
+from polyinr.evaluation.featurenets import Networks, no_tf32
+from polyinr.evaluation.featurestats import FeatureStats
+from polyinr.evaluation.metrics import (
     frechet_distance,
     inception_score,
     precision_recall,

@@ -99,38 +99,54 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
 # (they only draw run/fid.csv; a change to them must not retrain). config.py is a
 # dependency but its imports are the schema's, so the walk stops there.
 STAGE_CODE = {
-    "demo_data": ["polyinr/data.py"],
-    "prepare": ["polyinr/data.py"],
-    "train": ["polyinr/train.py"],
-    "evaluate": ["polyinr/evaluation.py"],
+    "demo_data": ["polyinr/data"],
+    "prepare": ["polyinr/data"],
+    "train": ["polyinr/training/train.py"],
+    "evaluate": ["polyinr/commands/evaluate.py"],
 }
 NO_EFFECT = {
-    "polyinr/storage.py",
-    "polyinr/checkpoints.py",
-    "polyinr/rundir.py",
-    "polyinr/tracking.py",
+    "polyinr/core/storage.py",
+    "polyinr/training/checkpoints.py",
+    "polyinr/training/rundir.py",
+    "polyinr/training/tracking.py",
+    "polyinr/core/errors.py",  # exception classes and exit codes: messages, never results
 }
 # data.py's loader takes its rank and world from distributed.py; making files does not.
-DATA_ONLY = {"polyinr/distributed.py"}
+DATA_ONLY = {"polyinr/core/distributed.py"}
 TRAIN_PLOTS_ONLY = {
-    f"polyinr/{m}.py" for m in ("metrics", "featurenets", "featurestats", "reference")
+    f"polyinr/evaluation/{m}.py" for m in ("metrics", "featurenets", "featurestats", "reference")
 }
 
 
-def _polyinr_imports(path: Path) -> set[str]:
-    """Files of the polyinr modules that `path` imports anywhere (also inside functions)."""
+def _unit(path: str) -> str | None:
+    """The dependency unit of a polyinr file or package: a module file, or the data package
+    (a folder dep in dvc.yaml); None when nothing there."""
+    if path.startswith("polyinr/data/") or path == "polyinr/data":
+        return "polyinr/data"
+    return path if (ROOT / path).is_file() else None
+
+
+def _polyinr_imports(path: str) -> set[str]:
+    """Dependency units of the polyinr modules that `path` (a module file or a package
+    folder) imports anywhere, also inside functions."""
     import ast
 
+    files = sorted((ROOT / path).glob("*.py")) if (ROOT / path).is_dir() else [ROOT / path]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("polyinr"):
-            if node.module == "polyinr":
-                found |= {f"polyinr/{a.name}.py" for a in node.names}
-            else:
-                found.add(node.module.replace(".", "/") + ".py")
-        elif isinstance(node, ast.Import):
-            found |= {a.name.replace(".", "/") + ".py" for a in node.names}
-    return {f for f in found if f.startswith("polyinr/") and (ROOT / f).is_file()}
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("polyinr"):
+                base = node.module.replace(".", "/")
+                if (ROOT / base).is_dir():  # from a package: its modules, or its public API
+                    found |= {
+                        f"{base}/{a.name}.py" if (ROOT / base / f"{a.name}.py").is_file() else base
+                        for a in node.names
+                    }
+                else:
+                    found.add(base + ".py")
+            elif isinstance(node, ast.Import):
+                found |= {a.name.replace(".", "/") + ".py" for a in node.names}
+    return {u for u in map(_unit, found) if u and u.startswith("polyinr/") and u != path}
 
 
 def test_dvc_stages_depend_on_every_module_that_changes_their_outputs():
@@ -146,8 +162,8 @@ def test_dvc_stages_depend_on_every_module_that_changes_their_outputs():
             module = todo.pop()
             if module not in needed:
                 needed.add(module)
-                todo += [] if module == "polyinr/config.py" else _polyinr_imports(ROOT / module)
-        needed = (needed | {"polyinr/config.py"}) - NO_EFFECT
+                todo += [] if module == "polyinr/core/config.py" else _polyinr_imports(module)
+        needed = (needed | {"polyinr/core/config.py"}) - NO_EFFECT
         if name == "train":
             needed -= TRAIN_PLOTS_ONLY
         if name in ("demo_data", "prepare"):
@@ -225,7 +241,7 @@ def test_workspace_is_the_commit_with_shared_cache_and_inputs(repo_copy, tmp_pat
     """With git: a worktree at HEAD (uncommitted edits of params.yaml stay out), DVC's cache
     and the untracked inputs (weights, checkpoints, mlflow.db) shared by links; removing
     it deletes the links, never what they point to."""
-    from polyinr import pipeline
+    from polyinr.commands import pipeline
 
     repo = repo_copy
     _git(repo, "init", "-q")
@@ -257,7 +273,7 @@ def test_workspace_is_the_commit_with_shared_cache_and_inputs(repo_copy, tmp_pat
 def test_workspace_without_git_copies_sources_not_outputs(repo_copy, tmp_path):
     """Without git (the image has no .git): a copy of the tree without outputs, local state
     or caches; params: another params file becomes params.yaml."""
-    from polyinr import pipeline
+    from polyinr.commands import pipeline
 
     repo = repo_copy
     for out in ("data/demo/train/x.JPEG", "run/generator.pt", "run/events.jsonl", ".stack/env"):
@@ -266,7 +282,7 @@ def test_workspace_without_git_copies_sources_not_outputs(repo_copy, tmp_path):
     ws = tmp_path / "ws"
     assert pipeline.create_workspace(repo, ws, params="configs/imagenet-256.yaml") == "copy"
     assert (ws / "params.yaml").read_text() == (repo / "configs/imagenet-256.yaml").read_text()
-    assert (ws / "dvc.yaml").is_file() and (ws / "polyinr" / "train.py").is_file()
+    assert (ws / "dvc.yaml").is_file() and (ws / "polyinr" / "training" / "train.py").is_file()
     for out in ("data", "run/generator.pt", "run/events.jsonl", ".stack", ".dvc/cache"):
         assert not (ws / out).exists(), out
     assert (ws / "run/train.csv").is_file()  # git's, as in a clone
@@ -275,8 +291,9 @@ def test_workspace_without_git_copies_sources_not_outputs(repo_copy, tmp_path):
 def test_recorded_run_restores_a_fresh_checkout(repo_copy, tmp_path, monkeypatch):
     """The record beside a run's checkpoints (params.yaml + dvc.lock) is what `polyinr
     restore RUN` writes into a fresh checkout; an unknown run is refused by name."""
-    from polyinr import cli, config, pipeline
-    from polyinr.checkpoints import CheckpointStore
+    from polyinr.commands import cli, pipeline
+    from polyinr.core import config
+    from polyinr.training.checkpoints import CheckpointStore
 
     src = tmp_path / "run"
     src.mkdir()

@@ -8,8 +8,9 @@ import pytest
 import torch
 from tiny import TINY_GENERATOR
 
-from polyinr import cli, config
-from polyinr.generator import Generator, save_generator
+from polyinr.commands import cli
+from polyinr.core import config
+from polyinr.model.generator import Generator, save_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = TINY_GENERATOR
@@ -22,7 +23,7 @@ def test_registered_model_returns_the_images_of_generate(tmp_path, monkeypatch, 
     import mlflow
     from mlflow import MlflowClient
 
-    from polyinr import registry
+    from polyinr.commands import registry
 
     monkeypatch.chdir(ROOT)
     torch.manual_seed(0)
@@ -79,7 +80,7 @@ def test_served_model_refuses_classes_the_generator_does_not_have(tmp_path, sing
     naming both values."""
     from types import SimpleNamespace
 
-    from polyinr import registry
+    from polyinr.commands import registry
 
     torch.manual_seed(0)
     save_generator(Generator(TINY, 8), tmp_path / "g.pt", {"resolution": 8, "cur_nimg": 0})
@@ -97,7 +98,7 @@ def test_publish_registers_under_the_run_that_trained_the_generator(tmp_path, si
     import mlflow
     from mlflow import MlflowClient
 
-    from polyinr import tracking
+    from polyinr.training import tracking
 
     overrides = [
         f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",

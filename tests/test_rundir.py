@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from polyinr.rundir import DEFAULT, RunDir
+from polyinr.training.rundir import DEFAULT, RunDir
 
 
 def test_events_append_and_read_back_from_an_offset(tmp_path):

@@ -1,4 +1,5 @@
-"""Tests for polyinr.sampling: exact chunked and super-resolved rendering, mixing, interpolation,
+"""Tests for polyinr.model.sampling: exact chunked and super-resolved rendering, mixing,
+interpolation,
 views and the ADM npz writer."""
 
 import dataclasses
@@ -8,8 +9,8 @@ import pytest
 import torch
 from tiny import TINY_GENERATOR
 
-from polyinr import sampling
-from polyinr.generator import Generator, coordinate_grid
+from polyinr.model import sampling
+from polyinr.model.generator import Generator, coordinate_grid
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

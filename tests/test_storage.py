@@ -1,4 +1,5 @@
-"""Tests for polyinr.storage and polyinr.checkpoints: local folders and real S3 (moto)."""
+"""Tests for polyinr.core.storage and polyinr.training.checkpoints: local folders and real S3
+(moto)."""
 
 import json
 import tempfile
@@ -7,10 +8,11 @@ import boto3
 import pytest
 import torch
 
-from polyinr import checkpoints, storage
-from polyinr.checkpoints import CheckpointStore
-from polyinr.config import StorageConfig
-from polyinr.storage import StorageError
+from polyinr.core import storage
+from polyinr.core.config import StorageConfig
+from polyinr.core.storage import StorageError
+from polyinr.training import checkpoints
+from polyinr.training.checkpoints import CheckpointStore
 from scripts.fault_proxy import Fault, FaultProxy
 
 

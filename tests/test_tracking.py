@@ -1,8 +1,8 @@
 """MLflow helpers: a run's link says where to look. (Registering the generator is
-polyinr.registry's, tested in tests/test_registry.py.)"""
+polyinr.commands.registry's, tested in tests/test_registry.py.)"""
 
-from polyinr import tracking
-from polyinr.config import TrackingConfig
+from polyinr.core.config import TrackingConfig
+from polyinr.training import tracking
 
 
 def test_run_url_names_the_store_and_the_run(tmp_path):
@@ -27,7 +27,7 @@ def test_a_kill_while_the_sqlite_store_is_created_leaves_no_broken_store(tmp_pat
 
     db = tmp_path / "mlflow.db"
     cfg = TrackingConfig(f"sqlite:///{db}", "e", str(tmp_path / "artifacts"), "r")
-    code = f"from polyinr import tracking; tracking.start_run(tracking.{cfg!r})"
+    code = f"from polyinr.training import tracking; tracking.start_run(tracking.{cfg!r})"
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".mlflow.db.*.tmp")):

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from polyinr import config, data, train
-from polyinr.generator import Generator, load_generator
-from polyinr.rundir import RunDir
+from polyinr import data
+from polyinr.core import config
+from polyinr.model.generator import Generator, load_generator
+from polyinr.training import train
+from polyinr.training.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -218,9 +220,9 @@ def test_fid_during_training_marks_each_stage_best_and_the_next_stage_starts_fro
     storage and survives pruning; stage 1 starts from stage 0's best, not its last EMA."""
     import mlflow
 
-    from polyinr import metrics
-    from polyinr.checkpoints import CheckpointStore
-    from polyinr.rundir import RunDir
+    from polyinr.evaluation import metrics
+    from polyinr.training.checkpoints import CheckpointStore
+    from polyinr.training.rundir import RunDir
 
     monkeypatch.chdir(tmp_path)
     scripted = iter([3.0, 1.0, 2.0, 5.0])  # kimg 0.008, 0.016, 0.024 (stage 0's end), 0.032
@@ -477,7 +479,7 @@ def test_sigterm_and_sigkill_lose_nothing_committed(prepared, tmp_path, s3_bucke
 
     import boto3
 
-    from polyinr.checkpoints import CheckpointStore
+    from polyinr.training.checkpoints import CheckpointStore
 
     overrides = [
         o for o in tiny_overrides(prepared, kimg=0.064) if not o.startswith("storage.uri")
@@ -550,7 +552,7 @@ def test_sigterm_and_sigkill_lose_nothing_committed(prepared, tmp_path, s3_bucke
 @pytest.mark.slow
 def test_missing_bucket_stops_before_any_compute(prepared, tmp_path, s3_env, monkeypatch):
     """A bucket that does not exist is one StorageError naming it, before models are built."""
-    from polyinr.storage import StorageError
+    from polyinr.core.storage import StorageError
 
     monkeypatch.chdir(tmp_path)
     cfg = config.load(
@@ -620,7 +622,7 @@ def test_unknown_precision_names_the_valid_ones(prepared):
 
 def test_non_finite_gradients_become_zero_or_1e5():
     """As the reference: NaN gradients become 0 and +-inf become +-1e5 before the step."""
-    from polyinr import distributed
+    from polyinr.core import distributed
 
     p = torch.nn.Parameter(torch.zeros(4))
     p.grad = torch.tensor([float("nan"), float("inf"), -float("inf"), 2.0])

@@ -1,6 +1,6 @@
 """The tiny generator shape the unit tests share; vary it with dataclasses.replace."""
 
-from polyinr.config import GeneratorConfig
+from polyinr.core.config import GeneratorConfig
 
 TINY_GENERATOR = GeneratorConfig(
     conditional=True,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from polyinr.checkpoints import CheckpointStore
+from polyinr.training.checkpoints import CheckpointStore
 
 DVC = str(Path(sys.executable).parent / "dvc")
 # Untracked inputs and stores every workspace shares with the deployment's checkout: weights

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from polyinr.core.errors import MissingWeightsError
+
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
 VGG16_FILE = "vgg16-397923af.pth"
@@ -42,10 +44,6 @@ def extract(model: nn.Module, images_uint8: torch.Tensor) -> dict[str, np.ndarra
     with no_tf32(), torch.no_grad():
         feats = model(images_uint8.to(device))
     return {k: v.detach().cpu().numpy().astype(np.float64) for k, v in feats.items()}
-
-
-class MissingWeightsError(FileNotFoundError):
-    """Pretrained weights (of D's or the metrics' networks) that are needed but not here."""
 
 
 def file_sha256(path) -> str:

@@ -15,12 +15,12 @@ import torch
 import torch.nn as nn
 
 from polyinr import data
-from polyinr.config import EvalConfig
-from polyinr.distributed import rank_world
-from polyinr.featurenets import Networks, no_tf32
-from polyinr.featurestats import accumulate, rank_share
-from polyinr.generator import to_uint8  # samples are scored exactly as they are exported
-from polyinr.reference import load_reference
+from polyinr.core.config import EvalConfig
+from polyinr.core.distributed import rank_world
+from polyinr.evaluation.featurenets import Networks, no_tf32
+from polyinr.evaluation.featurestats import accumulate, rank_share
+from polyinr.evaluation.reference import load_reference
+from polyinr.model.generator import to_uint8  # samples are scored exactly as they are exported
 
 PR_K = 3
 PARTS = ("fid", "pr", "rfid")  # fid: FID + sFID (+ IS on samples); pr: precision/recall

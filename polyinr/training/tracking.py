@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from polyinr.config import TrackingConfig
-from polyinr.storage import write_atomic
+from polyinr.core.config import TrackingConfig
+from polyinr.core.storage import write_atomic
 
 
 def _connect(cfg: TrackingConfig):
@@ -91,7 +91,8 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
 
 
 def log_event(record: dict) -> None:
-    """What MLflow keeps of a training event (polyinr/rundir.py): a checkpoint's curve row and
+    """What MLflow keeps of a training event (polyinr/training/rundir.py): a checkpoint's curve
+    row and
     a FID as metrics at step = images seen, a stage's starting point as a tag."""
     event = record["event"]
     if event == "checkpoint":

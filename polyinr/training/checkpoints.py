@@ -16,8 +16,8 @@ import sys
 
 import torch
 
-from polyinr.config import StorageConfig
-from polyinr.storage import Folder, StorageError
+from polyinr.core.config import StorageConfig
+from polyinr.core.storage import Folder, StorageError
 
 LATEST = "latest.json"
 BEST = "best.json"

@@ -1,7 +1,8 @@
 """A folder of named objects on a local disk or under an S3 prefix (boto3 lives only here).
 
 Local writes are atomic; S3 requests are retried with botocore's back-off, and large objects
-are staged on disk, then uploaded in parts. Checkpoints on top of it: `polyinr.checkpoints`.
+are staged on disk, then uploaded in parts. Checkpoints on top of it:
+`polyinr.training.checkpoints`.
 """
 
 from __future__ import annotations
@@ -13,13 +14,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from polyinr.config import StorageConfig
+from polyinr.core.config import StorageConfig
+from polyinr.core.errors import StorageError
 
 MiB = 1 << 20
-
-
-class StorageError(RuntimeError):
-    """Storage that cannot be reached or used."""
 
 
 class Folder:

@@ -1,6 +1,7 @@
 """A training run's local folder: the exported generator, the curves and the event log.
 
-The checkpoints live in `<storage.uri>/<run_name>` (polyinr/checkpoints.py); this folder holds
+The checkpoints live in `<storage.uri>/<run_name>` (polyinr/training/checkpoints.py); this folder
+holds
 what training writes for people and for the tools that follow it. `events.jsonl` is the run's
 history, one JSON object a line, appended by every session: the Prefect flow and MLflow read it
 instead of the log's text.

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from polyinr.core.errors import ConfigError
+
 DEFAULT_PARAMS = Path("params.yaml")
 # A run's identity: every key of these sections changes what training produces, except
 # NOT_IDENTITY (where inputs live, how fast they load, how often progress is saved) and the
@@ -47,10 +49,6 @@ FEATURE_NETWORKS = ("tf_efficientnet_lite0", "deit_base_distilled_patch16_224") 
 DIFFAUGMENT_OPS = ("color", "translation", "cutout")  # discriminator.diffaugment
 PRECISIONS = ("fp32", "bf16")  # train.precision: plain fp32, or bf16 autocast of G and D
 PROTOCOLS = ("stylegan-xl", "adm")  # eval.protocol
-
-
-class ConfigError(ValueError):
-    """A params file or override that does not fit the schema."""
 
 
 def parse_policy(policy: str) -> tuple[str, ...]:

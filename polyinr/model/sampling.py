@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from polyinr import video
-from polyinr.generator import Generator, seed_latents, to_uint8
+from polyinr.model import video
+from polyinr.model.generator import Generator, seed_latents, to_uint8
 
 # Pixel evaluations per synthesis call. Peak memory is about chunk x hidden x 4 bytes x a
 # few live activations (~1 GB at the paper's hidden=1024), whatever the output resolution.

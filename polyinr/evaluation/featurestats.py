@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from polyinr.distributed import rank_world
-from polyinr.storage import write_atomic
+from polyinr.core.distributed import rank_world
+from polyinr.core.storage import write_atomic
 
 
 class FeatureStats:

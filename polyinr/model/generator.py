@@ -1,5 +1,5 @@
 """Poly-INR generator: a mapping network and a per-pixel polynomial MLP, as the paper (section
-3) and docs/model.md section 2 define them; polyinr/fast_synthesis.py renders the same faster.
+3) and docs/model.md section 2 define them; polyinr/model/fast_synthesis.py renders the same faster.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polyinr import fast_synthesis
-from polyinr.config import GeneratorConfig
-from polyinr.storage import write_atomic
+from polyinr.core.config import GeneratorConfig
+from polyinr.core.storage import write_atomic
+from polyinr.model import fast_synthesis
 
 
 def coordinate_grid(resolution: int, device=None) -> torch.Tensor:

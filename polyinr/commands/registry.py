@@ -14,14 +14,15 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 import polyinr
-from polyinr import sampling, tracking
-from polyinr.config import TrackingConfig
+from polyinr.core.config import TrackingConfig
+from polyinr.model import sampling
+from polyinr.training import tracking
 
 DEFAULT_NAME = "polyinr-generator"
 # MLflow's "models from code": the model is this script, not a pickled object.
 MODEL_CODE = """from mlflow.models import set_model
 
-from polyinr.registry import GeneratorModel
+from polyinr.commands.registry import GeneratorModel
 
 set_model(GeneratorModel())
 """
@@ -31,7 +32,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     """Rows of (class_id, seed) -> uint8 images (N, H, W, 3); params psi, resolution, chunk."""
 
     def load_context(self, context):
-        from polyinr.generator import load_generator
+        from polyinr.model.generator import load_generator
 
         # The weights travel as the exported checkpoint, loaded weights-only (no pickled code).
         self.g, self.meta = load_generator(context.artifacts["generator"])

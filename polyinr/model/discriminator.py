@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import spectral_norm
 
-from polyinr import augment
-from polyinr.config import DiscriminatorConfig, parse_policy
-from polyinr.featurenets import MissingWeightsError
-from polyinr.generator import EqualizedLinear
+from polyinr.core.config import DiscriminatorConfig, parse_policy
+from polyinr.core.errors import MissingWeightsError
+from polyinr.model import augment
+from polyinr.model.generator import EqualizedLinear
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Per network: the normalisation of its input and whether it only runs at 224 x 224.

@@ -12,8 +12,9 @@ import numpy as np
 import torch.distributed as dist
 from PIL import Image
 
-from polyinr import metrics, tracking
-from polyinr.generator import Generator, load_generator, render_grid
+from polyinr.evaluation import metrics
+from polyinr.model.generator import Generator, load_generator, render_grid
+from polyinr.training import tracking
 
 
 def run(

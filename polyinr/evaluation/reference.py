@@ -13,16 +13,16 @@ import numpy as np
 import torch
 
 from polyinr import data
-from polyinr.distributed import rank_world
-from polyinr.featurenets import file_sha256
-from polyinr.featurestats import (
+from polyinr.core.distributed import rank_world
+from polyinr.core.storage import Folder, write_atomic
+from polyinr.evaluation.featurenets import file_sha256
+from polyinr.evaluation.featurestats import (
     PartialPass,
     accumulate,
     all_reduce,
     distributed,
     rank_share,
 )
-from polyinr.storage import Folder, write_atomic
 
 # Real images for precision/recall: ADM compares 10k reference images against all samples;
 # StyleGAN-XL (stylegan2-ada's pr50k3_full) uses up to 200k training images.

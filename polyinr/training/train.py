@@ -3,7 +3,7 @@
 Progress is counted in images (cur_nimg). One iteration is one G step then one D step on
 the global batch, split over torchrun ranks and accumulation rounds; every random draw is a
 function of (seed, cur_nimg), so a resumed run continues exactly where the last one stopped.
-A run is a State saved to `<storage.uri>/<run_name>` and a run folder (polyinr/rundir.py).
+A run is a State saved to `<storage.uri>/<run_name>` and a run folder (polyinr/training/rundir.py).
 """
 
 from __future__ import annotations
@@ -19,13 +19,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from polyinr import augment, config, data, distributed, embedding, loss, metrics, tracking
-from polyinr.checkpoints import CheckpointStore, NoGoodCheckpoint, snapshot_name, tensors_sha256
-from polyinr.config import Stage
-from polyinr.discriminator import ProjectedDiscriminator, head_accuracy, weights_label
-from polyinr.generator import Generator, render_grid, save_generator
-from polyinr.rundir import RunDir
-from polyinr.storage import StorageError
+from polyinr import data
+from polyinr.core import config, distributed
+from polyinr.core.config import Stage
+from polyinr.core.errors import Preempted
+from polyinr.core.storage import StorageError
+from polyinr.evaluation import metrics
+from polyinr.model import augment, loss
+from polyinr.model.discriminator import ProjectedDiscriminator, head_accuracy, weights_label
+from polyinr.model.generator import Generator, render_grid, save_generator
+from polyinr.training import embedding, tracking
+from polyinr.training.checkpoints import (
+    CheckpointStore,
+    NoGoodCheckpoint,
+    snapshot_name,
+    tensors_sha256,
+)
+from polyinr.training.rundir import RunDir
 
 # train.precision -> the autocast dtype of the G and D forward passes (None: plain fp32).
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -42,10 +52,6 @@ def configure_backends() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = True
-
-
-class Preempted(RuntimeError):
-    """Training stopped by SIGTERM (a pre-empted node) after saving a checkpoint."""
 
 
 @torch.no_grad()
@@ -273,7 +279,8 @@ def train(
 ) -> dict:
     """Run (or resume) the schedule of cfg.train.stages; returns a summary.
 
-    run_dir: the local run folder (polyinr/rundir.py): the exported generator, the curves and
+    run_dir: the local run folder (polyinr/training/rundir.py): the exported generator, the
+    curves and
     the event log; checkpoints go to `<storage.uri>/<tracking.run_name>`.
     until_stage: stop once progressive stage `until_stage` (an index into train.stages) is
     complete and checkpointed, instead of running the whole schedule; the final generator is

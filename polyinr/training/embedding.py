@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from polyinr import data
-from polyinr.config import DataConfig
-from polyinr.discriminator import FeatureNetwork
-from polyinr.storage import write_atomic
+from polyinr.core.config import DataConfig
+from polyinr.core.storage import write_atomic
+from polyinr.model.discriminator import FeatureNetwork
 
 NETWORK = "tf_efficientnet_lite0"
 INPUT_SIZE = 224  # the classifier's native resolution

@@ -12,8 +12,8 @@ import sys
 import threading
 from pathlib import Path
 
-from polyinr.rundir import DEFAULT as RUN_DIR
-from polyinr.rundir import RunDir
+from polyinr.training.rundir import DEFAULT as RUN_DIR
+from polyinr.training.rundir import RunDir
 
 GENERATOR = RunDir(RUN_DIR).generator  # every command's default --generator
 
@@ -72,7 +72,7 @@ def _log_outputs(args, paths, folder: str) -> None:
     """Log output files (or folders) to the MLflow run given by --mlflow-run, if any."""
     if not args.mlflow_run:
         return
-    from polyinr import tracking
+    from polyinr.training import tracking
 
     with tracking.start_run(_config(args).tracking, run_id=args.mlflow_run):
         for path in paths:
@@ -82,7 +82,7 @@ def _log_outputs(args, paths, folder: str) -> None:
 
 def _generator(args):
     """The generator of --generator on --device, and the render options of the flags."""
-    from polyinr.generator import load_generator
+    from polyinr.model.generator import load_generator
 
     g, _ = load_generator(args.generator, _device(args.device))
     return g, {"view": args.view, "chunk": args.chunk, "progress": not args.quiet}
@@ -97,7 +97,7 @@ def _device(name: str):
 
 
 def _config(args):
-    from polyinr import config
+    from polyinr.core import config
 
     return config.load(args.params, args.overrides)
 
@@ -142,7 +142,8 @@ def cmd_train(args) -> None:
     """Train (or resume) the schedule in train.stages."""
     import torch.distributed as dist
 
-    from polyinr import distributed, train
+    from polyinr.core import distributed
+    from polyinr.training import train
 
     device = distributed.setup() if args.device == "auto" else _device(args.device)
     if args.follow:  # another node's ranks: rank 0 says what to run, and where
@@ -168,7 +169,7 @@ def cmd_checkpoints(args) -> None:
     hash of the EMA generator's tensors), latest, best. `latest` marks the newest one that
     matches its size and sha256; a newer one that does not carries `corrupt` (the reason).
     """
-    from polyinr.checkpoints import CheckpointStore
+    from polyinr.training.checkpoints import CheckpointStore
 
     cfg = _config(args)
     store = CheckpointStore(cfg.storage, cfg.tracking.run_name)
@@ -180,12 +181,11 @@ def cmd_checkpoints(args) -> None:
 
 def cmd_evaluate(args) -> None:
     """FID, sFID, IS, precision/recall and rFID of the EMA generator (eval.protocol), a grid."""
-    from polyinr import distributed, evaluation
+    from polyinr.commands import evaluate
+    from polyinr.core import distributed
 
     device = distributed.setup() if args.device == "auto" else _device(args.device)
-    done = evaluation.run(
-        _config(args), args.generator, args.out, args.grid, device, not args.quiet
-    )
+    done = evaluate.run(_config(args), args.generator, args.out, args.grid, device, not args.quiet)
     if done is None:
         return  # another rank under torchrun: rank 0 reports
     result, seconds = done
@@ -196,7 +196,7 @@ def cmd_evaluate(args) -> None:
 
 def cmd_generate(args) -> None:
     """Samples as a PNG grid (rows classes), PNG files or an npz."""
-    from polyinr import sampling
+    from polyinr.model import sampling
 
     g, render = _generator(args)
     classes = None if args.classes == ["random"] else _ids(args.classes)
@@ -210,7 +210,7 @@ def cmd_generate(args) -> None:
 
 def cmd_interpolate(args) -> None:
     """A walk in w space through key samples (seeds and/or classes): GIF, MP4, PNG strip."""
-    from polyinr import sampling
+    from polyinr.model import sampling
 
     bad = [str(p) for p in args.out if p.suffix not in sampling.WALK_SUFFIXES]
     if bad:
@@ -228,7 +228,7 @@ def cmd_interpolate(args) -> None:
 
 def cmd_mix(args) -> None:
     """Copy levels [a, b) of sources A's w into targets B: a grid, rows A, columns B."""
-    from polyinr import sampling
+    from polyinr.model import sampling
 
     g, render = _generator(args)
     start, stop = sampling.mix_levels(args.levels, g.cfg.levels)
@@ -247,8 +247,8 @@ def cmd_publish(args) -> None:
 
     The model maps (class_id, seed; psi, resolution) to uint8 images.
     """
-    from polyinr import registry
-    from polyinr.generator import load_generator
+    from polyinr.commands import registry
+    from polyinr.model.generator import load_generator
 
     cfg = _config(args)
     g, meta = load_generator(args.generator)
@@ -269,8 +269,8 @@ def cmd_restore(args) -> None:
     Its params.yaml and dvc.lock (recorded beside its checkpoints in storage.uri by the
     Prefect flow), then `dvc pull` of its outputs.
     """
-    from polyinr import pipeline
-    from polyinr.checkpoints import CheckpointStore
+    from polyinr.commands import pipeline
+    from polyinr.training.checkpoints import CheckpointStore
 
     # argparse deals the trailing words to overrides first: the run is the one without "=".
     words = [*args.overrides, args.run]
@@ -289,7 +289,7 @@ def cmd_class_embeddings(args) -> None:
     Each class's mean pooled last-stage feature over the prepared training data. Set
     train.embed_init to the output to use it.
     """
-    from polyinr import embedding
+    from polyinr.training import embedding
 
     cfg = _config(args)
     out = args.out or cfg.train.embed_init or "weights/class_embeddings.pt"
@@ -301,7 +301,7 @@ def cmd_class_embeddings(args) -> None:
 
 def cmd_summary(args) -> None:
     """Parameter counts and multiply-adds as JSON."""
-    from polyinr import discriminator, generator
+    from polyinr.model import discriminator, generator
 
     cfg = _config(args)
     first, resolutions = cfg.train.stages[0].resolution, {s.resolution for s in cfg.train.stages}
@@ -402,7 +402,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=Path, default="samples/grid.png", help="sample grid PNG")
 
     def sampling_command(func, many_resolutions=False):
-        from polyinr.sampling import DEFAULT_CHUNK, FULL_VIEW
+        from polyinr.model.sampling import DEFAULT_CHUNK, FULL_VIEW
 
         p = command(func, device="auto, cpu, cuda, cuda:N", generator=True)
         p.add_argument("--psi", type=float, default=1.0, help="truncation towards the class mean")
@@ -518,9 +518,9 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if hasattr(args, "overrides"):
         args.overrides = [*args.overrides, *extra, *overrides]
-    from polyinr.config import ConfigError
-    from polyinr.storage import StorageError
-    from polyinr.train import Preempted
+    from polyinr.core.config import ConfigError
+    from polyinr.core.storage import StorageError
+    from polyinr.training.train import Preempted
 
     try:
         if getattr(args, "overrides", None):

@@ -1,0 +1,110 @@
+"""The demo dataset: procedural shapes in random colours, one shape per class, written
+in ImageNet's folder layout (`polyinr demo-data`)."""
+
+from __future__ import annotations
+
+import colorsys
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# ----------------------------------------------------------------------------- demo dataset
+
+# One shape per class, ordered so that the first few differ most in structure (filled vs
+# hollow, lines vs areas). Colours are drawn at random per image, so only shape and
+# structure tell the classes apart: what a class-conditional GAN finds hard.
+_DEMO_SHAPES = [
+    "disc",
+    "ring",
+    "cross",
+    "hstripes",
+    "triangle",
+    "checker",
+    "vstripes",
+    "square",
+    "diamond",
+    "two_discs",
+]
+_DEMO_JPEG_QUALITY = 95
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill):
+    """Draw one class's shape centred at (cx, cy) with half-size r."""
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "disc":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+    elif shape in ("hstripes", "vstripes"):
+        band = 2 * r / 5
+        for k in range(0, 5, 2):
+            lo = -r + k * band
+            if shape == "hstripes":
+                draw.rectangle((cx - r, cy + lo, cx + r, cy + lo + band), fill=fill)
+            else:
+                draw.rectangle((cx + lo, cy - r, cx + lo + band, cy + r), fill=fill)
+    elif shape == "ring":
+        draw.ellipse(box, outline=fill, width=max(1, round(r * 0.4)))
+    elif shape == "cross":
+        w = r / 3
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    elif shape == "checker":
+        cell = r
+        for i in range(2):
+            for j in range(2):
+                if (i + j) % 2 == 0:
+                    x0, y0 = cx - r + i * cell, cy - r + j * cell
+                    draw.rectangle((x0, y0, x0 + cell, y0 + cell), fill=fill)
+    elif shape == "two_discs":
+        s = r / 2
+        draw.ellipse((cx - r, cy - r, cx - r + 2 * s, cy - r + 2 * s), fill=fill)
+        draw.ellipse((cx + r - 2 * s, cy + r - 2 * s, cx + r, cy + r), fill=fill)
+    else:
+        raise ValueError(f"unknown demo shape {shape!r}")
+
+
+def _demo_image(label: int, rng: np.random.Generator, size: int) -> Image.Image:
+    """Render one demo image of class `label`: its shape in a random colour, random jitter.
+
+    Classes beyond the ten shapes repeat them as a 2x2, 3x3, ... tiling (structure again).
+    """
+    shape = _DEMO_SHAPES[label % len(_DEMO_SHAPES)]
+    tiles = 1 + label // len(_DEMO_SHAPES)
+    hue = rng.uniform(0, 1)
+    rgb = colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.75, 1.0))
+    bg_hue = (hue + rng.uniform(0.25, 0.75)) % 1.0
+    bg = colorsys.hsv_to_rgb(bg_hue, rng.uniform(0.0, 0.5), rng.uniform(0.05, 0.3))
+    canvas = 2 * size  # draw at 2x, then downsample: cheap antialiasing
+    image = Image.new("RGB", (canvas, canvas), tuple(round(255 * v) for v in bg))
+    draw, cell = ImageDraw.Draw(image), canvas / tiles
+    fill = tuple(round(255 * v) for v in rgb)
+    r = cell * rng.uniform(0.22, 0.34)
+    jitter = rng.uniform(-0.12, 0.12, size=2) * cell
+    for i in range(tiles):
+        for j in range(tiles):
+            cx, cy = (i + 0.5) * cell + jitter[0], (j + 0.5) * cell + jitter[1]
+            _draw_shape(draw, shape, cx, cy, r, fill)
+    return image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def make_demo_dataset(root, classes: int, per_class: int, size: int, seed: int) -> int:
+    """Write a procedural ImageNet-layout dataset under `root/train` and return its size."""
+    train = Path(root) / "train"
+    if train.exists():
+        shutil.rmtree(train)
+    for label in range(classes):
+        wnid = f"n{label:08d}"  # zero-padded so sorted names give label order
+        folder = train / wnid
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            rng = np.random.default_rng([seed, label, i])
+            image = _demo_image(label, rng, size)
+            image.save(folder / f"{wnid}_{i}.JPEG", quality=_DEMO_JPEG_QUALITY)
+    return classes * per_class
