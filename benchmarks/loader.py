@@ -88,6 +88,7 @@ def _config(source: Path, out: Path, workers: int) -> DataConfig:
         strict=False,
         workers=workers,
         scan_cache=None,
+        demo_kind="shapes",
         demo_classes=1,
         demo_per_class=1,
         demo_size=RESOLUTION,

@@ -20,7 +20,7 @@ SECTIONS = ["data", "generator", "discriminator", "train", "eval", "storage", "t
 # The config surface, frozen: adding, removing or renaming a key is a deliberate act that
 # edits this list, params.yaml and configs/ together.
 SURFACE = {
-    "data": "source out_dir encoding jpeg_quality strict workers scan_cache demo_classes "
+    "data": "source out_dir encoding jpeg_quality strict workers scan_cache demo_kind demo_classes "
     "demo_per_class demo_size demo_seed",
     "generator": "conditional num_classes z_dim w_dim embed_dim cond_dim mapping_lr_mult hidden "
     "levels clamp w_avg_beta mixing",

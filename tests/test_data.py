@@ -29,6 +29,7 @@ def config(source, out_dir, **overrides) -> DataConfig:
         strict=False,
         workers=2,
         scan_cache=None,
+        demo_kind="shapes",
         demo_classes=CLASSES,
         demo_per_class=PER_CLASS,
         demo_size=SIZE,
@@ -573,3 +574,42 @@ def test_truncated_class_tar_reports_the_images_written_and_the_cut(tmp_path):
         "truncated: 8 images listed, up to n00000001_7.JPEG; the rest of the class tar"
     )
     assert reasons["n00000001.tar/n00000001_7.JPEG"].startswith("corrupt")
+
+
+@pytest.mark.parametrize("kind", ["glyphs", "colours"])
+def test_demo_kinds_are_deterministic_and_class_dependent(tmp_path, kind):
+    """Each demo kind draws the same images from the same seed, and its classes differ: in
+    glyphs by the character (same colour statistics), in colours by mean hue."""
+    from polyinr.data import demo
+
+    a = demo.make_demo_dataset(tmp_path / "a", 3, 4, 32, 5, kind)
+    demo.make_demo_dataset(tmp_path / "b", 3, 4, 32, 5, kind)
+    files = sorted((tmp_path / "a" / "train").rglob("*.JPEG"))
+    assert a == 12 and len(files) == 12
+    assert all(
+        f.read_bytes() == (tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes()
+        for f in files
+    )
+    rng = np.random.default_rng
+    one = [np.asarray(demo.demo_image(kind, 0, rng([0, i]), 32, 3)) for i in range(8)]
+    two = [np.asarray(demo.demo_image(kind, 1, rng([0, i]), 32, 3)) for i in range(8)]
+    assert not any(np.array_equal(x, y) for x, y in zip(one, two, strict=True))
+    if kind == "colours":  # the brightest pixels' hue tells the class
+
+        def hue(images):
+            import colorsys
+
+            px = np.concatenate([i.reshape(-1, 3) for i in images]).astype(float) / 255
+            bright = px[px.max(1) > 0.7]
+            return np.median([colorsys.rgb_to_hsv(*p)[0] for p in bright])
+
+        def apart(a, b):  # on the hue circle
+            return min(abs(a - b), 1 - abs(a - b))
+
+        assert apart(hue(one), 0.0) < 0.05 and apart(hue(two), 1 / 3) < 0.05
+
+
+def test_unknown_demo_kind_names_the_valid_ones():
+    """data.demo_kind is checked when params load, naming the valid kinds."""
+    with pytest.raises(ValueError, match="shapes, glyphs, colours"):
+        config("s", "o", demo_kind="stars")

@@ -254,3 +254,23 @@ def test_d_learns_against_a_fixed_random_generator():
         losses.append(d_loss.item())
     assert losses[0] > 6
     assert np.mean(losses[-5:]) < 2
+
+
+def test_deit_token_maps_reach_the_readout_contiguous():
+    """DeiT's token grids are made contiguous before the readout convs, as the reference's:
+    a strided (transposed) view makes the convs sum in another order (1.7e-5 apart in fp32),
+    so the logits would not equal the reference's under copied weights."""
+    torch.manual_seed(0)
+    net = discriminator.FeatureNetwork("deit_base_distilled_patch16_224", False, "weights/none")
+    seen = []
+    for layer in net.readout:
+        first = layer[0] if isinstance(layer, torch.nn.Sequential) else layer
+        first.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    feats = net(torch.rand(1, 3, 224, 224) * 2 - 1)
+    assert seen == [True] * 4
+    assert [tuple(f.shape[1:]) for f in feats] == [
+        (96, 56, 56),
+        (192, 28, 28),
+        (384, 14, 14),
+        (768, 7, 7),
+    ]

@@ -64,8 +64,11 @@ def test_missing_pretrained_file_names_it(tmp_path):
         FeatureNetwork(name, pretrained=True, weights_dir=str(tmp_path))
 
 
-def test_class_embeddings_are_per_class_feature_means(weights_dir, prepared, single_thread):
-    """One unit-RMS 320-d row per class, the mean of that class's pooled features."""
+def test_class_embeddings_are_standardised_per_class_feature_means(
+    weights_dir, prepared, single_thread
+):
+    """One 320-d row per class: the class means of the pooled features, each feature centred
+    and scaled to unit std across classes (the reference table's statistics)."""
     folder, _ = weights_dir
     cfg = config.load(
         REPO / "params.yaml",
@@ -73,20 +76,60 @@ def test_class_embeddings_are_per_class_feature_means(weights_dir, prepared, sin
     )
     table = embedding.compute(cfg.data, 16, 3, str(folder), progress=False)
     assert table.shape == (3, 320)
-    torch.testing.assert_close(table.square().mean(dim=1), torch.ones(3), rtol=1e-4, atol=1e-4)
-    assert torch.cdist(table, table)[~torch.eye(3, dtype=torch.bool)].min() > 1e-3
-    # The same computation by hand for class 1.
+    torch.testing.assert_close(table.mean(dim=0), torch.zeros(320), rtol=0, atol=1e-5)
+    torch.testing.assert_close(table.std(dim=0), torch.ones(320), rtol=1e-4, atol=1e-4)
+    # Three classes centred: rows sum to zero, so they start apart (cosine about -1/2).
+    assert embedding.statistics(table)["mean_cosine"] < -0.3
+    # The same computation by hand for every class.
     net = FeatureNetwork(embedding.NETWORK, pretrained=True, weights_dir=str(folder))
     batches = data.read_all(data.beton_path(prepared / "ffcv", 16), workers=1)
     pairs = [(x.clone(), y.clone()) for x, y in batches]  # ffcv reuses its buffers
     images = torch.cat([x for x, _ in pairs])
     labels = torch.cat([y for _, y in pairs])
-    x = images[labels == 1].float() / 127.5 - 1
-    x = torch.nn.functional.interpolate(x, size=224, mode="bilinear", align_corners=False)
-    with torch.no_grad():
-        mean = net(x)[-1].mean(dim=(2, 3)).double().mean(dim=0)
-    expect = (mean * torch.rsqrt(mean.square().mean())).float()
-    torch.testing.assert_close(table[1], expect, rtol=1e-4, atol=1e-4)
+    means = []
+    for k in range(3):
+        x = images[labels == k].float() / 127.5 - 1
+        x = torch.nn.functional.interpolate(x, size=224, mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            means.append(net(x)[-1].mean(dim=(2, 3)).double().mean(dim=0))
+    means = torch.stack(means)
+    centred = means - means.mean(dim=0)
+    expect = (centred / centred.std(dim=0)).float()
+    torch.testing.assert_close(table, expect, rtol=1e-4, atol=1e-4)
+
+
+def test_standardize_separates_classes_that_share_a_component():
+    """Rows dominated by one shared positive component (cosine 0.99) come out centred, at
+    unit std per feature and near-orthogonal for many classes; a feature constant across
+    classes stays finite; one class keeps a unit-RMS row."""
+    torch.manual_seed(0)
+    shared = torch.rand(320) + 1
+    means = shared + 0.05 * torch.randn(200, 320)
+    means[:, 7] = 3.0  # no class differs in this feature
+    raw = embedding.statistics(means)
+    table = embedding.standardize(means)
+    stats = embedding.statistics(table)
+    assert raw["mean_cosine"] > 0.99
+    assert abs(stats["mean_cosine"]) < 0.02 and stats["max_cosine"] < 0.5
+    assert torch.isfinite(table).all() and table[:, 7].abs().max() < 1e-6
+    keep = torch.arange(320) != 7
+    torch.testing.assert_close(
+        table[:, keep].std(dim=0), torch.ones(319, dtype=torch.float64), rtol=1e-6, atol=1e-6
+    )
+    one = embedding.standardize(means[:1])
+    torch.testing.assert_close(one.square().mean(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_statistics_name_the_closest_pair_and_warn_on_parallel_classes():
+    """The closest pair is named as the data names its classes; nearly parallel rows are
+    listed (what `polyinr class-embeddings` warns about)."""
+    torch.manual_seed(1)
+    table = torch.randn(4, 320)
+    table[3] = table[1] + 0.01 * torch.randn(320)
+    stats = embedding.statistics(table, ["n01", "n02", "n03", "n04"])
+    assert stats["closest"][:2] == ("n02", "n04") and stats["closest"][2] > 0.99
+    assert [p[:2] for p in stats["parallel"]] == [("n02", "n04")]
+    assert embedding.statistics(torch.randn(4, 320))["parallel"] == []
 
 
 def test_cli_writes_embeddings_and_training_starts_from_them(
@@ -108,6 +151,8 @@ def test_cli_writes_embeddings_and_training_starts_from_them(
     assert "pretrained" in capsys.readouterr().err
     pretrained = ["discriminator.pretrained=true", f"discriminator.weights_dir={folder}"]
     assert cli.main(["class-embeddings", "--quiet", "--out", str(out), *common, *pretrained]) == 0
+    printed = capsys.readouterr().out
+    assert "mean off-diagonal cosine" in printed and "closest pair n" in printed
     table = embedding.load(out, 3, 320)
     cfg = config.load(REPO / "params.yaml", [*common, f"train.embed_init={out}"])
     g, _, d, *_ = train._stage_models(cfg, cfg.train.stages[0], 3, torch.device("cpu"), None)

@@ -416,7 +416,8 @@ def test_training_data_reference_reads_the_ffcv_file_once_with_an_even_pr_subset
 
     cfg_data = DataConfig(
         source=str(tmp_path / "demo"), out_dir=str(tmp_path / "ffcv"), encoding="raw",
-        jpeg_quality=90, strict=True, workers=1, scan_cache=None, demo_classes=2, demo_per_class=4,
+        jpeg_quality=90, strict=True, workers=1, scan_cache=None, demo_kind="shapes",
+        demo_classes=2, demo_per_class=4,
         demo_size=16, demo_seed=0,
     )  # fmt: skip
     data.make_demo_dataset(Path(cfg_data.source), 2, 4, 16, 0)
@@ -597,7 +598,8 @@ def test_evaluate_refuses_reference_data_of_other_classes_than_the_generator(tmp
 
     cfg_data = DataConfig(
         source=str(tmp_path / "demo"), out_dir=str(tmp_path / "ffcv"), encoding="raw",
-        jpeg_quality=90, strict=True, workers=1, scan_cache=None, demo_classes=2, demo_per_class=2,
+        jpeg_quality=90, strict=True, workers=1, scan_cache=None, demo_kind="shapes",
+        demo_classes=2, demo_per_class=2,
         demo_size=8, demo_seed=0,
     )  # fmt: skip
     data.make_demo_dataset(Path(cfg_data.source), 2, 2, 8, 0)

@@ -108,9 +108,15 @@ def cmd_demo_data(args) -> None:
 
     cfg = _config(args).data
     n = data.make_demo_dataset(
-        Path(args.dir), cfg.demo_classes, cfg.demo_per_class, cfg.demo_size, cfg.demo_seed
+        Path(args.dir),
+        cfg.demo_classes,
+        cfg.demo_per_class,
+        cfg.demo_size,
+        cfg.demo_seed,
+        cfg.demo_kind,
     )
-    print(f"wrote {n} images in {cfg.demo_classes} classes to {Path(args.dir) / 'train'}")
+    where = Path(args.dir) / "train"
+    print(f"wrote {n} {cfg.demo_kind} images in {cfg.demo_classes} classes to {where}")
 
 
 def cmd_prepare(args) -> None:
@@ -286,7 +292,8 @@ def cmd_restore(args) -> None:
 def cmd_class_embeddings(args) -> None:
     """Initial class embeddings (num_classes x 320) from the pretrained tf_efficientnet_lite0.
 
-    Each class's mean pooled last-stage feature over the prepared training data. Set
+    Each class's mean pooled last-stage feature over the prepared training data, centred and
+    standardised per feature across classes; prints how far apart classes start. Set
     train.embed_init to the output to use it.
     """
     from polyinr.training import embedding
@@ -294,9 +301,22 @@ def cmd_class_embeddings(args) -> None:
     cfg = _config(args)
     out = args.out or cfg.train.embed_init or "weights/class_embeddings.pt"
     device, progress = _device(args.device), not args.quiet
-    table = embedding.create(cfg, out, device, progress, args.allow_random_weights)
+    table, stats = embedding.create(cfg, out, device, progress, args.allow_random_weights)
     label = "" if cfg.discriminator.pretrained else " (RANDOM feature weights: test only)"
     print(f"wrote {out}: {tuple(table.shape)} class embeddings from {embedding.NETWORK}{label}")
+    if stats["closest"]:
+        a, b, cos = stats["closest"]
+        print(
+            f"class embeddings: mean off-diagonal cosine {stats['mean_cosine']:+.3f} "
+            f"(min {stats['min_cosine']:+.3f}, max {stats['max_cosine']:+.3f}); "
+            f"closest pair {a} / {b} ({cos:+.3f})"
+        )
+    for a, b, cos in stats["parallel"]:
+        print(
+            f"polyinr class-embeddings: warning: classes {a} and {b} are nearly parallel "
+            f"(cosine {cos:.3f}): they look alike to {embedding.NETWORK}, so G may confuse them",
+            file=sys.stderr,
+        )
 
 
 def cmd_summary(args) -> None:

@@ -40,6 +40,9 @@ PARAMS_HASH = "{params}"  # in tracking.run_name: replaced by fingerprint(cfg)
 
 # The valid values of the string-valued choices; the components map each name to its code.
 ENCODINGS = ("jpg", "raw")  # data.encoding
+# The procedural demo datasets (polyinr/data/demo.py): classes told apart by shape, by the
+# details of a character, or by colour alone.
+DEMO_KINDS = ("shapes", "glyphs", "colours")
 # generator.mixing, the C x C layers' parametrisation. plain: the reference's nn.Linear with
 # PyTorch's default init, lrelu without gain. equalized: StyleGAN's N(0, 1) weights scaled by
 # 1/sqrt(C) at run time, lrelu with gain sqrt(2). The same functions; Adam's effective step
@@ -71,7 +74,8 @@ class DataConfig:
     strict: bool  # true: an unreadable source image is an error; false: skipped and listed
     workers: int  # conversion processes; 0 = every available core
     scan_cache: str | None  # folder for a tar source's listing (scanned once); null: none
-    demo_classes: int  # `polyinr demo-data`: number of classes (one shape each)
+    demo_kind: str  # `polyinr demo-data`: shapes, glyphs or colours (DEMO_KINDS)
+    demo_classes: int  # `polyinr demo-data`: number of classes
     demo_per_class: int  # `polyinr demo-data`: images per class
     demo_size: int  # `polyinr demo-data`: image side, px
     demo_seed: int  # `polyinr demo-data`: seed of the drawn images
@@ -83,6 +87,10 @@ class DataConfig:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0 (0: every available core), got {self.workers}")
+        if self.demo_kind not in DEMO_KINDS:
+            raise ValueError(
+                f"demo_kind must be one of {', '.join(DEMO_KINDS)}, got {self.demo_kind!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

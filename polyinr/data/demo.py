@@ -1,14 +1,20 @@
-"""The demo dataset: procedural shapes in random colours, one shape per class, written
-in ImageNet's folder layout (`polyinr demo-data`)."""
+"""The demo datasets, drawn procedurally in ImageNet's folder layout (`polyinr demo-data`):
+`shapes` (one shape per class, random colours), `glyphs` (one character per class,
+classes that differ in details) and `colours` (one colour distribution per class, the same
+shapes in every class). data.demo_kind picks one; the learning benchmark uses all three."""
 
 from __future__ import annotations
 
 import colorsys
+import functools
+import importlib.util
 import shutil
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+
+from polyinr.core.errors import DataError
 
 # ----------------------------------------------------------------------------- demo dataset
 
@@ -94,8 +100,88 @@ def _demo_image(label: int, rng: np.random.Generator, size: int) -> Image.Image:
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def make_demo_dataset(root, classes: int, per_class: int, size: int, seed: int) -> int:
+# Ten characters of DejaVu Sans (the font matplotlib ships): classes that differ in strokes
+# and details, not in coarse shape or colour.
+GLYPHS = "0123456789"
+_FONT = "mpl-data/fonts/ttf/DejaVuSans-Bold.ttf"
+
+
+@functools.cache
+def _font_path() -> Path:
+    spec = importlib.util.find_spec("matplotlib")
+    path = Path(spec.submodule_search_locations[0]) / _FONT if spec else None
+    if path is None or not path.is_file():
+        raise DataError("the glyphs demo draws DejaVu Sans from matplotlib: pip install matplotlib")
+    return path
+
+
+def _contrasting_colours(rng: np.random.Generator) -> tuple[tuple, tuple]:
+    """A bright foreground and a dark background of unrelated random hues (RGB 0-255)."""
+    hue = rng.uniform(0, 1)
+    fg = colorsys.hsv_to_rgb(hue, rng.uniform(0.5, 1.0), rng.uniform(0.75, 1.0))
+    bg_hue = (hue + rng.uniform(0.25, 0.75)) % 1.0
+    bg = colorsys.hsv_to_rgb(bg_hue, rng.uniform(0.0, 0.6), rng.uniform(0.05, 0.35))
+    return tuple(round(255 * v) for v in fg), tuple(round(255 * v) for v in bg)
+
+
+def _glyph_image(label: int, rng: np.random.Generator, size: int) -> Image.Image:
+    """One character of class `label`: random position, scale, rotation, stroke and colours,
+    and a little noise."""
+    fg, bg = _contrasting_colours(rng)
+    canvas = 2 * size
+    font = ImageFont.truetype(str(_font_path()), round(canvas * rng.uniform(0.55, 0.8)))
+    glyph = Image.new("L", (canvas, canvas), 0)
+    ImageDraw.Draw(glyph).text(
+        (canvas / 2, canvas / 2),
+        GLYPHS[label % len(GLYPHS)],
+        fill=255,
+        font=font,
+        anchor="mm",
+        stroke_width=int(rng.integers(0, 3)),
+        stroke_fill=255,
+    )
+    shift = rng.uniform(-0.1, 0.1, size=2) * canvas
+    glyph = glyph.rotate(rng.uniform(-15, 15), Image.Resampling.BILINEAR, translate=tuple(shift))
+    image = Image.composite(
+        Image.new("RGB", glyph.size, fg), Image.new("RGB", glyph.size, bg), glyph
+    )
+    image = np.asarray(image.resize((size, size), Image.Resampling.LANCZOS), dtype=np.float64)
+    noisy = image + rng.normal(0, 6, image.shape)
+    return Image.fromarray(np.clip(noisy, 0, 255).round().astype(np.uint8))
+
+
+def _colour_image(label: int, rng: np.random.Generator, size: int, classes: int) -> Image.Image:
+    """A random shape of any class, in the colour of class `label`: its hue is the class's
+    (evenly spaced around the wheel, +-0.02), saturation and value vary as in `shapes`."""
+    hue = (label / classes + rng.uniform(-0.02, 0.02)) % 1.0
+    fg = colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.75, 1.0))
+    bg = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.0, 0.3), rng.uniform(0.05, 0.3))
+    shape = _DEMO_SHAPES[int(rng.integers(len(_DEMO_SHAPES)))]
+    canvas = 2 * size
+    image = Image.new("RGB", (canvas, canvas), tuple(round(255 * v) for v in bg))
+    r = canvas * rng.uniform(0.22, 0.34)
+    cx, cy = canvas * (0.5 + rng.uniform(-0.12, 0.12, size=2))
+    _draw_shape(ImageDraw.Draw(image), shape, cx, cy, r, tuple(round(255 * v) for v in fg))
+    return image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def demo_image(kind: str, label: int, rng: np.random.Generator, size: int, classes: int):
+    """One image of class `label` of the demo dataset `kind` (DEMO_KINDS in core/config.py)."""
+    if kind == "shapes":
+        return _demo_image(label, rng, size)
+    if kind == "glyphs":
+        return _glyph_image(label, rng, size)
+    if kind == "colours":
+        return _colour_image(label, rng, size, classes)
+    raise ValueError(f"unknown demo dataset {kind!r}: shapes, glyphs or colours")
+
+
+def make_demo_dataset(
+    root, classes: int, per_class: int, size: int, seed: int, kind: str = "shapes"
+) -> int:
     """Write a procedural ImageNet-layout dataset under `root/train` and return its size."""
+    if kind == "glyphs" and classes > len(GLYPHS):
+        raise DataError(f"the glyphs demo has {len(GLYPHS)} classes, not {classes}")
     train = Path(root) / "train"
     if train.exists():
         shutil.rmtree(train)
@@ -105,6 +191,6 @@ def make_demo_dataset(root, classes: int, per_class: int, size: int, seed: int) 
         folder.mkdir(parents=True)
         for i in range(per_class):
             rng = np.random.default_rng([seed, label, i])
-            image = _demo_image(label, rng, size)
+            image = demo_image(kind, label, rng, size, classes)
             image.save(folder / f"{wnid}_{i}.JPEG", quality=_DEMO_JPEG_QUALITY)
     return classes * per_class

@@ -160,8 +160,10 @@ class FeatureNetwork(nn.Module):
         for i, block in enumerate(vit.blocks):
             x = block(x)
             if i in VIT_BLOCKS:
-                grid = x[:, vit.num_prefix_tokens :].transpose(1, 2)  # (B, 768, 196)
-                feats.append(grid.reshape(B, -1, side, side))  # (B, 768, 14, 14)
+                # Contiguous, as the reference's token maps: a strided grid makes the
+                # readout convs sum in another order (up to 1.7e-5 apart in fp32).
+                grid = x[:, vit.num_prefix_tokens :].transpose(1, 2).contiguous()  # (B, 768, 196)
+                feats.append(grid.view(B, -1, side, side))  # (B, 768, 14, 14)
         return [layer(f) for layer, f in zip(self.readout, feats, strict=True)]
 
 
