@@ -124,6 +124,23 @@ def _init_heads(affine: nn.Linear, hidden: int) -> None:
         affine.bias[6 + 2 * hidden :] = 1.0  # lift bias a
 
 
+def _init_mixing(linear: nn.Linear) -> None:
+    """He init for leaky ReLU 0.2 and zero bias: each level keeps the signal's scale.
+
+    With PyTorch's default nn.Linear init (weights of std 1/sqrt(3C), biases of the same
+    size) every level shrinks the per-pixel signal about sqrt(6)-fold and adds a constant,
+    so after ten levels G's output is one flat colour that depends on neither z, the class
+    nor the pixel (spread across samples 0.001 at C = 128): G starts collapsed and must
+    first grow every W_i. Here samples differ from step 0 (spread 0.2-0.5) with a light
+    tail (docs/differences.md).
+    """
+    with torch.no_grad():
+        nn.init.normal_(
+            linear.weight, 0.0, math.sqrt(2 / (1 + 0.2**2)) / math.sqrt(linear.in_features)
+        )
+        linear.bias.zero_()
+
+
 class PolyLevel(nn.Module):
     """One level of the polynomial: heads read w, then each pixel rises one order."""
 
@@ -143,6 +160,7 @@ class PolyLevel(nn.Module):
         # equalized layer (lrelu with gain sqrt 2), docs/model.md section 2.
         if mixing == "plain":
             self.linear, self.gain = nn.Linear(hidden, hidden), 1.0
+            _init_mixing(self.linear)
         else:
             self.linear, self.gain = EqualizedLinear(hidden, hidden), math.sqrt(2)
 
