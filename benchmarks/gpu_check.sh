@@ -2,7 +2,10 @@
 # GPU checks, for whenever a CUDA device is at hand: the generator benchmark on CUDA in
 # fp32 and bf16 autocast (outputs checked against the plain version; model FLOP
 # utilisation against the device's dense bf16 peak), then the training-step benchmark
-# (images/s, peak CUDA memory). Paste the output into README.md's benchmark section.
+# (images/s, peak CUDA memory), then the metrics (feature networks vs the device's own
+# convolution and matmul throughput on the same shapes, channels-last vs NCHW, bf16;
+# the Frechet distance; extraction vs torch-fidelity) and the whole evaluate stage.
+# Paste the output into docs/benchmarks.md.
 #
 #   bash benchmarks/gpu_check.sh            # PYTHON=.venv/bin/python by default
 #   PEAK_TFLOPS=989 bash benchmarks/gpu_check.sh   # a device the peak table lacks
@@ -17,4 +20,5 @@ if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
     exit 1
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PYTHON" -m benchmarks --only generator --only train_step --json gpu_check.json "$@"
+"$PYTHON" -m benchmarks --only generator --only train_step --only metrics \
+    --only evaluate --json gpu_check.json "$@"

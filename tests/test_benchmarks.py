@@ -91,3 +91,30 @@ def test_evaluate_benchmark_joins_the_table_and_sets_up_a_valid_stage(tmp_path):
     assert all(path.is_file() for path in weights.values())
     assert cfg.eval.num_samples == 8 and not cfg.eval.allow_random_weights
     assert tuple(evaluate._samples(cfg, g, "cpu").shape) == (8, 3, 16, 16)
+
+
+def test_feature_network_limits_run_the_networks_own_convolutions():
+    """The conv and matmul limits of the metrics benchmark replay every convolution of one
+    forward pass with its shapes, and count 2 x multiply-adds as its FLOPs."""
+    import torch
+    import torch.nn as nn
+
+    from benchmarks import metrics
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+            self.b = nn.Conv2d(4, 5, 1)
+
+        def forward(self, images):
+            return {"f": self.b(self.a(images.float())).mean((2, 3))}
+
+    calls = metrics._conv_calls(Tiny(), torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    assert [(tuple(s), tuple(o)) for _, s, o in calls] == [
+        ((2, 3, 8, 8), (2, 4, 4, 4)),
+        ((2, 4, 4, 4), (2, 5, 4, 4)),
+    ]
+    assert metrics._flops(calls) == 2 * (27 * 4 * 32 + 4 * 5 * 32)
+    metrics._conv_limit(calls, torch.device("cpu"), torch.float32)()
+    metrics._matmul_limit(calls, torch.device("cpu"), torch.float32)()

@@ -92,6 +92,23 @@ def test_random_weight_fid_separates_different_image_sets(random_inception):
     assert frechet_distance(*stats_a.mean_cov(0), *stats_b.mean_cov(0)) > 1e-2
 
 
+def test_loaded_networks_are_frozen_channels_last_and_match_the_contiguous_network(
+    random_inception,
+):
+    """The loaded Inception is in eval mode without gradients, its convolutions channels-last
+    (the CPU's fast layout), and its features equal those of the same weights in NCHW."""
+    assert not random_inception.training
+    assert not any(p.requires_grad for p in random_inception.parameters())
+    weight = random_inception.net.Conv2d_4a_3x3.conv.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    contiguous = featurenets.random_inception(0, "cpu").to(memory_format=torch.contiguous_format)
+    images = random_images(3, seed=4)
+    fast, plain = extract(random_inception, images), extract(contiguous, images)
+    for key in ("pool", "logits", "spatial"):  # other convolution kernels: round-off only
+        difference = np.linalg.norm(fast[key] - plain[key]) / np.linalg.norm(plain[key])
+        assert difference < 1e-5, key
+
+
 def test_missing_vgg16_weights_name_the_file_and_the_escape_hatch():
     """Precision/recall of stylegan-xl needs VGG16: the error names the file and the option."""
     with pytest.raises(MissingWeightsError) as info:

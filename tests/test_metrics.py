@@ -56,6 +56,51 @@ def test_frechet_distance_matches_sqrtm_formula_on_random_covariances():
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
 
 
+def _realish_features(n, d, shift, seed):
+    """Inception-pool-like rows (N, D): non-negative, correlated through a few factors."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(24, d)) / 6
+    return np.maximum(rng.normal(size=(n, 24)) @ mix + 0.3 + shift, 0) + 0.05 * rng.random((n, d))
+
+
+def _sqrtm_fd(x, y):
+    mu1, s1, mu2, s2 = x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False)
+    covmean = np.real(scipy.linalg.sqrtm(s1 @ s2))
+    return ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean)
+
+
+@pytest.mark.parametrize("kind", ["random", "real-like"])
+@pytest.mark.parametrize(("n1", "n2", "d"), [(12, 30, 48), (40, 9, 48), (10, 14, 48), (60, 70, 24)])
+def test_low_rank_frechet_distance_agrees_with_sqrtm(kind, n1, n2, d):
+    """With either, both or no sample factors (N < D or N >= D) the Frechet distance equals
+    the sqrtm formula to 1e-6 relative."""
+    if kind == "random":
+        rng = np.random.default_rng(n1 + n2)
+        x, y = rng.normal(size=(n1, d)), rng.normal(size=(n2, d)) @ rng.normal(size=(d, d))
+    else:
+        x, y = _realish_features(n1, d, 0.0, 1), _realish_features(n2, d, 0.02, 2)
+    expected = _sqrtm_fd(x, y)
+    mu1, s1, mu2, s2 = x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False)
+    f1, f2 = metrics.covariance_factor(x, 1), metrics.covariance_factor(y, 1)
+    np.testing.assert_allclose(f1 @ f1.T, s1, rtol=1e-12, atol=1e-12)
+    for factors in [(f1, None), (None, f2), (f1, f2), (None, None)]:
+        got = frechet_distance(mu1, s1, mu2, s2, *factors)
+        assert got == pytest.approx(expected, rel=1e-6), factors
+
+
+def test_low_rank_trace_term_is_taken_only_with_fewer_samples_than_dimensions(monkeypatch):
+    """A factor with N >= D leaves the general eigenvalue path; one with N < D avoids it."""
+    rng = np.random.default_rng(3)
+    calls = []
+    real_eigvals = scipy.linalg.eigvals
+    monkeypatch.setattr(scipy.linalg, "eigvals", lambda a: calls.append(a) or real_eigvals(a))
+    wide, tall = rng.normal(size=(8, 16)), rng.normal(size=(32, 16))
+    for x in (wide, tall):
+        s = np.cov(x, rowvar=False)
+        frechet_distance(x.mean(0), s, x.mean(0) + 1, s, metrics.covariance_factor(x, 1))
+    assert len(calls) == 1 and calls[0].shape == (16, 16)
+
+
 @pytest.mark.parametrize("ddof", [0, 1])
 def test_feature_stats_over_batches_equal_numpy_mean_and_covariance(ddof):
     """Accumulating in batches gives np.mean and np.cov with the protocol's normalisation."""

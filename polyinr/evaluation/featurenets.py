@@ -38,10 +38,17 @@ def no_tf32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def frozen(model: nn.Module, device) -> nn.Module:
+    """A feature network on `device` for inference: eval mode, no gradients, channels-last
+    convolutions (2.2x the NCHW Inception on CPU cores; docs/benchmarks.md)."""
+    model = model.to(device, memory_format=torch.channels_last)
+    return model.eval().requires_grad_(False)
+
+
 def extract(model: nn.Module, images_uint8: torch.Tensor) -> dict[str, np.ndarray]:
     """images (N, 3, H, W) uint8 -> the model's named features as float64 arrays (N, D)."""
     device = next(model.parameters()).device
-    with no_tf32(), torch.no_grad():
+    with no_tf32(), torch.inference_mode():
         feats = model(images_uint8.to(device))
     return {k: v.detach().cpu().numpy().astype(np.float64) for k, v in feats.items()}
 
@@ -136,7 +143,7 @@ def random_inception(seed: int, device) -> InceptionFeatures:
     buffer.seek(0)
     label = f"RANDOM Inception weights (seed {seed})"
     model = InceptionFeatures(_inception_net(buffer), label, f"random-kaiming-seed{seed}")
-    return model.to(device).eval().requires_grad_(False)
+    return frozen(model, device)
 
 
 def load_inception(
@@ -155,7 +162,7 @@ def load_inception(
             ) from None
         model = InceptionFeatures(net, "TF-2015 Inception weights", "")
         model.weights_id = f"inception-{file_sha256(found)[:16]}"
-        return model.to(device).eval().requires_grad_(False), True
+        return frozen(model, device), True
     if allow_random:
         return random_inception(random_seed, device), False
     looked = " nor at ".join(repr(p) for p in (weights_path, cached) if p)
@@ -216,7 +223,7 @@ def load_vgg16(
             "network here), or set eval.allow_random_weights=true for labelled random-weight "
             "numbers."
         )
-    return model.to(device).eval().requires_grad_(False), real
+    return frozen(model, device), real
 
 
 # ---------------------------------------------------------------------------------------------

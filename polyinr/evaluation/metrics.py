@@ -23,6 +23,9 @@ from polyinr.evaluation.reference import load_reference
 from polyinr.model.generator import to_uint8  # samples are scored exactly as they are exported
 
 PR_K = 3
+# Up to this many samples their feature rows are kept (float32, 8 KiB each per statistic) for
+# the Frechet distances' low-rank trace term: exact, and O(N^2 D) instead of O(D^3) for N < D.
+FACTOR_ROWS = 2048
 PARTS = ("fid", "pr", "rfid")  # fid: FID + sFID (+ IS on samples); pr: precision/recall
 
 
@@ -30,14 +33,48 @@ PARTS = ("fid", "pr", "rfid")  # fid: FID + sFID (+ IS on samples); pr: precisio
 # Metrics
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Frechet distance between two Gaussians, trace term from eigenvalues of sigma1 @ sigma2."""
+def covariance_factor(rows: np.ndarray, ddof: int) -> np.ndarray:
+    """Feature rows (N, D) -> F (D, N), the centred rows over sqrt(N - ddof): sigma = F F^T."""
+    x = np.asarray(rows, np.float64)
+    if len(x) <= ddof:
+        raise ValueError(f"need more than {ddof} samples, have {len(x)}")
+    return (x - x.mean(axis=0)).T / np.sqrt(len(x) - ddof)
+
+
+def _low_rank(factor) -> bool:
+    """Whether a factor (D, N) makes the trace term cheaper: fewer samples than dimensions."""
+    return factor is not None and factor.shape[1] < factor.shape[0]
+
+
+def trace_sqrt_product(sigma1, sigma2, factor1=None, factor2=None) -> float:
+    """tr(sqrtm(sigma1 @ sigma2)) for PSD sigmas, exactly, at the samples' cost when it can.
+
+    The nonzero eigenvalues of S1 S2 = F1 F1^T S2 equal those of the symmetric (N1, N1)
+    F1^T S2 F1, and with both factors those of (F1^T F2)(F1^T F2)^T, whose square roots are
+    the singular values of F1^T F2: O(N^2 D) instead of the O(D^3) eigenvalues of S1 S2.
+    """
+    if _low_rank(factor1) and _low_rank(factor2):
+        return float(scipy.linalg.svdvals(factor1.T @ factor2).sum())
+    if _low_rank(factor2):  # tr sqrtm(S1 S2) = tr sqrtm(S2 S1)
+        sigma1, sigma2, factor1 = sigma2, sigma1, factor2
+    if _low_rank(factor1):
+        eigenvalues = scipy.linalg.eigvalsh(factor1.T @ (sigma2 @ factor1))
+        return float(np.sqrt(np.clip(eigenvalues, 0, None)).sum())
+    # The general path: eigenvalues of S1 S2 are real and >= 0 for PSD inputs; round-off
+    # makes tiny imaginary or negative parts, hence the real part clipped at 0.
+    eigenvalues = scipy.linalg.eigvals(sigma1 @ sigma2)
+    return float(np.sqrt(np.clip(eigenvalues.real, 0, None)).sum())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, factor1=None, factor2=None) -> float:
+    """Frechet distance between two Gaussians, trace term from eigenvalues (exact).
+
+    factor1/factor2 (optional, (D, N)): sigma = F F^T (covariance_factor of the rows it came
+    from); with fewer rows than dimensions the trace term costs O(N^2 D), not O(D^3).
+    """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    # tr(sqrtm(S1 S2)) = sum of sqrt of the eigenvalues of S1 S2, which are real and >= 0 for
-    # PSD inputs; round-off makes tiny imaginary or negative parts, hence real part clipped at 0.
-    eigenvalues = scipy.linalg.eigvals(sigma1 @ sigma2)
-    trace_sqrt = np.sqrt(np.clip(eigenvalues.real, 0, None)).sum()
+    trace_sqrt = trace_sqrt_product(sigma1, sigma2, factor1, factor2)
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
@@ -146,6 +183,8 @@ def evaluate(
         ["rpool"] if "rfid" in parts else []
     )
     row_keys = (["logits"] if "fid" in parts else []) + ([pr_key] if "pr" in parts else [])
+    factor_keys = stats_keys if n <= FACTOR_ROWS else []
+    row_keys = list(dict.fromkeys(row_keys + factor_keys))
     names = nets.names(parts)
     out, rows = accumulate(
         mine(),
@@ -160,13 +199,17 @@ def evaluate(
     )
 
     inception = nets.get("inception")
+    factors = {k: covariance_factor(rows[k], ddof) for k in factor_keys}
     result = {"protocol": cfg.protocol, "num_samples": n, "seed": cfg.seed, "psi": cfg.psi}
     if "fid" in parts:
         result["fid"] = frechet_distance(
-            *out["pool"].mean_cov(ddof), reference["mu"], reference["sigma"]
+            *out["pool"].mean_cov(ddof), reference["mu"], reference["sigma"], factors.get("pool")
         )
         result["sfid"] = frechet_distance(
-            *out["spatial"].mean_cov(ddof), reference["mu_s"], reference["sigma_s"]
+            *out["spatial"].mean_cov(ddof),
+            reference["mu_s"],
+            reference["sigma_s"],
+            factors.get("spatial"),
         )
         # 10 consecutive splits as published; tiny runs keep >= 2 samples per split.
         result["is_mean"], result["is_std"] = inception_score(rows["logits"], min(10, n // 2))
@@ -179,7 +222,10 @@ def evaluate(
         result["pr_weights"] = nets.get(nets.pr_network()[0]).label
     if "rfid" in parts:
         result["rfid"] = frechet_distance(
-            *out["rpool"].mean_cov(ddof), reference["mu_r"], reference["sigma_r"]
+            *out["rpool"].mean_cov(ddof),
+            reference["mu_r"],
+            reference["sigma_r"],
+            factors.get("rpool"),
         )
         result["rfid_seed"] = cfg.random_seed
         result["rfid_label"] = (
