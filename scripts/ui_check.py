@@ -15,6 +15,7 @@ import html.parser
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -60,6 +61,7 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
     "--hide-scrollbars",
+    "--run-all-compositor-stages-before-draw",  # else the DOM is dumped before charts draw
 ]
 
 
@@ -79,7 +81,7 @@ def start_mlflow(root: Path) -> tuple[subprocess.Popen, str]:
     log = (root / "mlflow-server.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # ~15 s idle, minutes on busy shared cores
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"mlflow server exited: {(root / 'mlflow-server.log').read_text()}")
@@ -89,8 +91,18 @@ def start_mlflow(root: Path) -> tuple[subprocess.Popen, str]:
                     return proc, url
         except OSError:
             time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError(f"mlflow server not healthy at {url} after 120 s")
+    stop(proc)
+    raise RuntimeError(f"mlflow server not healthy at {url} after 300 s")
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Stop the server and its workers (its process group): SIGTERM, SIGKILL after 60 s."""
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
 
 
 def train_runs(root: Path, server: str) -> None:
@@ -178,7 +190,7 @@ def chromium(url: str, *args: str, size: str = "1400,900") -> str:
     with tempfile.TemporaryDirectory() as profile:
         cmd = [shutil.which("chromium") or "chromium", *CHROMIUM_FLAGS]
         cmd += [f"--user-data-dir={profile}", f"--window-size={size}"]
-        cmd += ["--virtual-time-budget=15000", *args, url]
+        cmd += ["--virtual-time-budget=20000", *args, url]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     if proc.returncode != 0:
         raise RuntimeError(f"chromium failed on {url}: {proc.stderr[-2000:]}")
@@ -186,15 +198,15 @@ def chromium(url: str, *args: str, size: str = "1400,900") -> str:
 
 
 def render(url: str, size: str = "1400,900") -> _Text:
-    """The page at `url` as Chromium renders it (its DOM after 15 s of virtual time) in a
+    """The page at `url` as Chromium renders it (its DOM after 20 s of virtual time) in a
     window of `size` (charts below the window are not drawn)."""
     page = _Text()
     page.feed(chromium(url, "--dump-dom", size=size))
     return page
 
 
-def screenshot(url: str, path: Path) -> None:
-    chromium(url, f"--screenshot={path}")
+def screenshot(url: str, path: Path, size: str = "1400,900") -> None:
+    chromium(url, f"--screenshot={path}", size=size)
 
 
 def _shown(value: float, page: _Text) -> bool:
@@ -294,12 +306,12 @@ def run_check(root: Path | None, shots: Path | None) -> list[str]:
                 failures += check_artifact(viewer, png)
             if shots:
                 shots.mkdir(parents=True, exist_ok=True)
-                screenshot(table, shots / "mlflow-experiment.png")
+                # Wide enough for the key columns beside the MLflow Assistant panel.
+                screenshot(table, shots / "mlflow-experiment.png", "2000,700")
                 screenshot(compare, shots / "mlflow-compare.png")
             return failures
         finally:
-            os.killpg(server.pid, 15)
-            server.wait(timeout=60)
+            stop(server)
 
 
 def main(argv=None) -> int:
