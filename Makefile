@@ -7,7 +7,8 @@ export PATH := $(BIN):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup demo test test-fast lint format clean stack-up stack-down stack-status docs-images
+.PHONY: setup demo test test-fast lint format clean stack-up stack-down stack-status docs-images \
+	ui-check
 
 setup:
 	VENV=$(VENV) bash scripts/install.sh
@@ -31,6 +32,11 @@ lint: setup
 format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# The MLflow UI as users see it: two tiny runs on a server on 127.0.0.1, pages rendered by
+# headless Chromium and checked (scripts/ui_check.py, docs/evaluation.md); screenshots to docs/.
+ui-check: setup
+	$(BIN)/python scripts/ui_check.py --shots docs
 
 # The local stack (S3, MLflow, Prefect server + a worker for the `local` pool): scripts/stack.sh.
 stack-up: setup

@@ -10,9 +10,10 @@ VENV=${VENV:-.venv}
 say() { echo "install.sh: $*"; }
 
 # System packages (Debian/Ubuntu): a C++ compiler, pkg-config, libjpeg-turbo and OpenCV for
-# FFCV's extension; Python headers and venv support only where this Python lacks them.
+# FFCV's extension; chromium for the UI checks (scripts/ui_check.py); Python headers and venv
+# support only where this Python lacks them.
 if [[ ${POLYINR_SKIP_APT:-0} != 1 ]]; then
-    want=(g++ pkg-config libturbojpeg0-dev libopencv-dev)
+    want=(g++ pkg-config libturbojpeg0-dev libopencv-dev chromium)
     "$PYTHON" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(
         os.path.join(sysconfig.get_paths()["include"], "Python.h")))' || want+=(python3-dev)
     [[ ${POLYINR_NO_VENV:-0} == 1 ]] || "$PYTHON" -c 'import ensurepip' 2>/dev/null ||

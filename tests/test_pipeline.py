@@ -74,8 +74,8 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["train.batch"] == "32"
-    assert "loss_g" in run.data.metrics and "eval/fid" in run.data.metrics
-    assert "fid8" in run.data.metrics
+    assert "loss/g" in run.data.metrics and "eval/fid" in run.data.metrics
+    assert "fid/fid8" in run.data.metrics
     assert run.data.tags["eval.inception_weights"].startswith("random")
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

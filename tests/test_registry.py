@@ -107,7 +107,7 @@ def test_publish_registers_under_the_run_that_trained_the_generator(tmp_path, si
     ]
     cfg = config.load(ROOT / "params.yaml", overrides).tracking
     with tracking.start_run(cfg) as run:  # what training does
-        tracking.log_metrics({"loss_g": 1.0}, step=32)
+        tracking.log_metrics({"loss/g": 1.0}, step=32)
     torch.manual_seed(0)
     gen = tmp_path / "generator.pt"
     meta = {"resolution": 8, "cur_nimg": 32, "mlflow_run_id": run.info.run_id}

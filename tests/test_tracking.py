@@ -40,3 +40,77 @@ def test_a_kill_while_the_sqlite_store_is_created_leaves_no_broken_store(tmp_pat
     tracking.end_run()
     assert run_id in tracking.run_url(cfg, run_id) and db.is_file()
     assert not list(tmp_path.glob(".mlflow.db.*.tmp"))
+
+
+def test_metric_names_group_by_their_first_word():
+    """Curve columns go to MLflow as kind/name, so the UI sorts and charts losses, accuracies
+    and FIDs in their own groups; names already grouped stay as they are."""
+    names = ["loss_g", "loss_d", "acc_real_0", "blur_sigma", "fid10k", "eval/fid", "kimg"]
+    keys = [tracking.metric_key(n) for n in names]
+    assert keys == [
+        "loss/g",
+        "loss/d",
+        "acc/real_0",
+        "blur/sigma",
+        "fid/fid10k",
+        "eval/fid",
+        "kimg",
+    ]
+
+
+def test_a_run_opens_as_model_training_with_its_dataset_and_key_columns(tmp_path):
+    """A new experiment is tagged as model training (the UI opens it on its runs, not the GenAI
+    overview) and holds the key-columns view; a run logs the FFCV file as its dataset input
+    (name, manifest digest, source), grouped metric names, and no tracking.* params."""
+    import json
+
+    import mlflow
+
+    cfg = TrackingConfig(f"sqlite:///{tmp_path / 'mlflow.db'}", "e", str(tmp_path / "a"), "r")
+    manifest = {"resolution": 16, "written": 12, "classes": ["n1", "n2"], "encoding": "jpg"}
+    manifest |= {"source": "data/demo", "source_fingerprint": "f"}
+    params = {"train.lr_g": 0.002, "eval.train_samples": 256, "tracking.run_name": "r"}
+    run_id = tracking.start_run(cfg, params=params).info.run_id
+    tracking.log_dataset(tmp_path / "train_16.beton", manifest)
+    tracking.log_metrics({"loss_g": 1.5}, step=8)
+    tracking.end_run()
+
+    client = mlflow.MlflowClient(cfg.uri)
+    run = client.get_run(run_id)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    saved = json.loads(experiment.tags[f"mlflow.sharedViewState.{tracking.VIEW_KEY}"])
+    assert saved["name"] and isinstance(saved["createdAt"], int)
+    view = json.loads(saved["state"])
+    assert "params.`train.lr_g`" in view["selectedColumns"]
+    assert "metrics.`fid/fid256`" in view["selectedColumns"]
+    assert run.data.params == {"train.lr_g": "0.002", "eval.train_samples": "256"}
+    assert run.data.metrics == {"loss/g": 1.5}
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.name == "demo-16px" and len(inp.dataset.digest) == 12
+    assert json.loads(inp.dataset.source)["uri"] == str(tmp_path / "train_16.beton")
+    assert {t.key: t.value for t in inp.tags}["images"] == "12"
+
+    # Content only: the same manifest gives the same digest, another one another digest.
+    changed = dict(manifest, written=11)
+    run_id = tracking.start_run(cfg).info.run_id
+    tracking.log_dataset(tmp_path / "train_16.beton", manifest)
+    tracking.log_dataset(tmp_path / "train_16.beton", changed)
+    tracking.end_run()
+    digests = [i.dataset.digest for i in client.get_run(run_id).inputs.dataset_inputs]
+    assert len(set(digests)) == 2 and inp.dataset.digest in digests
+
+
+def test_a_person_s_experiment_kind_is_kept(tmp_path):
+    """An experiment whose kind a person changed in the UI keeps it when the next run starts."""
+    import mlflow
+
+    cfg = TrackingConfig(f"sqlite:///{tmp_path / 'mlflow.db'}", "e", str(tmp_path / "a"), "r")
+    tracking.start_run(cfg)
+    tracking.end_run()
+    client = mlflow.MlflowClient(cfg.uri)
+    experiment_id = client.get_experiment_by_name("e").experiment_id
+    client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "genai_development")
+    tracking.start_run(cfg)
+    tracking.end_run()
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "genai_development"

@@ -221,6 +221,7 @@ def test_fid_during_training_marks_each_stage_best_and_the_next_stage_starts_fro
     import mlflow
 
     from polyinr.evaluation import metrics
+    from polyinr.training import tracking
     from polyinr.training.checkpoints import CheckpointStore
     from polyinr.training.rundir import RunDir
 
@@ -263,7 +264,8 @@ def test_fid_during_training_marks_each_stage_best_and_the_next_stage_starts_fro
     curve = (tmp_path / "run/fid.csv").read_text().splitlines()
     assert curve[0] == f"kimg,stage,resolution,{name}" and len(curve) == 5
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    history = mlflow.MlflowClient().get_metric_history(result["mlflow_run_id"], name)
+    client = mlflow.MlflowClient()
+    history = client.get_metric_history(result["mlflow_run_id"], tracking.metric_key(name))
     assert sorted((m.step, m.value) for m in history) == [(8, 3.0), (16, 1.0), (24, 2.0), (32, 5.0)]
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +55,85 @@ def start_run(cfg: TrackingConfig, run_id: str | None = None, params: dict | Non
         experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id
+    _label_experiment(mlflow.MlflowClient(), experiment_id, experiment, params or {})
     run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.run_name)
     if params:
-        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        # tracking.* says where the run is logged, which the run itself shows: as params they
+        # only lead the compare page's list of differences.
+        shown = {k: str(v)[:6000] for k, v in params.items() if not k.startswith("tracking.")}
+        mlflow.log_params(shown)
     return run
+
+
+# The experiment's kind (MLflow 3's ExperimentKind tag). MLflow 3.17.2's UI ignores it: a
+# global "GenAI | Model training" switch (the URL's workflowType, else the browser's choice,
+# GenAI by default) picks the page, so the links below say workflowType=machine_learning.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+ML_WORKFLOW = "workflowType=machine_learning"
+# A saved view of the runs table (the UI's "Views" menu, an experiment tag
+# `mlflow.sharedViewState.<id>`), opened by view_url: the columns people compare runs by.
+VIEW_KEY = "polyinr"
+KEY_PARAMS = ("train.lr_g", "train.lr_d", "train.batch", "train.stages", "generator.hidden")
+KEY_METRICS = ("loss/g", "loss/d", "eval/fid")
+
+
+def _view_state(params: dict) -> str:
+    """The saved view's envelope ({name, createdAt, state}) as the UI's "Save view" writes it."""
+    from polyinr.evaluation.metrics import metric_name
+
+    metrics = list(KEY_METRICS)
+    if "eval.train_samples" in params:  # the FID during training, named by its sample count
+        metrics.insert(2, metric_key(metric_name(int(params["eval.train_samples"]))))
+    columns = ["attributes.`Dataset`"]
+    columns += [f"metrics.`{k}`" for k in metrics] + [f"params.`{k}`" for k in KEY_PARAMS]
+    state = {"orderByKey": "attributes.start_time", "orderByAsc": False}
+    state |= {"selectedColumns": columns, "runListHidden": False}
+    created = int(time.time() * 1000)
+    return json.dumps({"name": "polyinr: key params and metrics", "createdAt": created,
+                       "updatedAt": created, "state": json.dumps(state)})  # fmt: skip
+
+
+def _label_experiment(client, experiment_id: str, experiment, params: dict) -> None:
+    """Tag the experiment as model training and give it the key-columns view, unless a person
+    (or an earlier run) already set those tags."""
+    tags = experiment.tags if experiment is not None else {}
+    wanted = {EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]}
+    wanted[f"mlflow.sharedViewState.{VIEW_KEY}"] = _view_state(params)
+    for key, value in wanted.items():
+        if key not in tags:
+            client.set_experiment_tag(experiment_id, key, value)
+
+
+def metric_key(name: str) -> str:
+    """The MLflow name of a curve column, grouped by its first word so that the UI sorts and
+    charts it with its kind: loss_g -> loss/g, acc_real_0 -> acc/real_0, fid10k -> fid/fid10k."""
+    if "/" in name:
+        return name
+    if name.startswith("fid"):
+        return f"fid/{name}"
+    return name.replace("_", "/", 1)
+
+
+def log_dataset(path: str | Path, manifest: dict, context: str = "training") -> None:
+    """The FFCV file of one resolution as the active run's dataset input: named after its
+    source and resolution, its digest a hash of its manifest (content only), its source the
+    file."""
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    resolution = manifest["resolution"]
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:12]
+    name = f"{Path(str(manifest['source'])).stem}-{resolution}px"
+    source = LocalArtifactDatasetSource(str(Path(path).resolve()))
+    tags = {
+        "resolution": str(resolution),
+        "images": str(manifest["written"]),
+        "classes": str(len(manifest["classes"])),
+        "encoding": str(manifest["encoding"]),
+    }
+    dataset = MetaDataset(source, name=name, digest=digest)
+    mlflow.log_input(dataset, context=context, tags=tags)
 
 
 PREVIOUS_RUN_TAG = "polyinr.previous_run_id"
@@ -84,10 +162,11 @@ def continue_run(cfg: TrackingConfig, run_id: str, params: dict | None = None):
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    """Numbers of the active run at `step` (cur_nimg, images seen, for training curves)."""
+    """Numbers of the active run at `step` (cur_nimg, images seen, for training curves), under
+    their grouped names (metric_key)."""
     import mlflow
 
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+    mlflow.log_metrics({metric_key(k): float(v) for k, v in metrics.items()}, step=step)
 
 
 def log_event(record: dict) -> None:
@@ -143,5 +222,12 @@ def run_url(cfg: TrackingConfig, run_id: str) -> str:
     _connect(cfg)
     experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
     if cfg.uri.startswith(("http://", "https://")):
-        return f"{cfg.uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return f"{cfg.uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{ML_WORKFLOW}"
     return f"{cfg.uri} experiment {experiment_id} run {run_id} (`mlflow ui --backend-store-uri`)"
+
+
+def view_url(server: str, experiment_id: str) -> str:
+    """The experiment's runs table on an MLflow server, with the key params and metrics as
+    columns (the view _label_experiment stored)."""
+    base = f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"{base}?{ML_WORKFLOW}&viewStateShareKey={VIEW_KEY}"

@@ -372,6 +372,9 @@ def _train(
                 "train.stages": str(config.flatten(cfg)["train.stages"]),
             }
         )
+        for stage in t.stages[: last + 1]:  # the FFCV files this command trains on
+            manifest = data.read_manifest(cfg.data.out_dir, stage.resolution)
+            tracking.log_dataset(data.beton_path(cfg.data.out_dir, stage.resolution), manifest)
         _say(
             run,
             "run_started",
