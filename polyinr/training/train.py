@@ -568,6 +568,7 @@ def _train_stage(
             rows = len(grid_classes) // 8
             grid = render_grid(g_ema, grid_classes, list(range(8)) * rows, t.sample_psi, rows)
             tracking.log_image(grid, key="samples", step=cur_nimg)  # steps are images
+            run.write_grid(grid)
         stopping = stop.any_rank(world, device)
         if not (cur_nimg >= next_snapshot or done or stopping):
             continue
@@ -680,3 +681,4 @@ def _write_curves(history: list[dict], run: RunDir) -> None:
             writer = csv.DictWriter(f, fieldnames=fields, restval="")
             writer.writeheader()
             writer.writerows(rows)
+    run.write_curves_png(history)
