@@ -665,7 +665,7 @@ def _curve_row(cur_nimg, stage, resolution, mean, heads: int, sigma: float) -> d
 
 def _write_curves(history: list[dict], run: RunDir) -> None:
     """train.csv (every row, without FIDs) and fid.csv (the rows with one), which `dvc plots`
-    and the MLflow run show."""
+    and the MLflow run show, and curves.png, the same as a picture."""
     fid_keys = sorted({k for row in history for k in row if k.startswith("fid")})
     losses = [{k: v for k, v in row.items() if k not in fid_keys} for row in history]
     fids = [
