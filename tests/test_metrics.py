@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from polyinr.core.config import DataConfig, EvalConfig, StorageConfig
-from polyinr.evaluation import metrics, reference
+from polyinr.evaluation import featurenets, metrics, reference
 from polyinr.evaluation.featurenets import Networks, no_tf32
 from polyinr.evaluation.featurestats import FeatureStats
 from polyinr.evaluation.metrics import (
@@ -237,6 +237,7 @@ class TinyNet(nn.Module):
             {k: nn.Parameter(torch.randn(48, d, generator=g)) for k, d in outputs.items()}
         )
         self.label, self.weights_id = f"tiny test double {seed}", f"tiny-{seed}"
+        self.source, self.has_logits = f"tiny-{seed}", "logits" in outputs
 
     def forward(self, images):
         """uint8 (N, 3, H, W) -> {name: (N, d)}."""
@@ -393,6 +394,7 @@ class Counting(nn.Module):
         super().__init__()
         self.net, self.calls, self.fail_at = net, 0, fail_at
         self.label, self.weights_id = net.label, net.weights_id
+        self.source, self.has_logits = net.source, net.has_logits
 
     def forward(self, images):
         self.calls += 1
@@ -522,6 +524,23 @@ def test_evaluate_scores_every_part_with_the_protocols_covariance(tmp_path, prot
     assert result["fid"] > 1e-3 and 0 <= result["precision"] <= 1
 
 
+def test_an_inception_without_logits_scores_fid_and_sfid_and_says_why_is_is_missing(tmp_path):
+    """The packaged weights have no classifier: FID and sFID as usual, no IS numbers, a note
+    naming the weights' source, and eval.json's inception_weights is that source."""
+    adm_npz(tmp_path / "ref.npz")
+    cfg = eval_config(tmp_path, reference_npz=str(tmp_path / "ref.npz"))
+    nets = tiny_networks(cfg)
+    nets._modules["inception"] = TinyNet({"pool": 6, "spatial": 7}, seed=1)
+    ref = reference.load_reference(cfg, ["fid"], 32, nets, None, None, False)
+    result = metrics.evaluate(
+        TinyGenerator(), ref, cfg, 10, nets, "cpu", parts=["fid"], progress=False
+    )
+    assert math.isfinite(result["fid"]) and math.isfinite(result["sfid"])
+    assert "is_mean" not in result and "is_std" not in result
+    assert result["is_skipped"].startswith("no IS: tiny-1 has no 1008-way logits")
+    assert result["inception_weights"] == "tiny-1"
+
+
 def test_evaluate_draws_the_same_latents_and_classes_whatever_the_batch_size(tmp_path):
     """Samples depend on cfg.seed only: batch 3 and batch 12 feed the generator the same z, c."""
     adm_npz(tmp_path / "ref.npz")
@@ -624,7 +643,7 @@ def test_evaluate_with_random_weight_networks_gives_finite_labelled_numbers(tmp_
     IS above 1; rFID shares the random network with FID and says so."""
     adm_npz(tmp_path / "ref.npz", n=8)
     cfg = eval_config(tmp_path, reference_npz=str(tmp_path / "ref.npz"), num_samples=8)
-    nets = Networks(cfg, "cpu")
+    nets = Networks(cfg, "cpu", {"inception": featurenets.random_inception(0, "cpu")})
     ref = reference.load_reference(cfg, ["pr", "rfid"], 32, nets, None, None, False)
     ref |= {"mu": np.zeros(2048), "sigma": np.eye(2048), "mu_s": np.zeros(2023)}
     ref |= {"sigma_s": np.eye(2023), "n": np.array(8)}

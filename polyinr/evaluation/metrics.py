@@ -182,7 +182,9 @@ def evaluate(
     stats_keys = (["pool", "spatial"] if "fid" in parts else []) + (
         ["rpool"] if "rfid" in parts else []
     )
-    row_keys = (["logits"] if "fid" in parts else []) + ([pr_key] if "pr" in parts else [])
+    inception = nets.get("inception")
+    with_is = "fid" in parts and inception.has_logits  # the packaged weights have no classifier
+    row_keys = (["logits"] if with_is else []) + ([pr_key] if "pr" in parts else [])
     factor_keys = stats_keys if n <= FACTOR_ROWS else []
     row_keys = list(dict.fromkeys(row_keys + factor_keys))
     names = nets.names(parts)
@@ -198,7 +200,6 @@ def evaluate(
         total=rank_share(n, cfg.batch),
     )
 
-    inception = nets.get("inception")
     factors = {k: covariance_factor(rows[k], ddof) for k in factor_keys}
     result = {"protocol": cfg.protocol, "num_samples": n, "seed": cfg.seed, "psi": cfg.psi}
     if "fid" in parts:
@@ -211,8 +212,13 @@ def evaluate(
             reference["sigma_s"],
             factors.get("spatial"),
         )
-        # 10 consecutive splits as published; tiny runs keep >= 2 samples per split.
-        result["is_mean"], result["is_std"] = inception_score(rows["logits"], min(10, n // 2))
+        if with_is:  # 10 consecutive splits as published; tiny runs keep >= 2 per split
+            result["is_mean"], result["is_std"] = inception_score(rows["logits"], min(10, n // 2))
+        else:
+            result["is_skipped"] = (
+                f"no IS: {inception.source} has no 1008-way logits; torch-fidelity's "
+                "weights file (eval.inception_weights) gives it"
+            )
         result["num_reference"] = int(reference["n"])
     if "pr" in parts:
         real = reference["pr"]
@@ -233,7 +239,7 @@ def evaluate(
             "StyleGAN-XL uses one fixed random network file: not comparable to the paper's rFID"
         )
     random = inception.weights_id.startswith("random")
-    result["inception_weights"] = f"random (seed {cfg.random_seed})" if random else "real"
+    result["inception_weights"] = inception.source
     result["reference"] = cfg.reference_npz or "training data"
     caveats = [inception.label]
     if "pr" in parts and result["pr_weights"].startswith("RANDOM") and not random:

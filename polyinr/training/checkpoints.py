@@ -184,6 +184,26 @@ class CheckpointStore:
         kimg = _snapshot_nimg(current["name"]) / 1000
         return {"name": current["name"], "kimg": kimg, "fid": current["fid"]}
 
+    def summary(self) -> dict | None:
+        """What a listing of runs shows, from the JSON files only (no checkpoint is read):
+        uri, checkpoints (count), latest {name, stage, resolution, kimg} and best {stage, fid,
+        kimg} of the last stage with one. None when the folder holds no checkpoint."""
+        names = self._names()
+        pointer = self._json(LATEST) or {}
+        if not names and not pointer:
+            return None
+        latest = pointer.get("name") or names[-1]
+        record = self._json(_record_name(latest)) or {}
+        out = {"uri": self.uri, "checkpoints": len(names), "latest": {"name": latest}}
+        out["latest"] |= {k: record[k] for k in ("stage", "resolution", "kimg") if k in record}
+        out["latest"].setdefault("kimg", _snapshot_nimg(latest) / 1000)
+        bests = self._bests()
+        if bests:
+            stage = max(bests, key=int)
+            kimg = _snapshot_nimg(bests[stage]["name"]) / 1000
+            out["best"] = {"stage": int(stage), "fid": bests[stage]["fid"], "kimg": kimg}
+        return out
+
     def records(self) -> list[dict]:
         """The committed checkpoints, oldest first: each record plus `latest` and `best` flags.
 

@@ -215,6 +215,48 @@ def end_run(status: str = "FINISHED") -> None:
     mlflow.end_run(status=status)
 
 
+def list_runs(cfg: TrackingConfig) -> list[dict]:
+    """The runs of cfg.experiment, newest first: run_id, run_name, status, start (epoch s),
+    kimg (the last loss's step), best_fid {metric, value, kimg} over the training FIDs, and
+    eval_fid. A SQLite store that does not exist yet has no runs (it is not created)."""
+    if cfg.uri.startswith("sqlite:///") and not Path(cfg.uri[len("sqlite:///") :]).exists():
+        return []
+    mlflow = _connect(cfg)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    if experiment is None:
+        return []
+    out = []
+    for run in client.search_runs([experiment.experiment_id], order_by=["start_time DESC"]):
+        metrics = run.data.metrics
+        row = {
+            "run_id": run.info.run_id,
+            "run_name": run.info.run_name,
+            "status": run.info.status,
+            "start": run.info.start_time / 1000,
+            "kimg": None,
+            "eval_fid": metrics.get("eval/fid"),
+        }
+        # Curves are logged at step = images seen: the last step of a loss is the progress.
+        loss = next((k for k in sorted(metrics) if "loss" in k and "eval" not in k), None)
+        if loss:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, loss)]
+            row["kimg"] = max(steps) / 1000
+        # Training FIDs (fid64, fid10k, ...; also under a group such as fid/) at step = images
+        # seen; the lowest is the best. The evaluate stage's eval/fid is reported apart.
+        keys = [k for k in metrics if k.rsplit("/", 1)[-1].startswith("fid") and "eval" not in k]
+        history = [
+            (m.value, key, m.step)
+            for key in keys
+            for m in client.get_metric_history(run.info.run_id, key)
+        ]
+        if history:
+            value, key, step = min(history)
+            row["best_fid"] = {"metric": key, "value": value, "kimg": step / 1000}
+        out.append(row)
+    return out
+
+
 def run_url(cfg: TrackingConfig, run_id: str) -> str:
     """Where a person looks at the run: the UI page on a server, else the store and run id."""
     import mlflow

@@ -571,6 +571,7 @@ def _train_stage(
             rows = len(grid_classes) // 8
             grid = render_grid(g_ema, grid_classes, list(range(8)) * rows, t.sample_psi, rows)
             tracking.log_image(grid, key="samples", step=cur_nimg)  # steps are images
+            run.write_grid(grid)
         stopping = stop.any_rank(world, device)
         if not (cur_nimg >= next_snapshot or done or stopping):
             continue
@@ -667,7 +668,7 @@ def _curve_row(cur_nimg, stage, resolution, mean, heads: int, sigma: float) -> d
 
 def _write_curves(history: list[dict], run: RunDir) -> None:
     """train.csv (every row, without FIDs) and fid.csv (the rows with one), which `dvc plots`
-    and the MLflow run show."""
+    and the MLflow run show, and curves.png, the same as a picture."""
     fid_keys = sorted({k for row in history for k in row if k.startswith("fid")})
     losses = [{k: v for k, v in row.items() if k not in fid_keys} for row in history]
     fids = [
@@ -683,3 +684,4 @@ def _write_curves(history: list[dict], run: RunDir) -> None:
             writer = csv.DictWriter(f, fieldnames=fields, restval="")
             writer.writeheader()
             writer.writerows(rows)
+    run.write_curves_png(history)
