@@ -177,21 +177,24 @@ def colour_distance(h1: np.ndarray, h2: np.ndarray) -> float:
     return float(np.mean(0.5 * np.abs(h1 - h2).sum(axis=1)))
 
 
-def inception_fid(net, a_uint8, b_uint8) -> float:
-    """FID between two uint8 image sets (N, 3, H, W) in the pretrained Inception's features."""
+FID_SAMPLES = 128  # samples (and held-out images) per FID: the Inception is slow on a CPU
+
+
+def inception_stats(net, images_uint8) -> tuple:
+    """(mean, covariance, covariance factor) of uint8 images (N, 3, H, W) in the pretrained
+    Inception's pool features."""
     from polyinr.evaluation import featurenets
     from polyinr.evaluation.metrics import covariance_factor
 
-    stats = []
-    for images in (a_uint8, b_uint8):
-        rows = np.concatenate(
-            [featurenets.extract(net, x)["pool"] for x in images.split(64)]
-        )  # (N, 2048)
-        stats.append((rows.mean(0), np.cov(rows, rowvar=False), covariance_factor(rows, 1)))
-    (mu1, s1, f1), (mu2, s2, f2) = stats
+    rows = np.concatenate([featurenets.extract(net, x)["pool"] for x in images_uint8.split(64)])
+    return rows.mean(0), np.cov(rows, rowvar=False), covariance_factor(rows, 1)  # (N, 2048)
+
+
+def inception_fid(a: tuple, b: tuple) -> float:
+    """FID between two inception_stats."""
     from polyinr.evaluation.metrics import frechet_distance
 
-    return frechet_distance(mu1, s1, mu2, s2, f1, f2)
+    return frechet_distance(a[0], a[1], b[0], b[1], a[2], b[2])
 
 
 @dataclasses.dataclass
@@ -210,6 +213,7 @@ class Reference:
     held_colours: np.ndarray
     train_images: torch.Tensor  # uint8, for the Inception FID
     held_images: torch.Tensor
+    inception_real: tuple | None = None  # Inception statistics of train and held-out images
 
     def floors(self) -> dict:
         """The real-vs-real values: held-out real images judged like samples."""
@@ -235,11 +239,21 @@ class Reference:
         return to_uint8(images), labels
 
     def fid(self, net, g: Generator) -> tuple[float, float]:
-        """(FID of g's samples, FID of held-out real images) against the GAN's training data."""
+        """(FID of FID_SAMPLES samples of g, FID of as many held-out real images), both
+        against the GAN's training images; the real images' statistics are kept."""
+        if self.inception_real is None:
+            pick = torch.randperm(len(self.held_images), generator=torch.Generator().manual_seed(0))
+            held = self.held_images[pick[:FID_SAMPLES]]
+            self.inception_real = (
+                inception_stats(net, self.train_images),
+                inception_stats(net, held),
+            )
+        train, held = self.inception_real
         fakes, _ = self.samples(g)
+        fakes = fakes[torch.randperm(len(fakes), generator=torch.Generator().manual_seed(0))]
         return (
-            inception_fid(net, fakes, self.train_images),
-            inception_fid(net, self.held_images, self.train_images),
+            inception_fid(inception_stats(net, fakes[:FID_SAMPLES]), train),
+            inception_fid(held, train),
         )
 
     @torch.no_grad()
@@ -466,7 +480,7 @@ def rows_of(kind: str, result: dict, out: Path) -> list[dict]:
             fid,
             floor["fid"],
             "FID",
-            f"worst seed {fid_worst:.1f}; {SAMPLES_PER_CLASS * k} samples vs the training images",
+            f"worst seed {fid_worst:.1f}; {FID_SAMPLES} samples vs the training images",
             lower_is_better=True,
         ),
         row(
