@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from polyinr.commands import pipeline
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TINY = [
@@ -38,12 +40,7 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
 
     repo = repo_copy
     # Same effect as `dvc exp run -S` (which needs git): the flow's override writer.
-    sys.path.insert(0, str(ROOT))
-    try:
-        from flows.train_flow import apply_overrides
-    finally:
-        sys.path.remove(str(ROOT))
-    apply_overrides.fn(TINY, params=repo / "params.yaml")
+    pipeline.write_overrides(TINY, repo / "params.yaml")
 
     _run([BIN / "dvc", "repro"], repo)
 
@@ -241,7 +238,6 @@ def test_workspace_is_the_commit_with_shared_cache_and_inputs(repo_copy, tmp_pat
     """With git: a worktree at HEAD (uncommitted edits of params.yaml stay out), DVC's cache
     and the untracked inputs (weights, checkpoints, mlflow.db) shared by links; removing
     it deletes the links, never what they point to."""
-    from polyinr.commands import pipeline
 
     repo = repo_copy
     _git(repo, "init", "-q")
@@ -273,7 +269,6 @@ def test_workspace_is_the_commit_with_shared_cache_and_inputs(repo_copy, tmp_pat
 def test_workspace_without_git_copies_sources_not_outputs(repo_copy, tmp_path):
     """Without git (the image has no .git): a copy of the tree without outputs, local state
     or caches; params: another params file becomes params.yaml."""
-    from polyinr.commands import pipeline
 
     repo = repo_copy
     for out in ("data/demo/train/x.JPEG", "run/generator.pt", "run/events.jsonl", ".stack/env"):

@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+from polyinr.core import errors
 from polyinr.training.rundir import DEFAULT as RUN_DIR
 from polyinr.training.rundir import RunDir
 
@@ -495,10 +496,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _terminated(signum, frame):
-    raise SystemExit(143)  # 128 + SIGTERM, as after a pre-emption checkpoint
+    raise SystemExit(errors.PREEMPTED)  # as after a pre-emption checkpoint
 
 
 def main(argv=None) -> int:
+    """Run a command; one line on stderr and the code of polyinr.core.errors for what the user
+    or the scheduler can act on, a traceback for a bug. With $POLYINR_EXIT_FILE set, the code
+    is also written there (the flow reads it when DVC ran the command and exited with its own)."""
     # As a command (not called from Python): SIGTERM before training installs its own
     # handler (imports, config, storage checks) exits as an interrupted job would, 143, and
     # once the command is done it is ignored, so the shutdown after it cannot end in -15.
@@ -518,21 +522,25 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if hasattr(args, "overrides"):
         args.overrides = [*args.overrides, *extra, *overrides]
-    from polyinr.core.config import ConfigError
-    from polyinr.core.storage import StorageError
-    from polyinr.training.train import Preempted
-
+    code = 1  # a bug, until the command says otherwise
     try:
         if getattr(args, "overrides", None):
             _config(args)  # a typo in an override is an error even where params are unused
         args.func(args)
-    except Preempted as e:
-        print(f"polyinr {args.command}: {e}", file=sys.stderr)
-        return 143  # 128 + SIGTERM: schedulers see an interrupted job and rerun it
-    except (ConfigError, FileNotFoundError, ValueError, StorageError) as e:
-        print(f"polyinr {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = 0
+    except SystemExit as e:  # SIGTERM before training took over the signal
+        code = e.code if isinstance(e.code, int) else 1
+        raise
+    except Exception as e:
+        code = errors.exit_code(e)
+        if code is None:
+            code = 1
+            raise
+        what = "" if code == errors.PREEMPTED else "error: "
+        print(f"polyinr {args.command}: {what}{e}", file=sys.stderr)
     finally:
+        if os.environ.get(errors.EXIT_FILE):
+            Path(os.environ[errors.EXIT_FILE]).write_text(f"{code}\n")
         if command_line:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    return 0
+    return code
