@@ -36,8 +36,10 @@ from torch import nn
 from benchmarks import row
 from polyinr import data
 from polyinr.core import config
-from polyinr.model.generator import Generator, render_grid, seed_latents, to_uint8
-from polyinr.training import checkpoints, embedding, tracking, train
+from polyinr.model.generator import Generator, seed_latents, to_uint8
+from polyinr.model.sampling import grid as render_grid
+from polyinr.training import checkpoints, embedding, tracking
+from polyinr.training.run import train
 
 OUT = Path(".cache/learning")
 SNAPSHOT_KIMG = 1.0
@@ -228,7 +230,7 @@ def train_demo(root: Path, overrides: list[str], quick: bool):
         progress=False,
     )
     embedding.save(table, cfg.train.embed_init, {"network": embedding.NETWORK})
-    summary = train.train(cfg, torch.device("cpu"), root / "run", progress=True)
+    summary = train(cfg, torch.device("cpu"), root / "run", progress=True)
     return cfg, summary
 
 

@@ -248,9 +248,9 @@ def test_every_named_choice_has_an_implementation():
     """Each name the config accepts (precision, feature network, DiffAugment op) maps to code
     in its component, and each implementation is accepted by the config."""
     from polyinr.model import augment, discriminator
-    from polyinr.training import train
+    from polyinr.training import loop
 
-    assert set(train.DTYPES) == set(config.PRECISIONS)
+    assert set(loop.DTYPES) == set(config.PRECISIONS)
     assert set(discriminator.NETWORKS) == set(config.FEATURE_NETWORKS)
     assert set(augment.POLICIES) == set(config.DIFFAUGMENT_OPS)
 

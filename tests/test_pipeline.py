@@ -98,7 +98,7 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
 STAGE_CODE = {
     "demo_data": ["polyinr/data"],
     "prepare": ["polyinr/data"],
-    "train": ["polyinr/training/train.py"],
+    "train": ["polyinr/training/loop.py", "polyinr/training/run.py"],
     "evaluate": ["polyinr/commands/evaluate.py"],
 }
 NO_EFFECT = {

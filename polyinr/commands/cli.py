@@ -144,7 +144,7 @@ def cmd_train(args) -> None:
     import torch.distributed as dist
 
     from polyinr.core import distributed
-    from polyinr.training import train
+    from polyinr.training.run import train
 
     device = distributed.setup() if args.device == "auto" else _device(args.device)
     if args.follow:  # another node's ranks: rank 0 says what to run, and where
@@ -154,7 +154,7 @@ def cmd_train(args) -> None:
         cfg, until_stage, run_dir = _config(args), args.until_stage, args.run_dir
         distributed.from_rank0((cfg, until_stage, os.getcwd(), run_dir))
     try:
-        summary = train.train(cfg, device, run_dir, not args.quiet, until_stage, args.restart)
+        summary = train(cfg, device, run_dir, not args.quiet, until_stage, args.restart)
         if dist.is_initialized() and dist.get_rank() > 0:
             return  # rank 0 reports for all (their weights are identical)
     finally:

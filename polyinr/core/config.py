@@ -102,6 +102,11 @@ class GeneratorConfig:
     w_avg_beta: float  # decay of the running mean of w (the truncation centre), in [0, 1)
     mixing: str  # C x C layers: plain (the reference's nn.Linear) or equalized (StyleGAN's)
 
+    @property
+    def class_count(self) -> int:
+        """The classes G is conditioned on: num_classes when conditional, else 0."""
+        return self.num_classes if self.conditional else 0
+
     def __post_init__(self):
         for name in ("num_classes", "z_dim", "w_dim", "embed_dim", "cond_dim", "hidden"):
             if getattr(self, name) < 1:
@@ -437,6 +442,12 @@ def flatten(cfg) -> dict[str, object]:
 
     walk("", to_dict(cfg))
     return out
+
+
+def nimg(kimg: float) -> int:
+    """Images in `kimg` thousand, to the nearest image (0.029 * 1000 is 28.999...): the one
+    kimg-to-image rule of schedules, snapshot and sample ticks and the FID's interval."""
+    return round(kimg * 1000)
 
 
 def identity(cfg) -> dict[str, object]:
