@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageSequence
 from tiny import TINY_GENERATOR
 
-from polyinr.commands import cli
+from polyinr.commands import cli, sample
 from polyinr.core import config, errors
 from polyinr.model import sampling
 from polyinr.model.generator import Generator, save_generator
@@ -74,7 +74,7 @@ def test_python_dash_m_is_the_same_command():
 
 def test_seed_ranges():
     """'0-3,7' means seeds 0, 1, 2, 3 and 7."""
-    assert cli._seeds("0-3,7") == [0, 1, 2, 3, 7]
+    assert sample._seeds("0-3,7") == [0, 1, 2, 3, 7]
 
 
 TINY = dataclasses.replace(TINY_GENERATOR, levels=10)
