@@ -112,7 +112,7 @@ NO_EFFECT = {
 DATA_ONLY = {"polyinr/core/distributed.py"}
 TRAIN_PLOTS_ONLY = {
     f"polyinr/evaluation/{m}.py" for m in ("metrics", "featurenets", "featurestats", "reference")
-}
+} | {"polyinr/model/sampling.py", "polyinr/model/video.py"}  # the sample grids MLflow shows
 
 
 def _unit(path: str) -> str | None:
@@ -277,7 +277,7 @@ def test_workspace_without_git_copies_sources_not_outputs(repo_copy, tmp_path):
     ws = tmp_path / "ws"
     assert pipeline.create_workspace(repo, ws, params="configs/imagenet-256.yaml") == "copy"
     assert (ws / "params.yaml").read_text() == (repo / "configs/imagenet-256.yaml").read_text()
-    assert (ws / "dvc.yaml").is_file() and (ws / "polyinr" / "training" / "train.py").is_file()
+    assert (ws / "dvc.yaml").is_file() and (ws / "polyinr" / "training" / "loop.py").is_file()
     for out in ("data", "run/generator.pt", "run/events.jsonl", ".stack", ".dvc/cache"):
         assert not (ws / out).exists(), out
     assert (ws / "run/train.csv").is_file()  # git's, as in a clone
