@@ -333,3 +333,38 @@ def test_run_name_hashes_the_params_that_change_the_result():
     changed = config.load(PARAMS, ["train.lr_g=2.0e-4", "generator.levels=4"])
     diff = config.identity_diff(config.identity(base), config.identity(changed))
     assert diff == ["generator.levels: 10 -> 4", "train.lr_g: 0.00025 -> 0.0002"]
+
+
+def test_the_run_identity_is_exactly_the_keys_that_change_the_weights():
+    """Every params key is on one side: in the identity (the run-name hash, the resume check)
+    or out of it. The FID during training's keys are in when it picks the stage hand-off."""
+    out = {
+        "data.out_dir",
+        "data.workers",  # the FFCV file's bytes do not depend on it (tests/test_data.py)
+        "data.scan_cache",
+        "data.strict",
+        "discriminator.weights_dir",
+        "train.workers",
+        "train.sample_kimg",
+        "train.sample_psi",
+        "train.checkpoint_levels",
+    }
+    handoff = {"eval.every_kimg", "eval.train_samples", "eval.seed", "eval.psi"}
+    handoff |= {"train.snapshot_kimg"}
+    sections = ("data.", "generator.", "discriminator.", "train.")
+    every = set(config.flatten(config.load(PARAMS)))
+    weights = {k for k in every if k.startswith(sections)} - out - handoff
+    assert config.load(PARAMS).eval.every_kimg == 0  # the demo: FID during training off
+    assert set(config.identity(config.load(PARAMS))) == weights
+    fid_on = config.load(PARAMS, ["eval.every_kimg=1.0"])
+    assert set(config.identity(fid_on)) == weights | handoff
+    one_stage = config.load(
+        PARAMS, ["eval.every_kimg=1.0", "train.stages=[{resolution: 16, kimg: 1.0}]"]
+    )
+    assert set(config.identity(one_stage)) == weights  # no hand-off: the FID is only logged
+    for override in ("eval.train_samples=128", "train.snapshot_kimg=0.5", "eval.every_kimg=2.0"):
+        changed = config.load(PARAMS, ["eval.every_kimg=1.0", override])
+        assert config.fingerprint(changed) != config.fingerprint(fid_on), override
+    assert config.fingerprint(config.load(PARAMS, ["data.workers=1"])) == config.fingerprint(
+        config.load(PARAMS, ["data.workers=2"])
+    )

@@ -18,9 +18,10 @@ import yaml
 from polyinr.core.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
-# A run's identity: every key of these sections changes what training produces, except
-# NOT_IDENTITY (where inputs live, how fast they load, how often progress is saved) and the
-# last stage's kimg (how far to train: a longer schedule resumes the same run).
+# A run's identity: the keys that change the trained weights. Every key of these sections
+# except NOT_IDENTITY (where inputs live, how fast they load or compute, what is shown) and
+# the last stage's kimg (how far to train: a longer schedule resumes the same run); the data
+# file's bytes do not depend on data.workers (conversion writes in index order).
 IDENTITY_SECTIONS = ("data", "generator", "discriminator", "train")
 NOT_IDENTITY = frozenset(
     {
@@ -36,6 +37,10 @@ NOT_IDENTITY = frozenset(
         "train.checkpoint_levels",
     }
 )
+# With the FID during training on and a stage after the first, the FID picks the snapshot
+# each stage hands to the next: what decides that FID, and at which snapshots it is measured,
+# changes the weights too.
+HANDOFF = ("eval.every_kimg", "eval.train_samples", "eval.seed", "eval.psi", "train.snapshot_kimg")
 PARAMS_HASH = "{params}"  # in tracking.run_name: replaced by fingerprint(cfg)
 
 # The valid values of the string-valued choices; the components map each name to its code.
@@ -451,14 +456,16 @@ def nimg(kimg: float) -> int:
 
 
 def identity(cfg) -> dict[str, object]:
-    """`section.key -> value` of the params that decide what training produces (see
-    IDENTITY_SECTIONS); train.stages without the last stage's kimg."""
+    """`section.key -> value` of the params that decide the trained weights (see
+    IDENTITY_SECTIONS and HANDOFF); train.stages without the last stage's kimg."""
     flat = flatten(cfg)
     out = {
         k: v
         for k, v in flat.items()
         if k.split(".")[0] in IDENTITY_SECTIONS and k not in NOT_IDENTITY
     }
+    if flat["eval.every_kimg"] > 0 and len(flat["train.stages"]) > 1:
+        out |= {k: flat[k] for k in HANDOFF}
     *done, last = out["train.stages"]
     out["train.stages"] = [*done, {"resolution": last["resolution"]}]
     return out
