@@ -112,7 +112,7 @@ class State:
     cur_nimg: int  # images seen since the start of the run
     history: list[dict]  # a row per snapshot: losses, D's accuracy, the FID when measured
     mlflow_run_id: str | None
-    config: dict  # the params the run was made with (config.to_dict)
+    config: dict  # the params the run was made with (params.to_dict)
     data_position: tuple[int, int] = (0, 0)  # (epoch, batches served) of this rank's loader
 
     def state_dict(self, rng: list[dict]) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from polyinr import data
-from polyinr.core import config, distributed
+from polyinr.core import distributed, params
 from polyinr.core.config import Stage
 from polyinr.core.errors import Preempted, StorageError
 from polyinr.evaluation import metrics
@@ -134,7 +134,7 @@ def _run(cfg, device, run: RunDir, progress: bool, stop, last: int, restart: boo
             cur_nimg=cur_nimg,
             history=list(state.history) if state else [],
             mlflow_run_id=run_id,
-            config=config.to_dict(cfg),
+            config=params.to_dict(cfg),
         )
         if resuming:
             state.load_state_dict(resumed)
@@ -165,17 +165,17 @@ def _run(cfg, device, run: RunDir, progress: bool, stop, last: int, restart: boo
 
 def _track(cfg, run: RunDir, store, run_id: str | None, resumed_uri, cur_nimg: int) -> str:
     """Rank 0: start the MLflow run, or continue the checkpoint's; its id."""
-    params = config.flatten(cfg)
+    flat = params.flatten(cfg)
     if run_id is None:
-        mlflow_run = tracking.start_run(cfg.tracking, params=params)
+        mlflow_run = tracking.start_run(cfg.tracking, params=flat)
     else:  # a new run, tagged with this id, when the store never saw it (another host)
-        mlflow_run = tracking.continue_run(cfg.tracking, run_id, params=params)
+        mlflow_run = tracking.continue_run(cfg.tracking, run_id, params=flat)
     run_id = mlflow_run.info.run_id
     tracking.set_tags(  # the params keep the first schedule; a resume may lengthen it
         {
             "discriminator.pretrained": str(cfg.discriminator.pretrained),
             "discriminator.weights": weights_label(cfg.discriminator),
-            "train.stages": str(params["train.stages"]),
+            "train.stages": str(flat["train.stages"]),
         }
     )
     say(
@@ -296,7 +296,7 @@ def _resume(store, cfg, rank: int, restart: bool):
     if resumed is None:
         return None, None
     state, uri = resumed
-    changed = config.identity_diff(config.identity(state["config"]), config.identity(cfg))
+    changed = params.identity_diff(params.identity(state["config"]), params.identity(cfg))
     if changed:
         raise ValueError(
             f"checkpoint {uri} was made with other params ({'; '.join(changed)}); put "
