@@ -231,9 +231,8 @@ def test_every_params_file_sets_exactly_the_surface(path):
 
 def test_importing_config_loads_no_component_and_no_numerics():
     """`import polyinr.core.config` loads no polyinr component (only core's error model and
-    params) and none
-    of torch, timm, scipy or numpy: the config is the lowest layer (a flow or a CLI can read it
-    for free)."""
+    params) and none of torch, timm, scipy or numpy: the config is the lowest layer (a flow
+    or a CLI can read it for free)."""
     code = (
         "import sys, polyinr.core.config; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
