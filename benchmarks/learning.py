@@ -49,8 +49,10 @@ from torch import nn
 from benchmarks import row
 from polyinr import data
 from polyinr.core import config
-from polyinr.model.generator import Generator, load_generator, render_grid, seed_latents, to_uint8
-from polyinr.training import checkpoints, embedding, tracking, train
+from polyinr.model.generator import Generator, load_generator, seed_latents, to_uint8
+from polyinr.model.sampling import grid as render_grid
+from polyinr.training import checkpoints, embedding, tracking
+from polyinr.training.run import train
 
 OUT = Path(".cache/learning")
 DATASETS = {"shapes": 4, "glyphs": 10, "colours": 6}  # data.demo_kind -> classes
@@ -412,7 +414,7 @@ def run_dataset(kind: str, seeds, quick: bool, out: Path, overrides: list[str]) 
         shutil.rmtree(cfg.storage.uri, ignore_errors=True)  # a fresh run, never a resume
         prepare(cfg)
         print(f"learning: training {kind} (seed {seed}) under {root}", file=sys.stderr)
-        summary = train.train(cfg, torch.device("cpu"), root / f"run-{seed}", progress=False)
+        summary = train(cfg, torch.device("cpu"), root / f"run-{seed}", progress=False)
         resolution = cfg.train.stages[-1].resolution
         ref = ref or reference(cfg, resolution, out / "real")
         finals[seed] = curve(cfg, ref, summary.get("mlflow_run_id"), root)[-1]

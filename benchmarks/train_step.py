@@ -1,6 +1,6 @@
 """Training iterations (one G and one D step): polyinr's generator vs the plain one.
 
-polyinr.training.train.training_step with polyinr's generator or the plain version
+polyinr.training.loop.training_step with polyinr's generator or the plain version
 (synthesis.fast=False:
 the levels as polyinr/model/generator.py defines them), at the demo's width and the paper's.
 
@@ -32,7 +32,7 @@ def measure(params: str, resolution: int, batch: int, plain: bool, iters: int) -
     from polyinr.core.config import load
     from polyinr.model.discriminator import ProjectedDiscriminator
     from polyinr.model.generator import Generator
-    from polyinr.training.train import configure_backends, training_step
+    from polyinr.training.loop import configure_backends, training_step
 
     configure_backends()
     dev = device()
@@ -41,7 +41,7 @@ def measure(params: str, resolution: int, batch: int, plain: bool, iters: int) -
     g = Generator(cfg, resolution)
     g.synthesis.fast = not plain
     g = g.to(dev).train()
-    num_classes = cfg.num_classes if cfg.conditional else 0
+    num_classes = cfg.class_count
     d = ProjectedDiscriminator(load(DEMO_PARAMS).discriminator, resolution, num_classes).to(dev)
     opt_g = torch.optim.Adam(g.parameters(), lr=1e-4, betas=(0.0, 0.99))
     opt_d = torch.optim.Adam([p for p in d.parameters() if p.requires_grad], lr=2e-4)

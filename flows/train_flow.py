@@ -1,31 +1,20 @@
 """Prefect flow `train-poly-inr`: the DVC pipeline's stages as tasks, then publish the result.
 
-Each flow run works in its own workspace, a clean tree of the deployment's commit under
-$POLYINR_WORKSPACES (polyinr/commands/pipeline.py), so concurrent runs never share params.yaml,
-dvc.lock or outputs; overrides go into the workspace's params.yaml only. DVC owns the DAG and
-decides what is up to date: a stage whose `dvc status` is clean is reported as `Skipped`, any
-other runs `dvc repro --single-item <stage>`. The tasks are demo_data, prepare@i (DVC's
-per-resolution stages), train@i (one per progressive stage of the DVC stage `train`: its
-command with --until-stage i, the last one the DVC stage itself) and evaluate, then publish.
-After each stage the workspace's params.yaml and dvc.lock are recorded beside the run's
-checkpoints; a later run of the same params starts from that record (and the DVC cache or
-remote), and training resumes from its latest checkpoint, so rerunning redoes only what is
-missing. SIGTERM reaches training, which checkpoints and exits; the flow run ends Crashed.
-Overrides use DVC's grammar, `section.key=value`; `POLYINR_OVERRIDES` (a JSON list) adds
-deployment-wide ones from the environment, e.g. production's `storage.uri`.
+Each flow run works in its own workspace (polyinr/commands/pipeline.py), a clean tree of the
+deployment's commit with the run's overrides in its params.yaml. DVC owns the DAG and decides
+what is up to date (those tasks end `Skipped`). The tasks are demo_data, prepare@i, train@i
+(one per progressive stage: `polyinr train --until-stage i`, the last one the DVC stage) and
+evaluate, then publish. After each stage params.yaml and dvc.lock are recorded beside the
+run's checkpoints, so a rerun redoes only what is missing. Stage failures are retried by exit
+code (docs/errors.md); SIGTERM reaches training, which checkpoints, and the run ends Crashed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import graphlib
 import json
 import os
-import re
-import signal
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import yaml
@@ -39,48 +28,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 from prefect.tasks import exponential_backoff
 
+from polyinr.commands import pipeline
+from polyinr.commands import stage as stage_process
+from polyinr.core import config, errors
+
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent  # the venv's bin: dvc here, and `polyinr` for stage commands
-DVC = str(BIN / "dvc")
+DVC = pipeline.DVC  # the venv's: its bin also holds `polyinr` for the stage commands
 ENV_OVERRIDES = "POLYINR_OVERRIDES"  # JSON list of section.key=value, before the run's own
 ENV_DVC_REMOTE = "POLYINR_DVC_REMOTE"  # s3://bucket/prefix for `dvc pull/push`; else .dvc/config's
 ENV_WORKSPACES = "POLYINR_WORKSPACES"  # where flow runs' workspaces go (default .workspaces/)
-USAGE_ERROR = 2  # polyinr's exit status for a bad config or a missing file: retrying can't help
 # The DVC stage's command ($POLYINR_TRAIN_LAUNCHER polyinr train), run per progressive stage.
 TRAIN_CMD = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["cmd"]
-
-
-class StageFailed(RuntimeError):
-    """A DVC stage that exited non-zero; the message ends with its last output lines."""
-
-    def __init__(self, stage: str, returncode: int, tail: list[str]):
-        self.stage, self.returncode = stage, returncode
-        super().__init__(f"stage {stage} exited with {returncode}:\n" + "\n".join(tail))
-
-
-def _env() -> dict[str, str]:
-    """The environment for DVC: the venv's bin first so stage commands find `polyinr`; progress
-    bars refresh every few seconds, not every batch, in the Prefect log."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.setdefault("TQDM_MININTERVAL", "5")
-    return env
-
-
-def _dvc(*args: str, root: Path = ROOT) -> str:
-    """Run a quick DVC command; its stdout, or RuntimeError with its output."""
-    proc = subprocess.run([DVC, *args], cwd=root, env=_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"dvc {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
-    return proc.stdout
-
-
-def stage_order(root: Path) -> list[str]:
-    """The pipeline's stage names in an order DVC can run them, read from `dvc dag --dot`."""
-    dot = _dvc("dag", "--dot", root=root)
-    graph: dict[str, set[str]] = {n: set() for n in re.findall(r'^"([^"]+)";$', dot, re.M)}
-    for upstream, downstream in re.findall(r'^"([^"]+)" -> "([^"]+)";$', dot, re.M):
-        graph.setdefault(downstream, set()).add(upstream)
-    return list(graphlib.TopologicalSorter(graph).static_order())
 
 
 def env_overrides() -> list[str]:
@@ -94,112 +52,27 @@ def env_overrides() -> list[str]:
     return value
 
 
-@task(cache_policy=NO_CACHE)
-def apply_overrides(overrides: list[str], params: str | Path) -> None:
-    """Validate `section.key=value` overrides and write them into a params file (a flow run's
-    workspace's), keeping comments.
-
-    The same effect as `dvc exp run -S`: the next `dvc repro` there sees the changed params.
-    """
-    from ruamel.yaml import YAML
-
-    from polyinr.core.config import load  # raises ConfigError naming the bad key and the valid ones
-    from polyinr.core.storage import write_atomic
-
-    params = Path(params)
-    expected = load(params, overrides)
-    if not overrides:
-        return
-    yaml = YAML()  # round-trip: comments, flow style and float spelling survive
-    yaml.preserve_quotes = True
-    yaml.indent(mapping=2, sequence=4, offset=2)
-    null = "tag:yaml.org,2002:null"  # ruamel would write None as an empty value
-    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar(null, "null"))
-    doc = yaml.load(params)
-    for override in overrides:
-        key, _, value = override.partition("=")
-        *sections, leaf = key.strip().split(".")
-        node = doc
-        for section in sections:
-            node = node[section]
-        old, new = node[leaf], yaml.load(value)
-        if hasattr(old, "fa") and hasattr(new, "fa") and not old.fa.flow_style():
-            new.fa.set_block_style()  # a block list stays a block list
-        node[leaf] = new
-    # Write beside the target, check it reads back as the validated config, then replace.
-    with write_atomic(params) as tmp:
-        yaml.dump(doc, tmp)
-        if load(tmp) != expected:
-            raise ValueError(f"overrides {overrides} do not round-trip through {params}")
-
-
-def _transient(task, task_run, state) -> bool:
-    """Retry a failed stage unless polyinr said the inputs are wrong (a retry can't fix it)."""
+def _retry(task, task_run, state) -> bool:
+    """Retry a failed stage unless polyinr said the inputs are wrong (exit 2: a retry can't fix
+    it). 75 (transient) is retried; 143 (pre-empted) and a kill are rerun, which resumes from
+    the last checkpoint; so is a crash, in case it was the machine's."""
     try:
         state.result()
-    except StageFailed as e:
-        return e.returncode != USAGE_ERROR
+    except stage_process.StageFailed as e:
+        return e.returncode != errors.USAGE
     except Exception:
         return True
     return True
 
 
-class _ForwardSigterm:
-    """While a stage runs, SIGTERM (pre-emption, `stack.sh down`, a pod's end) goes to the
-    stage's process group: training checkpoints and exits 143. Once its output has ended,
-    `chain` hands the signal to Prefect's handler, which ends the flow run Crashed (or
-    Cancelled when Prefect itself asked)."""
-
-    def __init__(self, pgid: int):
-        self.pgid, self.received, self.previous = pgid, False, None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = True
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pgid, signal.SIGTERM)
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-
-    def chain(self) -> None:
-        if callable(self.previous):
-            self.previous(signal.SIGTERM, None)  # Prefect's: raises TerminationSignal
-        raise SystemExit(128 + signal.SIGTERM)
-
-
-def _stream(cmd: str | list[str], logger, cwd: Path) -> tuple[int, list[str]]:
-    """Run a command (a shell line when a str) in `cwd`, its own process group, with its
-    output in the Prefect log; returns the exit status and every non-empty output line."""
-    logger.info("$ %s", cmd if isinstance(cmd, str) else " ".join(cmd))
-    lines = []
-    with (
-        subprocess.Popen(
-            cmd,
-            cwd=cwd,
-            env=_env(),
-            shell=isinstance(cmd, str),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        ) as proc,
-        _ForwardSigterm(proc.pid) as sigterm,
-    ):
-        # Until every process holding the pipe (DVC, torchrun, training ranks) has exited.
-        for line in proc.stdout:
-            if line := line.rstrip():
-                lines.append(line)
-                logger.info(line)
-    if sigterm.received:
-        logger.warning("SIGTERM: %s stopped (exit %s)", cmd, proc.returncode)
-        sigterm.chain()
-    return proc.returncode, lines
+# Stages and publish: 2 retries, 10 s then 20 s apart (+-50 %); DVC and the checkpoint store
+# decide what is already done, so nothing is cached by Prefect.
+RETRY = dict(
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=10),
+    retry_jitter_factor=0.5,
+    cache_policy=NO_CACHE,
+)
 
 
 def _run_dir(ws: Path):
@@ -209,117 +82,76 @@ def _run_dir(ws: Path):
     return RunDir(ws / DEFAULT)
 
 
-def _checkpoints(stage: str, events: list[dict]) -> dict:
-    """What training's event log says about checkpoints: the one it resumed from, the ones it
-    wrote."""
-    result = {"stage": stage, "ran": True, "resumed_from": None, "checkpoints": []}
-    for event in events:
-        if event["event"] == "run_started" and event["resumed_from"]:
-            result["resumed_from"] = event["resumed_from"]
-            result["resumed_nimg"] = event["nimg"]
-        elif event["event"] == "checkpoint":
-            result["checkpoints"].append(event["uri"])
-    return result
-
-
 def _skipped(name: str, message: str) -> Completed:
     return Completed(name="Skipped", message=message, data={"stage": name, "ran": False})
 
 
 def _up_to_date(stage: str, logger, ws: Path) -> bool:
     """DVC's own check: `dvc status <stage>` reports no change."""
-    changes = json.loads(_dvc("status", "--json", stage, root=ws) or "{}")
+    changes = json.loads(pipeline.dvc(ws, "status", "--json", stage) or "{}")
     if changes:
         logger.info("%s changed: %s", stage, json.dumps(changes)[:2000])
     return not changes
 
 
-STAGE_TASK = dict(
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=10),  # 10 s, then 20 s
-    retry_jitter_factor=0.5,
-    retry_condition_fn=_transient,
-    cache_policy=NO_CACHE,  # DVC (and the checkpoint store inside training) decide what is done
-)
+def _task_name() -> str:
+    """A stage task's name: the stage's, with the resolution of a progressive stage."""
+    from prefect.runtime import task_run
+
+    name, resolution = task_run.parameters["name"], task_run.parameters.get("resolution")
+    return f"{name} ({resolution}px)" if resolution else name
 
 
-@task(task_run_name="{stage}", **STAGE_TASK)
-def run_stage(stage: str, ws: Path, force: bool = False):
-    """One DVC stage in workspace `ws`: `Skipped` when `dvc status` says it is up to date, else
-    `dvc repro --single-item`, its output streamed into the Prefect log, then the new
-    dvc.lock recorded. Returns what it did, with the checkpoints training resumed from and
-    wrote."""
-    logger = get_run_logger()
-    if not force and _up_to_date(stage, logger, ws):
-        logger.info("%s is up to date (dvc status): skipped", stage)
-        return _skipped(stage, f"dvc: {stage} is up to date")
-    cmd = [DVC, "repro", "--single-item", stage] + (["--force"] if force else [])
-    offset = _run_dir(ws).offset()
-    returncode, lines = _stream(cmd, logger, ws)
-    if returncode != 0:
-        raise StageFailed(stage, returncode, lines[-40:])
-    _record(ws)
-    return _checkpoints(stage, _run_dir(ws).read_events(offset))
+@task(task_run_name=_task_name, retry_condition_fn=_retry, **RETRY)
+def run_stage(name: str, ws: Path, up_to_date: bool, force: bool, resolution: int | None = None):
+    """One task of the pipeline in workspace `ws`: a DVC stage, or `train@i`, progressive stage
+    i of the DVC stage `train`. `Skipped` when `dvc status` said the DVC stage is up to date.
 
-
-@task(task_run_name="train@{index} ({resolution}px)", **STAGE_TASK)
-def train_stage(index: int, resolution: int, final: bool, dvc_up_to_date: bool, ws: Path):
-    """Progressive stage `index` of the DVC stage `train`.
-
-    Skipped when DVC says `train` is up to date. Otherwise a stage before the last runs the
-    DVC stage's own command with `--until-stage index`, which resumes from the latest
-    checkpoint and exits at once (reported `Skipped`) when the checkpoints are already past
-    the stage; the last stage runs `dvc repro --single-item train`, which finishes the
-    schedule, exports the generator and records the result in dvc.lock.
+    A DVC stage (and the last train@i, which finishes the schedule and exports the generator)
+    runs `dvc repro --single-item`, then the new dvc.lock is recorded beside the checkpoints.
+    An earlier train@i runs the DVC stage's own command with `--until-stage i`, which resumes
+    from the latest checkpoint and exits at once (reported `Skipped`) when the checkpoints are
+    past the stage. Output streams into the Prefect log. Returns what it did, with the
+    checkpoints training resumed from and wrote.
     """
     logger = get_run_logger()
-    name = f"train@{index}"
-    if dvc_up_to_date:
-        logger.info("train is up to date (dvc status): %s skipped", name)
-        return _skipped(name, "dvc: train is up to date")
-    if final:
-        cmd = [DVC, "repro", "--single-item", "train"]
+    stage, _, index = name.partition("@")
+    if up_to_date:
+        logger.info("%s is up to date (dvc status): %s skipped", stage, name)
+        return _skipped(name, f"dvc: {stage} is up to date")
+    until = int(index) if stage == "train" and int(index) < len(_schedule(ws)) - 1 else None
+    if until is None:
+        dvc_stage = "train" if stage == "train" else name
+        cmd = [DVC, "repro", "--single-item", dvc_stage] + (["--force"] if force else [])
     else:
-        cmd = f"{TRAIN_CMD} --until-stage {index}"
+        cmd = f"{TRAIN_CMD} --until-stage {until}"
     offset = _run_dir(ws).offset()
-    returncode, lines = _stream(cmd, logger, ws)
+    returncode, lines = stage_process.stream(cmd, logger, ws)
     if returncode != 0:
-        raise StageFailed(name, returncode, lines[-40:])
-    if final:
+        raise stage_process.StageFailed(name, returncode, lines[-40:])
+    if until is None:
         _record(ws)
     events = _run_dir(ws).read_events(offset)
     if any(e["event"] == "already_complete" for e in events):
-        return _skipped(name, f"checkpoints are past stage {index} ({resolution}px)")
-    return _checkpoints(name, events)
+        return _skipped(name, f"checkpoints are past stage {index}")
+    return stage_process.checkpoints(name, events)
 
 
-def _metrics_table(path: Path) -> str:
-    """A markdown table of a (possibly nested) metrics JSON file."""
-
-    def rows(prefix: str, node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                yield from rows(f"{prefix}.{k}" if prefix else k, v)
-        else:
-            yield f"| {prefix} | {node} |"
-
-    lines = ["| metric | value |", "|---|---|", *rows("", json.loads(path.read_text()))]
-    return f"## Evaluation ({path.name})\n\n" + "\n".join(lines)
+def _schedule(ws: Path):
+    """The workspace's train.stages."""
+    return config.load(ws / "params.yaml").train.stages
 
 
 def _store(ws: Path):
     """The checkpoint store of the workspace's run: its identity is tracking.run_name."""
-    from polyinr.core.config import load
     from polyinr.training.checkpoints import CheckpointStore
 
-    cfg = load(ws / "params.yaml")
+    cfg = config.load(ws / "params.yaml")
     return CheckpointStore(cfg.storage, cfg.tracking.run_name)
 
 
 def _record(ws: Path) -> list[str]:
     """params.yaml and dvc.lock of the workspace, beside the run's checkpoints."""
-    from polyinr.commands import pipeline
-
     return pipeline.save_record(_store(ws), ws)
 
 
@@ -327,7 +159,7 @@ def _use_remote(ws: Path) -> str | None:
     """$POLYINR_DVC_REMOTE (if set) as the workspace's default DVC remote; its URL."""
     url = os.environ.get(ENV_DVC_REMOTE)
     if url:
-        _dvc("remote", "add", "--local", "--force", "--default", "env", url, root=ws)
+        pipeline.dvc(ws, "remote", "add", "--local", "--force", "--default", "env", url)
     return url
 
 
@@ -336,14 +168,11 @@ def workspace(ws: Path, params: str | None, overrides: list[str], pull: bool) ->
     """The flow run's workspace: a clean tree of the deployment's commit, the overrides in its
     params.yaml, and the pipeline state of the last run with the same identity (its recorded
     dvc.lock, outputs from the shared DVC cache or, with `pull`, the DVC remote)."""
-    from polyinr.commands import pipeline
-    from polyinr.core.config import load
-
     logger = get_run_logger()
     commit = pipeline.create_workspace(ROOT, ws, params)
     logger.info("workspace %s at commit %s", ws, commit)
-    apply_overrides.fn(overrides, ws / "params.yaml")
-    cfg = load(ws / "params.yaml")
+    pipeline.write_overrides(overrides, ws / "params.yaml")
+    cfg = config.load(ws / "params.yaml")
     pipeline.link_source(ROOT, ws, cfg.data.source)
     url = _use_remote(ws)
     restored = pipeline.load_record(_store(ws), ws, ["dvc.lock"])
@@ -351,13 +180,12 @@ def workspace(ws: Path, params: str | None, overrides: list[str], pull: bool) ->
     logger.info("run %s: %s", name, "dvc.lock of its last run" if restored else "new run")
     if pull:
         logger.info("$ dvc pull --allow-missing (remote %s)", url or "default")
-        proc = subprocess.run(
-            [DVC, "pull", "--allow-missing"], cwd=ws, env=_env(), capture_output=True, text=True
-        )
-        if proc.returncode != 0:  # a remote that is not there yet: DVC reruns what is missing
-            logger.warning("dvc pull failed; continuing:\n%s", (proc.stdout + proc.stderr)[-2000:])
+        try:
+            pipeline.dvc(ws, "pull", "--allow-missing")
+        except RuntimeError as e:  # a remote that is not there yet: DVC reruns what is missing
+            logger.warning("dvc pull failed; continuing:\n%s", str(e)[-2000:])
     else:
-        _dvc("checkout", "--allow-missing", root=ws)
+        pipeline.dvc(ws, "checkout", "--allow-missing")
     return {"workspace": str(ws), "commit": commit, "run_name": name, "restored": bool(restored)}
 
 
@@ -366,15 +194,10 @@ def _push(logger, ws: Path) -> None:
     default remote, or to $POLYINR_DVC_REMOTE when set."""
     url = _use_remote(ws)
     logger.info("$ dvc push (remote %s)", url or "default")
-    logger.info(_dvc("push", root=ws).strip() or "dvc push: nothing to push")
+    logger.info(pipeline.dvc(ws, "push").strip() or "dvc push: nothing to push")
 
 
-@task(
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=10),
-    retry_jitter_factor=0.5,
-    cache_policy=NO_CACHE,
-)
+@task(**RETRY)
 def publish(trained: dict | None, register_as: str | None, push: bool, ws: Path) -> dict:
     """Register the final generator in MLflow with its metrics, `dvc push` the outputs, record
     the pipeline state beside the checkpoints, and leave Prefect artifacts: the metrics table,
@@ -388,16 +211,15 @@ def _publish(logger, trained: dict | None, register_as: str | None, push: bool, 
     import torch
 
     from polyinr.commands import registry
-    from polyinr.core.config import load
     from polyinr.training import tracking
 
-    cfg = load(ws / "params.yaml")
+    cfg = config.load(ws / "params.yaml")
     metrics_path = ws / "metrics" / "eval.json"
     metrics = json.loads(metrics_path.read_text())
     generator = _run_dir(ws).generator
     meta = torch.load(generator, map_location="cpu", weights_only=True, mmap=True)["meta"]
     run_id = meta["mlflow_run_id"]
-    create_markdown_artifact(_metrics_table(metrics_path), key="poly-inr-eval")
+    create_markdown_artifact(pipeline.metrics_table(metrics_path), key="poly-inr-eval")
 
     url = tracking.run_url(cfg.tracking, run_id)
     out = {"mlflow_run_id": run_id, "mlflow_run": url, "run_name": cfg.tracking.run_name}
@@ -476,40 +298,32 @@ def train_poly_inr(
     params: a params file of the repository to start from (default params.yaml), e.g.
     configs/imagenet-256.yaml.
     """
-    from polyinr.commands import pipeline
-    from polyinr.core.config import load
 
     ws = _workspace_path()
     try:
         workspace(ws, params, env_overrides() + list(overrides or []), push)
-        return _run_stages(
-            ws, load(ws / "params.yaml").train.stages, stages, force, push, register_as
-        )
+        return _run_stages(ws, stages, force, push, register_as)
     finally:
         pipeline.remove_workspace(ROOT, ws)
 
 
-def _run_stages(ws: Path, schedule, stages, force: bool, push: bool, register_as) -> dict | None:
-    order = stage_order(ws)
-    trains = [f"train@{i}" for i in range(len(schedule))]
+def _run_stages(ws: Path, stages, force: bool, push: bool, register_as) -> dict | None:
+    order = pipeline.stage_order(ws)
+    trains = [f"train@{i}" for i in range(len(_schedule(ws)))]  # progressive stages
     known = {*order, *trains, *(name.partition("@")[0] for name in order)}
     unknown = sorted(set(stages or []) - known)
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; the pipeline has {order}, with {trains}")
-    results = {}
+    results, resolutions = {}, [s.resolution for s in _schedule(ws)]
     for stage in order:
-        if stage != "train":
-            if _selected(stage, stages):
-                results[stage] = run_stage(stage, ws, force=force, return_state=True).result()
-            continue
-        up_to_date = not force and _up_to_date("train", get_run_logger(), ws)
-        for index, step in enumerate(schedule):
-            if _selected(trains[index], stages):
-                final = index == len(schedule) - 1
-                state = train_stage(
-                    index, step.resolution, final, up_to_date, ws, return_state=True
-                )
-                results[trains[index]] = state.result()
+        names = trains if stage == "train" else [stage]
+        up_to_date = None  # asked of DVC once per DVC stage, only when one of its tasks runs
+        for name in filter(lambda n: _selected(n, stages), names):
+            if up_to_date is None:
+                up_to_date = not force and _up_to_date(stage, get_run_logger(), ws)
+            px = resolutions[trains.index(name)] if stage == "train" else None
+            state = run_stage(name, ws, up_to_date, force, px, return_state=True)
+            results[name] = state.result()
     if stages is not None and "evaluate" not in stages:
         return None
     return publish(_training(results), register_as, push, ws)

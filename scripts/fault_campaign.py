@@ -135,7 +135,7 @@ class Campaign:
                 "mlflow",
                 "boto3",
                 "polyinr.commands.cli",
-                "polyinr.training.train",
+                "polyinr.training.run",
             ]
         )
         self.s3 = boto3.session.Session().client("s3", endpoint_url=self.endpoint)

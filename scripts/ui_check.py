@@ -111,7 +111,7 @@ def train_runs(root: Path, server: str) -> None:
 
     from polyinr import data
     from polyinr.core import config
-    from polyinr.training import train
+    from polyinr.training.run import train
 
     torch.set_num_threads(1)
     base = [*TINY, f"data.source={root / 'demo'}", f"data.out_dir={root / 'ffcv'}"]
@@ -124,7 +124,7 @@ def train_runs(root: Path, server: str) -> None:
     for lr in LEARNING_RATES:
         overrides = [*base, f"train.lr_g={lr}", f"tracking.run_name=lr_g-{lr}"]
         cfg = config.load(ROOT / "params.yaml", overrides)
-        train.train(cfg, torch.device("cpu"), root / f"run-{lr}", progress=False)
+        train(cfg, torch.device("cpu"), root / f"run-{lr}", progress=False)
 
 
 def rest(server: str, endpoint: str, **query) -> dict:

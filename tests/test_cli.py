@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 from PIL import Image, ImageSequence
 from tiny import TINY_GENERATOR
 
-from polyinr.commands import cli
+from polyinr.commands import cli, sample
+from polyinr.core import config, errors
 from polyinr.model import sampling
 from polyinr.model.generator import Generator, save_generator
 
@@ -72,7 +74,7 @@ def test_python_dash_m_is_the_same_command():
 
 def test_seed_ranges():
     """'0-3,7' means seeds 0, 1, 2, 3 and 7."""
-    assert cli._seeds("0-3,7") == [0, 1, 2, 3, 7]
+    assert sample._seeds("0-3,7") == [0, 1, 2, 3, 7]
 
 
 TINY = dataclasses.replace(TINY_GENERATOR, levels=10)
@@ -241,3 +243,62 @@ def test_class_embeddings_of_data_with_another_class_count_are_refused(tmp_path,
     assert cli.main([*argv, "generator.num_classes=5"]) == 2
     err = capsys.readouterr().err
     assert "generator.num_classes=5 but" in err and "lists 3 classes" in err
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_s3_exits_75_in_one_line_and_records_the_code(tmp_path):
+    """S3 that does not answer is transient: exit 75 (EX_TEMPFAIL), one stderr line, no
+    traceback; $POLYINR_EXIT_FILE receives the same code."""
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "POLYINR_EXIT_FILE": str(tmp_path / "code"),
+    }
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    overrides = ["storage.uri=s3://b/p", f"storage.endpoint_url={endpoint}", "storage.retries=1"]
+    cmd = [sys.executable, "-m", "polyinr", "checkpoints", "list", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == errors.TRANSIENT == 75, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("polyinr checkpoints: error: cannot reach")
+    assert (tmp_path / "code").read_text().strip() == "75"
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (errors.ConfigError("train.bach: unknown key"), 2),
+        (errors.DataError("no FFCV file"), 2),
+        (errors.MissingWeightsError("no weights"), 2),
+        (errors.StorageError("access denied"), 2),
+        (errors.StorageUnavailable("503 after 5 attempts"), 75),
+        (errors.Preempted("stopped by SIGTERM"), 143),
+    ],
+)
+def test_each_error_exits_with_its_code_in_one_line(error, code, monkeypatch, capsys):
+    """Every error class of polyinr.core.errors reaches the shell as its code and one line."""
+
+    def fail(*args):
+        raise error
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(config, "load", fail)
+    assert cli.main(["summary"]) == code
+    what = "" if code == errors.PREEMPTED else "error: "
+    assert capsys.readouterr().err == f"polyinr summary: {what}{error}\n"
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """An error outside the model is a bug: it propagates (a traceback, exit 1)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(config, "load", lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["summary"])

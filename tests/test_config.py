@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from polyinr.core import config
+from polyinr.core import config, params
 from polyinr.core.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def test_imagenet_config_is_the_papers_generator():
 def test_to_dict_from_dict_round_trip(path):
     """from_dict(to_dict(cfg)) == cfg, and to_dict gives plain YAML-dumpable types."""
     cfg = config.load(path)
-    raw = config.to_dict(cfg)
+    raw = params.to_dict(cfg)
     assert config.from_dict(raw) == cfg
     assert yaml.safe_load(yaml.safe_dump(raw)) == raw
 
@@ -193,7 +193,7 @@ def test_missing_params_file_is_a_config_error(tmp_path):
 def test_flatten_gives_section_dot_key():
     """flatten maps `section.key` to leaf values, lists (train.stages) kept whole."""
     cfg = config.load(PARAMS)
-    flat = config.flatten(cfg)
+    flat = params.flatten(cfg)
     assert flat["train.batch"] == cfg.train.batch
     assert flat["generator.hidden"] == cfg.generator.hidden
     assert flat["train.stages"] == [
@@ -226,13 +226,13 @@ def test_every_params_file_sets_exactly_the_surface(path):
     raw = yaml.safe_load(path.read_text())
     keys = {f"{s}.{k}" for s, section in raw.items() for k in section}
     assert keys == {f"{s}.{k}" for s, keys in SURFACE.items() for k in keys.split()}
-    assert set(config.flatten(config.load(path))) == keys
+    assert set(params.flatten(config.load(path))) == keys
 
 
 def test_importing_config_loads_no_component_and_no_numerics():
-    """`import polyinr.core.config` loads no polyinr component (only core's error model) and none
-    of torch, timm, scipy or numpy: the config is the lowest layer (a flow or a CLI can read it
-    for free)."""
+    """`import polyinr.core.config` loads no polyinr component (only core's error model and
+    params) and none of torch, timm, scipy or numpy: the config is the lowest layer (a flow
+    or a CLI can read it for free)."""
     code = (
         "import sys, polyinr.core.config; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
@@ -241,16 +241,17 @@ def test_importing_config_loads_no_component_and_no_numerics():
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout
-    assert out.strip() == "['polyinr.core', 'polyinr.core.config', 'polyinr.core.errors']"
+    expected = ["polyinr.core", "polyinr.core.config", "polyinr.core.errors", "polyinr.core.params"]
+    assert out.strip() == str(expected)
 
 
 def test_every_named_choice_has_an_implementation():
     """Each name the config accepts (precision, feature network, DiffAugment op) maps to code
     in its component, and each implementation is accepted by the config."""
     from polyinr.model import augment, discriminator
-    from polyinr.training import train
+    from polyinr.training import loop
 
-    assert set(train.DTYPES) == set(config.PRECISIONS)
+    assert set(loop.DTYPES) == set(config.PRECISIONS)
     assert set(discriminator.NETWORKS) == set(config.FEATURE_NETWORKS)
     assert set(augment.POLICIES) == set(config.DIFFAUGMENT_OPS)
 
@@ -331,5 +332,40 @@ def test_run_name_hashes_the_params_that_change_the_result():
         assert config.load(PARAMS, [override]).tracking.run_name == name, override
     assert config.load(PARAMS, ["tracking.run_name=fixed"]).tracking.run_name == "fixed"
     changed = config.load(PARAMS, ["train.lr_g=2.0e-4", "generator.levels=4"])
-    diff = config.identity_diff(config.identity(base), config.identity(changed))
+    diff = params.identity_diff(params.identity(base), params.identity(changed))
     assert diff == ["generator.levels: 10 -> 4", "train.lr_g: 0.00025 -> 0.0002"]
+
+
+def test_the_run_identity_is_exactly_the_keys_that_change_the_weights():
+    """Every params key is on one side: in the identity (the run-name hash, the resume check)
+    or out of it. The FID during training's keys are in when it picks the stage hand-off."""
+    out = {
+        "data.out_dir",
+        "data.workers",  # the FFCV file's bytes do not depend on it (tests/test_data.py)
+        "data.scan_cache",
+        "data.strict",
+        "discriminator.weights_dir",
+        "train.workers",
+        "train.sample_kimg",
+        "train.sample_psi",
+        "train.checkpoint_levels",
+    }
+    handoff = {"eval.every_kimg", "eval.train_samples", "eval.seed", "eval.psi"}
+    handoff |= {"train.snapshot_kimg"}
+    sections = ("data.", "generator.", "discriminator.", "train.")
+    every = set(params.flatten(config.load(PARAMS)))
+    weights = {k for k in every if k.startswith(sections)} - out - handoff
+    assert config.load(PARAMS).eval.every_kimg == 0  # the demo: FID during training off
+    assert set(params.identity(config.load(PARAMS))) == weights
+    fid_on = config.load(PARAMS, ["eval.every_kimg=1.0"])
+    assert set(params.identity(fid_on)) == weights | handoff
+    one_stage = config.load(
+        PARAMS, ["eval.every_kimg=1.0", "train.stages=[{resolution: 16, kimg: 1.0}]"]
+    )
+    assert set(params.identity(one_stage)) == weights  # no hand-off: the FID is only logged
+    for override in ("eval.train_samples=128", "train.snapshot_kimg=0.5", "eval.every_kimg=2.0"):
+        changed = config.load(PARAMS, ["eval.every_kimg=1.0", override])
+        assert params.fingerprint(changed) != params.fingerprint(fid_on), override
+    assert params.fingerprint(config.load(PARAMS, ["data.workers=1"])) == params.fingerprint(
+        config.load(PARAMS, ["data.workers=2"])
+    )

@@ -12,7 +12,7 @@ from polyinr.commands import cli
 from polyinr.core import config
 from polyinr.core.errors import MissingWeightsError
 from polyinr.model.discriminator import FeatureNetwork
-from polyinr.training import embedding, train
+from polyinr.training import embedding, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,7 +155,7 @@ def test_cli_writes_embeddings_and_training_starts_from_them(
     assert "mean off-diagonal cosine" in printed and "closest pair n" in printed
     table = embedding.load(out, 3, 320)
     cfg = config.load(REPO / "params.yaml", [*common, f"train.embed_init={out}"])
-    g, _, d, *_ = train._stage_models(cfg, cfg.train.stages[0], 3, torch.device("cpu"), None)
+    g, _, d, *_ = run._stage_models(cfg, cfg.train.stages[0], 3, torch.device("cpu"), None)
     assert torch.equal(g.mapping.embed.weight.detach(), table)
     assert g.mapping.embed.weight.requires_grad  # it stays trainable
     heads = [h for b in d.branches for h in b.heads]

@@ -13,7 +13,8 @@ from tiny import TINY_GENERATOR
 from polyinr.commands import evaluate
 from polyinr.core import config
 from polyinr.evaluation import metrics
-from polyinr.model.generator import Generator, load_generator, render_grid, save_generator
+from polyinr.model import sampling
+from polyinr.model.generator import Generator, load_generator, save_generator
 from polyinr.training import tracking
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -63,7 +64,7 @@ def test_the_stage_writes_the_scores_with_the_generators_provenance_and_a_grid(
     }
     assert seconds == {"total": 1.0}
     g, _ = load_generator(path)
-    expected = render_grid(g, [0, 0, 0, 1, 1, 1], [0, 1, 2] * 2, stage.eval.grid_psi, rows=2)
+    expected = sampling.grid(g, [0, 0, 0, 1, 1, 1], [0, 1, 2] * 2, stage.eval.grid_psi, rows=2)
     assert np.array_equal(np.asarray(Image.open(grid)), expected)
     assert expected.shape == (2 * 8, 3 * 8, 3)
     err = capsys.readouterr().err

@@ -18,7 +18,9 @@ from test_train import tiny_overrides
 from polyinr import data
 from polyinr.commands import cli
 from polyinr.core import config, storage
-from polyinr.training import checkpoints, tracking, train
+from polyinr.core.errors import Preempted
+from polyinr.training import checkpoints, loop, run, tracking
+from polyinr.training.run import train
 from scripts.fault_proxy import Fault, FaultProxy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,13 +70,13 @@ def test_resume_from_s3_on_a_new_host_continues_in_a_linked_mlflow_run(
         monkeypatch.chdir(a)
         extra = (f"storage.endpoint_url={proxy.url}", "storage.retries=3")
         cfg = config.load(REPO / "params.yaml", overrides_in(prepared, a, 0.016, uri, *extra))
-        first = train.train(cfg, CPU, "run", progress=False)
+        first = train(cfg, CPU, "run", progress=False)
         capsys.readouterr()
 
         monkeypatch.chdir(b)
         proxy.add(Fault("truncate", "GET", r"snapshot-0+16\.pt", times=2))
         cfg = config.load(REPO / "params.yaml", overrides_in(prepared, b, 0.032, uri, *extra))
-        second = train.train(cfg, CPU, "run", progress=False)
+        second = train(cfg, CPU, "run", progress=False)
     finally:
         proxy.close()
     assert [kind for *_, kind in proxy.served] == ["truncate", "truncate"]
@@ -97,7 +99,7 @@ def test_no_loadable_checkpoint_stops_unless_restart_and_restart_keeps_its_commi
     monkeypatch.chdir(tmp_path)
     overrides = overrides_in(prepared, tmp_path, 0.016, str(tmp_path / "ckpt"), "storage.keep=1")
     cfg = config.load(REPO / "params.yaml", overrides)
-    train.train(cfg, CPU, "run", progress=False)
+    train(cfg, CPU, "run", progress=False)
     overrides = [o.replace("kimg: 0.016", "kimg: 0.024") for o in overrides]  # a longer run
     cfg = config.load(REPO / "params.yaml", overrides)
     run = tmp_path / "ckpt" / "test"
@@ -109,16 +111,16 @@ def test_no_loadable_checkpoint_stops_unless_restart_and_restart_keeps_its_commi
     assert not record["latest"] and "its record says" in record["corrupt"]
 
     steps = []
-    original = train.training_step
-    monkeypatch.setattr(train, "training_step", lambda *a, **k: steps.append(1) or original(*a))
+    original = loop.training_step
+    monkeypatch.setattr(loop, "training_step", lambda *a, **k: steps.append(1) or original(*a))
     with pytest.raises(storage.StorageError, match="--restart") as error:
-        train.train(cfg, CPU, "run", progress=False)
+        train(cfg, CPU, "run", progress=False)
     assert name in str(error.value) and not steps
     assert (run / "corrupt" / name).is_file() and not (run / checkpoints.LATEST).exists()
     with pytest.raises(storage.StorageError, match="moved to corrupt/ by an earlier run"):
-        train.train(cfg, CPU, "run", progress=False)  # a plain rerun does not start over either
+        train(cfg, CPU, "run", progress=False)  # a plain rerun does not start over either
 
-    result = train.train(cfg, CPU, "run", progress=False, restart=True)
+    result = train(cfg, CPU, "run", progress=False, restart=True)
     assert result["cur_nimg"] == 24 and len(steps) == 3
     assert "starting from image 0 (--restart)" in capsys.readouterr().err
     latest = json.loads((run / checkpoints.LATEST).read_text())["name"]
@@ -169,9 +171,9 @@ def test_sigterm_while_resuming_stops_before_building_models(prepared, tmp_path,
         os.kill(os.getpid(), signal.SIGTERM)
         return None, None  # a fresh run, found while the signal arrived
 
-    monkeypatch.setattr(train, "_resume", slow_resume)
+    monkeypatch.setattr(run, "_resume", slow_resume)
     built = []
-    monkeypatch.setattr(train, "_stage_models", lambda *a: built.append(1))
-    with pytest.raises(train.Preempted, match="during start-up"):
-        train.train(cfg, CPU, "run", progress=False)
+    monkeypatch.setattr(run, "_stage_models", lambda *a: built.append(1))
+    with pytest.raises(Preempted, match="during start-up"):
+        train(cfg, CPU, "run", progress=False)
     assert not built

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from polyinr.commands import pipeline, stage
+from polyinr.commands.stage import StageFailed
+from polyinr.core import errors
+
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).parent / "dvc")
 TINY = [  # the whole pipeline in a couple of minutes on 2 CPU cores
@@ -31,7 +35,7 @@ def _comments(text: str) -> list[str]:
     return [line.partition("#")[2] for line in text.splitlines() if "#" in line]
 
 
-def test_apply_overrides_validates_and_keeps_comments(train_flow, tmp_path):
+def test_overrides_are_validated_and_keep_comments(tmp_path):
     """An unknown key fails with the config's message and leaves the file alone; valid
     overrides change only their own lines and read back as the validated config."""
     from polyinr.core.config import ConfigError, load
@@ -40,11 +44,11 @@ def test_apply_overrides_validates_and_keeps_comments(train_flow, tmp_path):
     shutil.copy(ROOT / "params.yaml", params)
     before = params.read_text()
     with pytest.raises(ConfigError, match="no_such_key"):
-        train_flow.apply_overrides.fn(["train.no_such_key=1"], params=params)
+        pipeline.write_overrides(["train.no_such_key=1"], params=params)
     assert params.read_text() == before
 
     overrides = ["train.batch=16", "data.demo_per_class=8"]
-    train_flow.apply_overrides.fn(overrides, params=params)
+    pipeline.write_overrides(overrides, params=params)
     after = params.read_text()
     assert load(params) == load(ROOT / "params.yaml", overrides)
     assert _comments(after) == _comments(before)
@@ -79,20 +83,40 @@ def test_stage_selection_takes_groups_and_single_stages(train_flow):
 
 
 def test_stage_failures_retry_unless_the_inputs_are_wrong(train_flow):
-    """A stage that polyinr rejects (exit 2: bad config, missing file) is not retried; a crash
-    or a killed stage (any other status, any other error) is."""
+    """Exit 2 (bad config, data or weights) is never retried; 75 (transient) is; 143 (pre-empted)
+    and a kill are rerun, which resumes; so is a crash or any other error."""
     from prefect.states import Failed
 
-    def failed(exc):
-        return Failed(data=exc)
+    def retried(error):
+        return train_flow._retry(None, None, Failed(data=error))
 
-    usage = train_flow.StageFailed("train", train_flow.USAGE_ERROR, ["polyinr train: error"])
-    assert train_flow._transient(None, None, failed(usage)) is False
-    assert train_flow._transient(None, None, failed(train_flow.StageFailed("train", 1, []))) is True
-    assert (
-        train_flow._transient(None, None, failed(train_flow.StageFailed("train", -9, []))) is True
+    assert retried(StageFailed("train", errors.USAGE, ["polyinr train: error"])) is False
+    for code in (errors.TRANSIENT, errors.PREEMPTED, 1, -9):
+        assert retried(StageFailed("train", code, [])) is True
+    assert retried(OSError("connection reset")) is True
+
+
+def test_dvc_run_stage_reports_polyinrs_own_exit_code(tmp_path):
+    """`dvc repro` exits 255 whatever its stage's command returned; the stage runner reports the
+    code polyinr wrote to $POLYINR_EXIT_FILE instead: 2 for a config typo."""
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  typo:\n    cmd: polyinr summary --skip-discriminator generator.hiden=3\n"
     )
-    assert train_flow._transient(None, None, failed(OSError("connection reset"))) is True
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    pipeline.dvc(tmp_path, "init", "--no-scm")
+    logged = []
+
+    class Logger:
+        def info(self, msg, *args):
+            logged.append(msg % args if args else msg)
+
+        warning = info
+
+    code, lines = stage.stream([DVC, "repro", "typo"], Logger(), tmp_path)
+    assert code == errors.USAGE, lines
+    assert any("generator.hiden" in line for line in lines)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  crash:\n    cmd: python -c 'exit(3)'\n")
+    assert stage.stream([DVC, "repro", "crash"], Logger(), tmp_path)[0] == 255  # DVC's own
 
 
 @pytest.mark.slow
@@ -391,7 +415,7 @@ def test_sigterm_during_a_stage_reaches_it_and_then_prefects_handler(train_flow,
     try:
         timer.start()
         with pytest.raises(Terminated):
-            train_flow._stream([sys.executable, "-c", child], Logger(), tmp_path)
+            stage.stream([sys.executable, "-c", child], Logger(), tmp_path)
         assert signal.getsignal(signal.SIGTERM) is prefects  # restored after the stage
     finally:
         timer.cancel()

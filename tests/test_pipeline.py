@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from polyinr.commands import pipeline
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TINY = [
@@ -38,12 +40,7 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
 
     repo = repo_copy
     # Same effect as `dvc exp run -S` (which needs git): the flow's override writer.
-    sys.path.insert(0, str(ROOT))
-    try:
-        from flows.train_flow import apply_overrides
-    finally:
-        sys.path.remove(str(ROOT))
-    apply_overrides.fn(TINY, params=repo / "params.yaml")
+    pipeline.write_overrides(TINY, repo / "params.yaml")
 
     _run([BIN / "dvc", "repro"], repo)
 
@@ -103,7 +100,7 @@ def test_dvc_repro_runs_the_demo_and_logs_one_mlflow_run(repo_copy):
 STAGE_CODE = {
     "demo_data": ["polyinr/data"],
     "prepare": ["polyinr/data"],
-    "train": ["polyinr/training/train.py"],
+    "train": ["polyinr/training/loop.py", "polyinr/training/run.py"],
     "evaluate": ["polyinr/commands/evaluate.py"],
 }
 NO_EFFECT = {
@@ -117,7 +114,7 @@ NO_EFFECT = {
 DATA_ONLY = {"polyinr/core/distributed.py"}
 TRAIN_PLOTS_ONLY = {
     f"polyinr/evaluation/{m}.py" for m in ("metrics", "featurenets", "featurestats", "reference")
-}
+} | {"polyinr/model/sampling.py", "polyinr/model/video.py"}  # the sample grids MLflow shows
 
 
 def _unit(path: str) -> str | None:
@@ -243,7 +240,6 @@ def test_workspace_is_the_commit_with_shared_cache_and_inputs(repo_copy, tmp_pat
     """With git: a worktree at HEAD (uncommitted edits of params.yaml stay out), DVC's cache
     and the untracked inputs (weights, checkpoints, mlflow.db) shared by links; removing
     it deletes the links, never what they point to."""
-    from polyinr.commands import pipeline
 
     repo = repo_copy
     _git(repo, "init", "-q")
@@ -275,7 +271,6 @@ def test_workspace_is_the_commit_with_shared_cache_and_inputs(repo_copy, tmp_pat
 def test_workspace_without_git_copies_sources_not_outputs(repo_copy, tmp_path):
     """Without git (the image has no .git): a copy of the tree without outputs, local state
     or caches; params: another params file becomes params.yaml."""
-    from polyinr.commands import pipeline
 
     repo = repo_copy
     for out in ("data/demo/train/x.JPEG", "run/generator.pt", "run/events.jsonl", ".stack/env"):
@@ -284,7 +279,7 @@ def test_workspace_without_git_copies_sources_not_outputs(repo_copy, tmp_path):
     ws = tmp_path / "ws"
     assert pipeline.create_workspace(repo, ws, params="configs/imagenet-256.yaml") == "copy"
     assert (ws / "params.yaml").read_text() == (repo / "configs/imagenet-256.yaml").read_text()
-    assert (ws / "dvc.yaml").is_file() and (ws / "polyinr" / "training" / "train.py").is_file()
+    assert (ws / "dvc.yaml").is_file() and (ws / "polyinr" / "training" / "loop.py").is_file()
     for out in ("data", "run/generator.pt", "run/events.jsonl", ".stack", ".dvc/cache"):
         assert not (ws / out).exists(), out
     assert (ws / "run/train.csv").is_file()  # git's, as in a clone

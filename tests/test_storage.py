@@ -10,7 +10,7 @@ import torch
 
 from polyinr.core import storage
 from polyinr.core.config import StorageConfig
-from polyinr.core.storage import StorageError
+from polyinr.core.storage import StorageError, StorageUnavailable
 from polyinr.training import checkpoints
 from polyinr.training.checkpoints import CheckpointStore
 from scripts.fault_proxy import Fault, FaultProxy
@@ -267,8 +267,8 @@ def test_s3_missing_credentials_says_which_variables(s3_env, monkeypatch, tmp_pa
 
 
 @pytest.mark.slow
-def test_s3_unreachable_endpoint_is_a_storage_error(s3_env):
-    """An endpoint nobody listens on gives a StorageError, not a botocore traceback."""
+def test_s3_unreachable_endpoint_is_transient(s3_env):
+    """An endpoint nobody listens on is StorageUnavailable (exit 75), not a traceback."""
     import socket
 
     with socket.socket() as s:
@@ -276,7 +276,7 @@ def test_s3_unreachable_endpoint_is_a_storage_error(s3_env):
         port = s.getsockname()[1]
     cfg = storage_config("s3://b/prefix", f"http://127.0.0.1:{port}", keep=1, retries=1)
     store = CheckpointStore(cfg, "run")
-    with pytest.raises(StorageError, match="endpoint"):
+    with pytest.raises(StorageUnavailable, match="endpoint"):
         store.check()
 
 

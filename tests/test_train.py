@@ -12,7 +12,8 @@ import torch
 from polyinr import data
 from polyinr.core import config
 from polyinr.model.generator import Generator, load_generator
-from polyinr.training import train
+from polyinr.training import loop, run
+from polyinr.training.run import train
 from polyinr.training.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,14 +79,16 @@ def test_training_step_moves_generator_and_heads_but_not_feature_network(prepare
     cfg = config.load(REPO / "params.yaml", tiny_overrides(prepared))
     torch.manual_seed(0)
     stage = cfg.train.stages[0]
-    g, _, d, opt_g, opt_d = train._stage_models(cfg, stage, 2, torch.device("cpu"), None)
+    g, _, d, opt_g, opt_d = run._stage_models(cfg, stage, 2, torch.device("cpu"), None)
     g0, d0 = copy.deepcopy(g.state_dict()), copy.deepcopy(d.state_dict())
     x = torch.rand(8, 3, 16, 16) * 2 - 1
     c = torch.randint(0, 2, (8,))
     d.train()
     z_g, z_d = torch.randn(8, cfg.generator.z_dim), torch.randn(8, cfg.generator.z_dim)
-    stats = train.training_step(g, d, opt_g, opt_d, [(x, c)], [z_g], [z_d], sigma=1.0)
-    assert len(stats["acc_real"]) == len(stats["acc_fake"]) == 4  # one per head
+    stats = loop.training_step(g, d, opt_g, opt_d, [(x, c)], [z_g], [z_d], sigma=1.0)
+    assert stats["acc_real"].shape == stats["acc_fake"].shape == (4,)  # one per head
+    # Tensors left on the device: nothing in the step waits for the device (no .item()).
+    assert all(isinstance(v, torch.Tensor) for v in stats.values())
     g1, d1 = g.state_dict(), d.state_dict()
     changed_g = [k for k in g0 if not torch.equal(g0[k], g1[k])]
     assert any(k.startswith("synthesis.") for k in changed_g)
@@ -103,16 +106,16 @@ def test_rerun_resumes_instead_of_restarting(prepared, tmp_path, monkeypatch, ca
     """A second `train` with a longer schedule continues from the checkpoint's cur_nimg."""
     monkeypatch.chdir(tmp_path)
     cfg = run_cfg(prepared, tmp_path, kimg=0.016)
-    first = train.train(cfg, torch.device("cpu"), "run", progress=False)
+    first = train(cfg, torch.device("cpu"), "run", progress=False)
     assert first["cur_nimg"] == 16
     assert (tmp_path / "checkpoints/test/latest.json").is_file()
     capsys.readouterr()
 
     seen = []
-    original = train.training_step
-    monkeypatch.setattr(train, "training_step", lambda *a, **k: seen.append(1) or original(*a, **k))
+    original = loop.training_step
+    monkeypatch.setattr(loop, "training_step", lambda *a, **k: seen.append(1) or original(*a, **k))
     cfg2 = run_cfg(prepared, tmp_path, kimg=0.032)
-    second = train.train(cfg2, torch.device("cpu"), "run", progress=False)
+    second = train(cfg2, torch.device("cpu"), "run", progress=False)
     assert "resuming from" in capsys.readouterr().err
     assert second["cur_nimg"] == 32
     assert len(seen) == 2  # only the 16 new images (batch 8), not all 32
@@ -140,7 +143,7 @@ def test_second_stage_starts_from_first_stage_ema(prepared, tmp_path, monkeypatc
     stages = "[{resolution: 16, kimg: 0.016}, {resolution: 24, kimg: 0.008}]"
     cfg = run_cfg(prepared, tmp_path, stages=stages)
     captured = {}
-    original = train._stage_models
+    original = run._stage_models
 
     def spy(cfg_, stage, num_classes, device, g_ema_prev):
         out = original(cfg_, stage, num_classes, device, g_ema_prev)
@@ -148,8 +151,8 @@ def test_second_stage_starts_from_first_stage_ema(prepared, tmp_path, monkeypatc
             captured["g"] = copy.deepcopy(out[0])
         return out
 
-    monkeypatch.setattr(train, "_stage_models", spy)
-    result = train.train(cfg, torch.device("cpu"), "run", progress=False)
+    monkeypatch.setattr(run, "_stage_models", spy)
+    result = train(cfg, torch.device("cpu"), "run", progress=False)
     assert result["cur_nimg"] == 24
     stage1 = torch.load(tmp_path / "checkpoints/test/snapshot-000000000016.pt", weights_only=True)
     assert stage1["stage"] == 0
@@ -175,24 +178,24 @@ def test_stage_by_stage_equals_the_whole_schedule(prepared, tmp_path, monkeypatc
     for d in (whole_dir, staged_dir):
         d.mkdir()
     monkeypatch.chdir(whole_dir)
-    whole = train.train(run_cfg(prepared, whole_dir, stages=stages), cpu, "run", progress=False)
+    whole = train(run_cfg(prepared, whole_dir, stages=stages), cpu, "run", progress=False)
 
     monkeypatch.chdir(staged_dir)
     cfg = run_cfg(prepared, staged_dir, stages=stages)
-    first = train.train(cfg, cpu, "run", progress=False, until_stage=0)
+    first = train(cfg, cpu, "run", progress=False, until_stage=0)
     assert first["cur_nimg"] == 16 and first["stage"] == 0
     assert not (staged_dir / "run/generator.pt").exists()
     capsys.readouterr()
-    again = train.train(cfg, cpu, "run", progress=False, until_stage=0)
+    again = train(cfg, cpu, "run", progress=False, until_stage=0)
     assert again == {"cur_nimg": 16, "stage": 0, "already_complete": True}
     assert "stage 0 (16px) is already complete" in capsys.readouterr().err
-    rest = train.train(cfg, cpu, "run", progress=False)
+    rest = train(cfg, cpu, "run", progress=False)
     assert rest["cur_nimg"] == 24 and rest["mlflow_run_id"] == first["mlflow_run_id"]
     assert rest["weights_sha256"] == whole["weights_sha256"]
     _, meta = load_generator(staged_dir / "run/generator.pt")
     assert meta["resolution"] == 24
     with pytest.raises(ValueError, match="stages 0 to 1 \\(16px, 24px\\)"):
-        train.train(cfg, cpu, "run", progress=False, until_stage=2)
+        train(cfg, cpu, "run", progress=False, until_stage=2)
 
 
 def test_stages_run_whole_batches_and_the_next_starts_at_its_image_zero(
@@ -203,7 +206,7 @@ def test_stages_run_whole_batches_and_the_next_starts_at_its_image_zero(
     monkeypatch.chdir(tmp_path)
     stages = "[{resolution: 16, kimg: 0.012}, {resolution: 24, kimg: 0.008}]"
     cfg = run_cfg(prepared, tmp_path, stages=stages)
-    result = train.train(cfg, torch.device("cpu"), "run", progress=False)
+    result = train(cfg, torch.device("cpu"), "run", progress=False)
     assert result["cur_nimg"] == 24
     history = torch.load(tmp_path / "checkpoints/test/snapshot-000000000024.pt", weights_only=True)[
         "history"
@@ -229,13 +232,13 @@ def test_fid_during_training_marks_each_stage_best_and_the_next_stage_starts_fro
     scripted = iter([3.0, 1.0, 2.0, 5.0])  # kimg 0.008, 0.016, 0.024 (stage 0's end), 0.032
     monkeypatch.setattr(metrics.TrainingFID, "__call__", lambda self, g, res: next(scripted))
     starts = []
-    original = train._stage_models
+    original = run._stage_models
 
     def spy(cfg_, stage, num_classes, device, g_ema_prev):
         starts.append(None if g_ema_prev is None else copy.deepcopy(g_ema_prev.state_dict()))
         return original(cfg_, stage, num_classes, device, g_ema_prev)
 
-    monkeypatch.setattr(train, "_stage_models", spy)
+    monkeypatch.setattr(run, "_stage_models", spy)
     stages = "[{resolution: 16, kimg: 0.024}, {resolution: 24, kimg: 0.008}]"
     cfg = config.load(
         REPO / "params.yaml",
@@ -248,7 +251,7 @@ def test_fid_during_training_marks_each_stage_best_and_the_next_stage_starts_fro
             "eval.every_kimg=0.008",
         ],
     )
-    result = train.train(cfg, torch.device("cpu"), tmp_path / "run", progress=False)
+    result = train(cfg, torch.device("cpu"), tmp_path / "run", progress=False)
     name = metrics.metric_name(cfg.eval.train_samples)
     events = RunDir(tmp_path / "run").read_events()
     fids = [(e["nimg"], e["value"], e["best"]) for e in events if e["event"] == "fid"]
@@ -289,13 +292,13 @@ def test_resumed_run_sees_the_batches_an_uninterrupted_run_sees(prepared, tmp_pa
     """Stopped mid-epoch and rerun, training gets the same real batches (order and flips) as
     one uninterrupted run; the checkpoint stores the loader position (epoch, batch)."""
     seen = {}
-    original = train.training_step
+    original = loop.training_step
 
     def spy(g, d, opt_g, opt_d, reals, *a, **k):
         seen.setdefault(Path.cwd().name, []).append([(x.clone(), c.clone()) for x, c in reals])
         return original(g, d, opt_g, opt_d, reals, *a, **k)
 
-    monkeypatch.setattr(train, "training_step", spy)
+    monkeypatch.setattr(loop, "training_step", spy)
     for name, schedule in (("straight", [0.024]), ("resumed", [0.008, 0.024])):
         (tmp_path / name).mkdir()
         monkeypatch.chdir(tmp_path / name)
@@ -304,7 +307,7 @@ def test_resumed_run_sees_the_batches_an_uninterrupted_run_sees(prepared, tmp_pa
             cfg = dataclasses.replace(
                 cfg, train=dataclasses.replace(cfg.train, snapshot_kimg=0.008)
             )
-            train.train(cfg, torch.device("cpu"), "run", progress=False)
+            train(cfg, torch.device("cpu"), "run", progress=False)
             if kimg == 0.008:
                 ckpt = torch.load("checkpoints/test/snapshot-000000000008.pt", weights_only=True)
                 assert ckpt["data_position"] == [0, 1]
@@ -327,16 +330,16 @@ def _rank_worker(rank, world, init_file, overrides, workdir, out):
     os.chdir(folder)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     captured = {}
-    step = train.training_step
+    step = loop.training_step
 
     def spy(g, d, *args, **kwargs):
         captured.update(g=g, d=d)
         return step(g, d, *args, **kwargs)
 
-    train.training_step = spy
+    loop.training_step = spy
     try:
         cfg = config.load(REPO / "params.yaml", overrides)
-        summary = train.train(cfg, torch.device("cpu"), "run", progress=False)
+        summary = train(cfg, torch.device("cpu"), "run", progress=False)
         torch.save(
             {
                 "G": captured["g"].state_dict(),
@@ -447,10 +450,10 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(prepared, tmp_path, mo
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    whole = train.train(cfg_in(tmp_path / "a"), torch.device("cpu"), "run", progress=False)
+    whole = train(cfg_in(tmp_path / "a"), torch.device("cpu"), "run", progress=False)
 
     calls = []
-    original = train.training_step
+    original = loop.training_step
 
     def crash_on_fifth(*args, **kwargs):
         calls.append(1)
@@ -458,12 +461,12 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(prepared, tmp_path, mo
             raise KeyboardInterrupt("simulated crash")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train, "training_step", crash_on_fifth)
+    monkeypatch.setattr(loop, "training_step", crash_on_fifth)
     cfg_b = cfg_in(tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
-        train.train(cfg_b, torch.device("cpu"), "run", progress=False)
+        train(cfg_b, torch.device("cpu"), "run", progress=False)
     calls.clear()
-    resumed = train.train(cfg_b, torch.device("cpu"), "run", progress=False)
+    resumed = train(cfg_b, torch.device("cpu"), "run", progress=False)
     assert len(calls) == 3  # from the 24-image checkpoint: 3 of the 6 batches redone
     assert resumed["cur_nimg"] == whole["cur_nimg"] == 48
     assert resumed["weights_sha256"] == whole["weights_sha256"]
@@ -582,16 +585,16 @@ def test_missing_bucket_stops_before_any_compute(prepared, tmp_path, s3_env, mon
         ],
     )
     built = []
-    monkeypatch.setattr(train, "_stage_models", lambda *a: built.append(1))
+    monkeypatch.setattr(run, "_stage_models", lambda *a: built.append(1))
     with pytest.raises(StorageError, match="no-such-bucket-for-polyinr"):
-        train.train(cfg, torch.device("cpu"), "run", progress=False)
+        train(cfg, torch.device("cpu"), "run", progress=False)
     assert not built and not (tmp_path / "mlflow.db").exists()
 
 
 def test_level_checkpointing_gives_the_same_gradients(prepared):
     """train.checkpoint_levels trades memory for compute: identical loss and gradients."""
     cfg = config.load(REPO / "params.yaml", tiny_overrides(prepared))
-    g, *_ = train._stage_models(cfg, cfg.train.stages[0], 2, torch.device("cpu"), None)
+    g, *_ = run._stage_models(cfg, cfg.train.stages[0], 2, torch.device("cpu"), None)
     z, c = torch.randn(4, cfg.generator.z_dim), torch.tensor([0, 1, 0, 1])
     grads = []
     for checkpoint in (False, True):
@@ -604,7 +607,7 @@ def test_level_checkpointing_gives_the_same_gradients(prepared):
     cfg = config.load(
         REPO / "params.yaml", [*tiny_overrides(prepared), "train.checkpoint_levels=true"]
     )
-    g, *_ = train._stage_models(cfg, cfg.train.stages[0], 2, torch.device("cpu"), None)
+    g, *_ = run._stage_models(cfg, cfg.train.stages[0], 2, torch.device("cpu"), None)
     assert g.synthesis.checkpoint_levels
 
 
@@ -612,17 +615,17 @@ def test_bf16_training_step_moves_the_models_with_finite_losses(prepared):
     """train.precision=bf16 autocasts the forward passes; losses stay float32 and finite."""
     cfg = config.load(REPO / "params.yaml", [*tiny_overrides(prepared), "train.precision=bf16"])
     torch.manual_seed(0)
-    g, _, d, opt_g, opt_d = train._stage_models(
+    g, _, d, opt_g, opt_d = run._stage_models(
         cfg, cfg.train.stages[0], 2, torch.device("cpu"), None
     )
     g0 = copy.deepcopy(g.state_dict())
     x, c = torch.rand(8, 3, 16, 16) * 2 - 1, torch.randint(0, 2, (8,))
     z = [torch.randn(8, cfg.generator.z_dim)]
-    stats = train.training_step(
+    stats = loop.training_step(
         g, d, opt_g, opt_d, [(x, c)], z, z, sigma=1.0, precision=cfg.train.precision
     )
     assert all(map(math.isfinite, (stats["loss_g"], stats["loss_d"])))
-    assert all(0 <= a <= 1 for a in stats["acc_real"] + stats["acc_fake"])
+    assert all(0 <= a <= 1 for a in torch.cat([stats["acc_real"], stats["acc_fake"]]))
     assert all(p.dtype == torch.float32 for p in g.parameters())
     assert any(not torch.equal(v, g.state_dict()[k]) for k, v in g0.items())
 
@@ -649,17 +652,17 @@ def test_data_that_disagree_with_the_config_stop_training_before_any_compute(
     naming both values before models, storage or MLflow are touched."""
     monkeypatch.chdir(tmp_path)
     built = []
-    monkeypatch.setattr(train, "_stage_models", lambda *a: built.append(1))
+    monkeypatch.setattr(run, "_stage_models", lambda *a: built.append(1))
     cfg = run_cfg(prepared, tmp_path)
     wrong_classes = dataclasses.replace(
         cfg, generator=dataclasses.replace(cfg.generator, num_classes=1000)
     )
     with pytest.raises(data.DataError, match="num_classes=1000 but .* lists 2 classes"):
-        train.train(wrong_classes, torch.device("cpu"), "run", progress=False)
+        train(wrong_classes, torch.device("cpu"), "run", progress=False)
     stages = "[{resolution: 16, kimg: 0.016}, {resolution: 32, kimg: 0.016}]"
     unprepared = run_cfg(prepared, tmp_path, stages=stages)
     with pytest.raises(data.DataError, match="train_32.beton; run `polyinr prepare` first"):
-        train.train(unprepared, torch.device("cpu"), "run", progress=False)
+        train(unprepared, torch.device("cpu"), "run", progress=False)
     assert not built and not (tmp_path / "mlflow.db").exists()
     assert not (tmp_path / "checkpoints").exists()
 
@@ -668,13 +671,13 @@ def test_resuming_with_another_generator_section_is_refused(prepared, tmp_path, 
     """A run's checkpoint made with other generator params is not resumed with these: one
     error naming the checkpoint and the section, before any model is built."""
     monkeypatch.chdir(tmp_path)
-    train.train(run_cfg(prepared, tmp_path, kimg=0.008), torch.device("cpu"), "run", progress=False)
+    train(run_cfg(prepared, tmp_path, kimg=0.008), torch.device("cpu"), "run", progress=False)
     built = []
-    monkeypatch.setattr(train, "_stage_models", lambda *a: built.append(1))
+    monkeypatch.setattr(run, "_stage_models", lambda *a: built.append(1))
     cfg = run_cfg(prepared, tmp_path, kimg=0.016)
     other = dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, hidden=24))
     with pytest.raises(ValueError, match=r"other params \(generator\.hidden: 16 -> 24\)"):
-        train.train(other, torch.device("cpu"), "run", progress=False)
+        train(other, torch.device("cpu"), "run", progress=False)
     assert not built
 
 
@@ -683,7 +686,7 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(prepared, tmp_pat
     cfg = run_cfg(prepared, tmp_path)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch=8, batch_gpu=3))
     with pytest.raises(ValueError, match=r"train.batch=8 is not a multiple of batch_gpu \(3\)"):
-        train.train(cfg, torch.device("cpu"), "run", progress=False)
+        train(cfg, torch.device("cpu"), "run", progress=False)
 
 
 def test_resume_refuses_other_params_and_a_shorter_schedule_leaves_the_run_finished(
@@ -696,18 +699,18 @@ def test_resume_refuses_other_params_and_a_shorter_schedule_leaves_the_run_finis
 
     monkeypatch.chdir(tmp_path)
     cpu = torch.device("cpu")
-    done = train.train(run_cfg(prepared, tmp_path, kimg=0.016), cpu, "run", progress=False)
+    done = train(run_cfg(prepared, tmp_path, kimg=0.016), cpu, "run", progress=False)
     other = config.load(
         REPO / "params.yaml",
         [*tiny_overrides(prepared, kimg=0.016), "train.lr_g=2.0e-4", "generator.levels=2"],
     )
     other = dataclasses.replace(other, storage=run_cfg(prepared, tmp_path).storage)
     with pytest.raises(ValueError, match=r"generator\.levels: 3 -> 2; train\.lr_g: 0\.00025 ->"):
-        train.train(other, cpu, "run", progress=False)
+        train(other, cpu, "run", progress=False)
 
     shorter = run_cfg(prepared, tmp_path, kimg=0.008)
     with pytest.raises(ValueError, match="past the end of train.stages"):
-        train.train(shorter, cpu, "run", progress=False)
+        train(shorter, cpu, "run", progress=False)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert mlflow.get_run(done["mlflow_run_id"]).info.status == "FINISHED"
 

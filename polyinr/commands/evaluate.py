@@ -13,7 +13,8 @@ import torch.distributed as dist
 from PIL import Image
 
 from polyinr.evaluation import metrics
-from polyinr.model.generator import Generator, load_generator, render_grid
+from polyinr.model import sampling
+from polyinr.model.generator import Generator, load_generator
 from polyinr.training import tracking
 
 
@@ -65,7 +66,7 @@ def sample_grid(g: Generator, eval_cfg: metrics.EvalConfig) -> np.ndarray:
     rows = min(e.grid_classes, g.cfg.num_classes)
     classes = [c for c in range(rows) for _ in range(e.grid_seeds)]
     seeds = list(range(e.grid_seeds)) * rows
-    return render_grid(g, classes, seeds, e.grid_psi, rows=rows)
+    return sampling.grid(g, classes, seeds, e.grid_psi, rows=rows)
 
 
 def _note_shape(params, stored, path) -> None:

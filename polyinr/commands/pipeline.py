@@ -4,7 +4,10 @@ checkout recovers everything with `polyinr restore` (docs/orchestration.md)."""
 
 from __future__ import annotations
 
+import graphlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from polyinr.core import config
+from polyinr.core.storage import write_atomic
 from polyinr.training.checkpoints import CheckpointStore
 
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -49,11 +54,75 @@ def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
 
 
-def _dvc(where: Path, *args: str) -> str:
-    proc = subprocess.run([DVC, *args], cwd=where, capture_output=True, text=True)
+def env() -> dict[str, str]:
+    """The environment for DVC: the venv's bin first so stage commands find `polyinr`; progress
+    bars refresh every few seconds, not every batch, in a log."""
+    out = {**os.environ, "PATH": f"{Path(DVC).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out.setdefault("TQDM_MININTERVAL", "5")
+    return out
+
+
+def dvc(where: Path, *args: str) -> str:
+    """Run a quick DVC command in `where`; its stdout, or RuntimeError with its output."""
+    proc = subprocess.run([DVC, *args], cwd=where, env=env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"dvc {' '.join(args)} failed in {where}:\n{proc.stdout}{proc.stderr}")
     return proc.stdout
+
+
+def stage_order(where: Path) -> list[str]:
+    """The pipeline's stage names in an order DVC can run them, read from `dvc dag --dot`."""
+    dot = dvc(where, "dag", "--dot")
+    graph: dict[str, set[str]] = {n: set() for n in re.findall(r'^"([^"]+)";$', dot, re.M)}
+    for upstream, downstream in re.findall(r'^"([^"]+)" -> "([^"]+)";$', dot, re.M):
+        graph.setdefault(downstream, set()).add(upstream)
+    return list(graphlib.TopologicalSorter(graph).static_order())
+
+
+def write_overrides(overrides: list[str], params: str | Path) -> None:
+    """Validate `section.key=value` overrides and write them into a params file, keeping
+    comments: the same effect as `dvc exp run -S`, so the next `dvc repro` sees them."""
+    from ruamel.yaml import YAML
+
+    params = Path(params)
+    expected = config.load(params, overrides)  # ConfigError naming the bad key and valid ones
+    if not overrides:
+        return
+    yaml = YAML()  # round-trip: comments, flow style and float spelling survive
+    yaml.preserve_quotes = True
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    null = "tag:yaml.org,2002:null"  # ruamel would write None as an empty value
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar(null, "null"))
+    doc = yaml.load(params)
+    for override in overrides:
+        key, _, value = override.partition("=")
+        *sections, leaf = key.strip().split(".")
+        node = doc
+        for section in sections:
+            node = node[section]
+        old, new = node[leaf], yaml.load(value)
+        if hasattr(old, "fa") and hasattr(new, "fa") and not old.fa.flow_style():
+            new.fa.set_block_style()  # a block list stays a block list
+        node[leaf] = new
+    # Write beside the target, check it reads back as the validated config, then replace.
+    with write_atomic(params) as tmp:
+        yaml.dump(doc, tmp)
+        if config.load(tmp) != expected:
+            raise ValueError(f"overrides {overrides} do not round-trip through {params}")
+
+
+def metrics_table(path: Path) -> str:
+    """A markdown table of a (possibly nested) metrics JSON file."""
+
+    def rows(prefix: str, node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from rows(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            yield f"| {prefix} | {node} |"
+
+    lines = ["| metric | value |", "|---|---|", *rows("", json.loads(path.read_text()))]
+    return f"## Evaluation ({path.name})\n\n" + "\n".join(lines)
 
 
 def create_workspace(root: Path, dest: Path, params: str | None = None) -> str:
@@ -74,13 +143,13 @@ def create_workspace(root: Path, dest: Path, params: str | None = None) -> str:
     else:
         commit = "copy"
         shutil.copytree(root, dest, symlinks=True, ignore=_not_copied(root))
-        _dvc(dest, "config", "--local", "core.no_scm", "true")
+        dvc(dest, "config", "--local", "core.no_scm", "true")
     local = root / ".dvc" / "config.local"  # remotes and credentials configured by hand
     if local.is_file():
         shutil.copy2(local, dest / ".dvc" / "config.local")
     cache = os.environ.get(ENV_CACHE) or str(root / ".dvc" / "cache")
-    _dvc(dest, "cache", "dir", "--local", cache)
-    _dvc(dest, "config", "--local", "cache.type", "reflink,hardlink,copy")
+    dvc(dest, "cache", "dir", "--local", cache)
+    dvc(dest, "config", "--local", "cache.type", "reflink,hardlink,copy")
     for name in SHARED:
         target = root / name
         if name == "mlflow.db":

@@ -7,37 +7,16 @@ The lowest layer: components import their section from here; this imports no com
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import types
 import typing
 from pathlib import Path
 
 import yaml
 
+from polyinr.core import params
 from polyinr.core.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
-# A run's identity: every key of these sections changes what training produces, except
-# NOT_IDENTITY (where inputs live, how fast they load, how often progress is saved) and the
-# last stage's kimg (how far to train: a longer schedule resumes the same run).
-IDENTITY_SECTIONS = ("data", "generator", "discriminator", "train")
-NOT_IDENTITY = frozenset(
-    {
-        "data.out_dir",
-        "data.workers",
-        "data.scan_cache",
-        "data.strict",
-        "discriminator.weights_dir",
-        "train.workers",
-        "train.snapshot_kimg",
-        "train.sample_kimg",
-        "train.sample_psi",
-        "train.checkpoint_levels",
-    }
-)
-PARAMS_HASH = "{params}"  # in tracking.run_name: replaced by fingerprint(cfg)
-
 # The valid values of the string-valued choices; the components map each name to its code.
 ENCODINGS = ("jpg", "raw")  # data.encoding
 # The procedural demo datasets (polyinr/data/demo.py): classes told apart by shape, by the
@@ -109,6 +88,11 @@ class GeneratorConfig:
     clamp: float  # each level's activations are clamped to [-clamp, clamp]
     w_avg_beta: float  # decay of the running mean of w (the truncation centre), in [0, 1)
     mixing: str  # C x C layers: plain (the reference's nn.Linear) or equalized (StyleGAN's)
+
+    @property
+    def class_count(self) -> int:
+        """The classes G is conditioned on: num_classes when conditional, else 0."""
+        return self.num_classes if self.conditional else 0
 
     def __post_init__(self):
         for name in ("num_classes", "z_dim", "w_dim", "embed_dim", "cond_dim", "hidden"):
@@ -378,7 +362,7 @@ def from_dict(raw: dict, overrides: typing.Sequence[str] = ()) -> Config:
         raise ConfigError(f"missing section {missing[0]}; params need: {valid}")
     hints = typing.get_type_hints(Config)
     cfg = Config(**{k: _build(hints[k], raw[k], k) for k in valid})
-    name = cfg.tracking.run_name.replace(PARAMS_HASH, fingerprint(cfg))
+    name = cfg.tracking.run_name.replace(params.PARAMS_HASH, params.fingerprint(cfg))
     return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_name=name))
 
 
@@ -417,58 +401,7 @@ def load(path: str | Path = DEFAULT_PARAMS, overrides: typing.Sequence[str] = ()
         raise ConfigError(f"{path}: {e}") from None
 
 
-def to_dict(cfg) -> dict:
-    """The nested plain-type mapping of a Config (or section, or such a mapping); lists stay
-    lists."""
-    plain = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
-    return yaml.safe_load(yaml.safe_dump(_plain(plain)))
-
-
-def _plain(x):
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
-    return x
-
-
-def flatten(cfg) -> dict[str, object]:
-    """`section.key -> value` for every leaf, as MLflow params and `dvc params diff` show."""
-    out: dict[str, object] = {}
-
-    def walk(prefix: str, node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        else:
-            out[prefix] = node
-
-    walk("", to_dict(cfg))
-    return out
-
-
-def identity(cfg) -> dict[str, object]:
-    """`section.key -> value` of the params that decide what training produces (see
-    IDENTITY_SECTIONS); train.stages without the last stage's kimg."""
-    flat = flatten(cfg)
-    out = {
-        k: v
-        for k, v in flat.items()
-        if k.split(".")[0] in IDENTITY_SECTIONS and k not in NOT_IDENTITY
-    }
-    *done, last = out["train.stages"]
-    out["train.stages"] = [*done, {"resolution": last["resolution"]}]
-    return out
-
-
-def fingerprint(cfg) -> str:
-    """8 hex digits of a hash of identity(cfg): `{params}` in tracking.run_name, so that a
-    change of any result-affecting param is a new run (checkpoint folder, MLflow run)."""
-    text = json.dumps(identity(cfg), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
-def identity_diff(old: dict, new: dict) -> list[str]:
-    """`key: old -> new` for each identity param that differs between two identity() maps."""
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+def nimg(kimg: float) -> int:
+    """Images in `kimg` thousand, to the nearest image (0.029 * 1000 is 28.999...): the one
+    kimg-to-image rule of schedules, snapshot and sample ticks and the FID's interval."""
+    return round(kimg * 1000)

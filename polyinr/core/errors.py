@@ -10,6 +10,9 @@ from __future__ import annotations
 USAGE = 2  # the input is wrong: config, data, missing weights; retrying cannot help
 TRANSIENT = 75  # EX_TEMPFAIL: storage unreachable after retries, a lease held; retry
 PREEMPTED = 143  # 128 + SIGTERM: stopped after a checkpoint; rerun to resume
+# Where `polyinr` also writes its exit code, when set: the flow's way past `dvc repro`, which
+# exits with a code of its own whatever the stage's command returned.
+EXIT_FILE = "POLYINR_EXIT_FILE"
 
 
 class ConfigError(ValueError):

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from polyinr.core.config import StorageConfig
-from polyinr.core.errors import StorageError
+from polyinr.core.errors import StorageError, StorageUnavailable
 
 MiB = 1 << 20
 
@@ -57,14 +57,15 @@ class Folder:
                 f"no AWS credentials for {self.uri}: set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
             ) from None
-        except botocore.exceptions.ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "?")
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            kind = failure(e)
+            if kind is StorageUnavailable:
+                raise kind(f"cannot reach the S3 endpoint for {self.uri}: {e}") from None
+            code = getattr(e, "response", {}).get("Error", {}).get("Code", "?")
             what = (
                 "does not exist" if code in ("404", "NoSuchBucket") else f"cannot be used ({code})"
             )
-            raise StorageError(f"bucket {self.bucket!r} of storage.uri {what}: {e}") from None
-        except botocore.exceptions.BotoCoreError as e:  # endpoint unreachable, bad URL, ...
-            raise StorageError(f"cannot reach the S3 endpoint for {self.uri}: {e}") from None
+            raise kind(f"bucket {self.bucket!r} of storage.uri {what}: {e}") from None
 
     def put(self, name: str, data: bytes) -> None:
         """Store a small object in one request (an atomic file locally)."""
@@ -118,12 +119,14 @@ class Folder:
             try:
                 obj = self.s3.get_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}")
                 data = obj["Body"].read()
-            except botocore.exceptions.ClientError as e:
+            except botocore.exceptions.ClientError as e:  # botocore retried 5xx already
                 # NoSuchKey; or a bare 404 when the error's XML body was cut off on the way.
                 if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                     return None
-                raise StorageError(f"S3 download of {self.uri}/{name} failed: {e}") from e
+                raise failure(e)(f"S3 download of {self.uri}/{name} failed: {e}") from e
             except botocore.exceptions.BotoCoreError as e:
+                if failure(e) is StorageError:  # no credentials: no retry
+                    raise StorageError(f"S3 download of {self.uri}/{name} failed: {e}") from e
                 error = f"{type(e).__name__}: {e}"
             else:
                 if len(data) == obj["ContentLength"]:
@@ -131,7 +134,9 @@ class Folder:
                 error = f"{len(data)} of {obj['ContentLength']} bytes arrived"
             if attempt < self.retries:
                 time.sleep(backoff.delay_amount(RetryContext(attempt_number=attempt)))
-        raise StorageError(f"S3 download of {self.uri}/{name} failed {self.retries} times: {error}")
+        raise StorageUnavailable(
+            f"S3 download of {self.uri}/{name} failed {self.retries} times: {error}"
+        )
 
     def sizes(self, subfolder: str = "") -> dict[str, int]:
         """Every object directly in the folder (or its subfolder): name -> bytes."""
@@ -149,7 +154,7 @@ class Folder:
         try:
             objects = [o for page in pages for o in page.get("Contents", [])]
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
-            raise StorageError(f"S3 listing of {self.uri} failed: {e}") from e
+            raise failure(e)(f"S3 listing of {self.uri} failed: {e}") from e
         return {o["Key"][len(prefix) :]: o["Size"] for o in objects}
 
     def subfolders(self) -> list[str]:
@@ -190,7 +195,8 @@ class Folder:
         self.delete(name)
 
     def _call(self, what: str, fn, *args, **kwargs):
-        """One boto3 call (botocore retries it with back-off); a final failure -> StorageError."""
+        """One boto3 call (botocore retries it with back-off); a final failure -> StorageError,
+        StorageUnavailable when it is transient (see `failure`)."""
         import boto3.exceptions
         import botocore.exceptions
 
@@ -202,9 +208,35 @@ class Folder:
             error = e
         except boto3.exceptions.S3UploadFailedError as e:
             error = e
-        raise StorageError(
+        raise failure(error)(
             f"S3 {what} failed for {self.uri} after {self.retries} attempts per request: {error}"
         ) from error
+
+
+def failure(error: BaseException) -> type[StorageError]:
+    """StorageUnavailable for what a later retry can fix (no connection, a timeout, a cut-off
+    body, 5xx or throttling, after botocore's retries); StorageError for the rest (no
+    credentials, access denied, no bucket, a bad endpoint URL)."""
+    import botocore.exceptions
+
+    # boto3's S3UploadFailedError wraps the ClientError (or connection error) it caught.
+    while error.__context__ is not None and not isinstance(
+        error, botocore.exceptions.BotoCoreError | botocore.exceptions.ClientError
+    ):
+        error = error.__context__
+    transient = (
+        botocore.exceptions.ConnectionError,
+        botocore.exceptions.HTTPClientError,
+        botocore.exceptions.IncompleteReadError,
+    )
+    if isinstance(error, transient):
+        return StorageUnavailable
+    if isinstance(error, botocore.exceptions.ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        code = error.response.get("Error", {}).get("Code", "")
+        if status >= 500 or status == 429 or code in ("SlowDown", "Throttling", "RequestTimeout"):
+            return StorageUnavailable
+    return StorageError
 
 
 _TMP_IDS = itertools.count()  # with the pid, a unique temporary name per write_atomic call

@@ -8,6 +8,7 @@ import functools
 import io
 import json
 import math
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -117,16 +118,42 @@ def _square(image: Image.Image, resolution: int) -> np.ndarray:
 
 
 class _SquareImages:
-    """Indexed dataset for ffcv's writer: (R x R x 3 uint8, label) of source[indices[i]]."""
+    """Indexed dataset for ffcv's writer: (R x R x 3 uint8, label) of source[indices[i]].
 
-    def __init__(self, source: Source, indices: np.ndarray, resolution: int, failures: Path):
+    ffcv's writer processes each claim the next free pages of the file, so with several of
+    them the bytes depend on which finishes first. So one writer process asks for the images
+    in index order, and `workers` processes forked from it decode ahead of it (Pool.imap
+    keeps the order): the same file whatever the worker count.
+    """
+
+    def __init__(self, source: Source, indices, resolution: int, failures: Path, workers: int):
         self.source, self.indices, self.resolution = source, indices, resolution
-        self.failures = failures
+        self.failures, self.workers = failures, workers
+        self._ahead = None  # (pool, iterator of (i, item)), opened in the writer process
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, i):
+        if self.workers <= 1:
+            return self.decode(i)
+        if self._ahead is None:
+            global _DECODING
+            _DECODING = self  # what the forked decoders work on: tasks are only indices
+            pool = multiprocessing.get_context("fork").Pool(self.workers)
+            chunk = int(np.clip(len(self) // (8 * self.workers), 1, 100))
+            self._ahead = pool, enumerate(pool.imap(_decode, range(len(self)), chunk))
+        pool, ahead = self._ahead
+        k, item = next(ahead)
+        if k != i:
+            raise RuntimeError(f"ffcv's writer asked for image {i} out of order (expected {k})")
+        if i == len(self) - 1:
+            pool.close()
+            pool.join()
+        return item
+
+    def decode(self, i):
+        """Image i, or a black placeholder when it does not decode (see below)."""
         j = int(self.indices[i])
         label = int(self.source.labels[j])
         raw = b""
@@ -138,6 +165,13 @@ class _SquareImages:
             # failure on disk and write a black placeholder; the caller discards the file.
             (self.failures / str(j)).write_text(_reason(raw, e))
             return np.zeros((self.resolution, self.resolution, 3), np.uint8), label
+
+
+_DECODING: _SquareImages | None = None  # set in the writer process before it forks decoders
+
+
+def _decode(i: int):
+    return _DECODING.decode(i)
 
 
 def _reason(raw: bytes, error: Exception) -> str:
@@ -188,13 +222,10 @@ def _write_beton(
             tempfile.TemporaryDirectory(dir=path.parent) as failures,
         ):
             # 2 MiB is ffcv's smallest page: the default 8 MiB makes tiny files ~20 MB.
-            writer = ffcv.writer.DatasetWriter(
-                str(tmp), fields, page_size=1 << 21, num_workers=_workers(cfg)
-            )
-            chunk = int(np.clip(len(indices) // (8 * _workers(cfg)), 1, 100))
-            writer.from_indexed_dataset(
-                _SquareImages(source, indices, resolution, Path(failures)), chunksize=chunk
-            )
+            # One writer process: pages in index order (_SquareImages decodes in parallel).
+            writer = ffcv.writer.DatasetWriter(str(tmp), fields, page_size=1 << 21, num_workers=1)
+            images = _SquareImages(source, indices, resolution, Path(failures), _workers(cfg))
+            writer.from_indexed_dataset(images, chunksize=100)
             failed = {int(f.name): f.read_text() for f in Path(failures).iterdir()}
             if failed or not publish:
                 tmp.unlink()  # publishes nothing

@@ -259,7 +259,7 @@ def evaluate_generator(cfg, generator, resolution: int, device, progress=True, n
     the networks on samples, the metrics' arithmetic, total), for the log, not the result.
     """
     start = time.perf_counter()
-    num_classes = generator.cfg.num_classes if generator.cfg.conditional else 0
+    num_classes = generator.cfg.class_count
     if not cfg.eval.reference_npz:
         # Reference images of other classes than the generator's would make every number wrong.
         owner = "the generator's num_classes"
@@ -308,7 +308,7 @@ class TrainingFID:
                 self.cfg.storage,
                 progress=False,
             )
-        num_classes = self.cfg.generator.num_classes if self.cfg.generator.conditional else 0
+        num_classes = self.cfg.generator.class_count
         result = evaluate(
             g_ema,
             self.references[resolution],

@@ -359,8 +359,9 @@ def config_parameter_counts(cfg: DiscriminatorConfig, resolution: int, num_class
     return parameter_counts(d)
 
 
-def head_accuracy(real_logits, fake_logits) -> tuple[list[float], list[float]]:
-    """Per head, the share of real patch logits > 0 and of fake patch logits < 0."""
-    real = [float((r > 0).float().mean()) for r in real_logits]
-    fake = [float((f < 0).float().mean()) for f in fake_logits]
+def head_accuracy(real_logits, fake_logits) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head, the share of real patch logits > 0 and of fake patch logits < 0: two (heads,)
+    tensors on the logits' device, so that training reads them only when it logs."""
+    real = torch.stack([(r > 0).float().mean() for r in real_logits])
+    fake = torch.stack([(f < 0).float().mean() for f in fake_logits])
     return real, fake

@@ -70,7 +70,7 @@ class MappingNetwork(nn.Module):
                 EqualizedLinear(cfg.w_dim, cfg.w_dim, cfg.mapping_lr_mult, activation=True),
             ]
         )
-        rows = cfg.num_classes if cfg.conditional else 1
+        rows = max(cfg.class_count, 1)
         self.register_buffer("w_avg", torch.zeros(rows, cfg.w_dim))
 
     def forward(self, z, c=None, psi=1.0, update_w_avg=False):
@@ -293,22 +293,6 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def render_grid(g: Generator, classes, seeds, psi: float, rows: int, resolution=None) -> np.ndarray:
-    """Samples for paired (class, seed) lists as one uint8 (H, W, 3) grid of `rows` rows."""
-    device = next(g.parameters()).device
-    c = torch.as_tensor(classes, dtype=torch.long, device=device)
-    z = seed_latents(seeds, g.cfg.z_dim, device)
-    coords = None if resolution is None else coordinate_grid(resolution, device)
-    images = to_uint8(g(z, c if g.cfg.conditional else None, psi=psi, coords=coords)).cpu()
-    n, _, h, w = images.shape
-    cols = -(-n // rows)
-    canvas = torch.zeros(3, rows * h, cols * w, dtype=torch.uint8)
-    for i, image in enumerate(images):
-        r, k = divmod(i, cols)
-        canvas[:, r * h : (r + 1) * h, k * w : (k + 1) * w] = image
-    return canvas.permute(1, 2, 0).numpy()
-
-
 def save_generator(g: Generator, path: str | Path, meta: dict) -> None:
     """The exported (EMA) generator: weights, its config and metadata, loadable safely."""
     path = Path(path)

@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from polyinr.model import video
-from polyinr.model.generator import Generator, seed_latents, to_uint8
+from polyinr.model.generator import Generator, coordinate_grid, seed_latents, to_uint8
 
 # Pixel evaluations per synthesis call. Peak memory is about chunk x hidden x 4 bytes x a
 # few live activations (~1 GB at the paper's hidden=1024), whatever the output resolution.
@@ -183,6 +183,16 @@ def tile(images: np.ndarray, rows: int, pad: int = 0) -> np.ndarray:
         r, k = divmod(i, cols)
         canvas[r * (h + pad) : r * (h + pad) + h, k * (w + pad) : k * (w + pad) + w] = image
     return canvas
+
+
+def grid(g: Generator, classes, seeds, psi: float, rows: int, resolution=None) -> np.ndarray:
+    """Samples for paired (class, seed) lists as one uint8 (H, W, 3) grid of `rows` rows."""
+    device = next(g.parameters()).device
+    c = torch.as_tensor(classes, dtype=torch.long, device=device) if g.cfg.conditional else None
+    z = seed_latents(seeds, g.cfg.z_dim, device)
+    coords = None if resolution is None else coordinate_grid(resolution, device)
+    with torch.no_grad():
+        return tile(to_hwc(g(z, c, psi=psi, coords=coords)), rows)
 
 
 def to_hwc(images: torch.Tensor) -> np.ndarray:
