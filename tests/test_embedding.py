@@ -183,3 +183,26 @@ def test_saving_the_same_table_twice_gives_the_same_bytes(tmp_path):
         embedding.save(table, tmp_path / name, {"network": "n"})
         digests.add(hashlib.md5((tmp_path / name).read_bytes()).hexdigest())
     assert len(digests) == 1
+
+
+def test_training_warns_where_the_class_path_starts_weak(tmp_path, capsys):
+    """`polyinr train` says in one line when classes start from random embeddings, and names
+    classes whose rows start nearly parallel; a table of apart classes gives no warning."""
+    from polyinr.training import run
+
+    common = ["generator.num_classes=4", "generator.embed_dim=320"]
+    run._check_embed_init(config.load(REPO / "params.yaml", [*common, "train.embed_init=null"]))
+    assert "train.embed_init is null" in capsys.readouterr().err
+    torch.manual_seed(0)
+    table = embedding.standardize(torch.randn(4, 320)).float()
+    embedding.save(table, tmp_path / "apart.pt", {})
+    run._check_embed_init(
+        config.load(REPO / "params.yaml", [*common, f"train.embed_init={tmp_path / 'apart.pt'}"])
+    )
+    assert capsys.readouterr().err == ""
+    table[3] = table[1] * 1.01
+    embedding.save(table, tmp_path / "alike.pt", {})
+    run._check_embed_init(
+        config.load(REPO / "params.yaml", [*common, f"train.embed_init={tmp_path / 'alike.pt'}"])
+    )
+    assert "classes 1 and 3 start nearly parallel" in capsys.readouterr().err

@@ -313,7 +313,19 @@ def _resume(store, cfg, rank: int, restart: bool):
 
 
 def _check_embed_init(cfg) -> None:
-    """train.embed_init fits the models: G and every D head start from one class table."""
+    """train.embed_init fits the models: G and every D head start from one class table.
+
+    Warns (one line each, training goes on) where the class path starts weak: no table (the
+    classes start from random rows), or classes that the feature network sees as nearly
+    parallel (G is likely to draw them alike).
+    """
+    if cfg.generator.conditional and not cfg.train.embed_init:
+        print(
+            "polyinr train: warning: train.embed_init is null, so G's and D's class "
+            "embeddings start random; `polyinr class-embeddings` makes a table in which "
+            "classes start apart (docs/model.md)",
+            file=sys.stderr,
+        )
     if not cfg.train.embed_init:
         return
     if not cfg.generator.conditional:
@@ -324,4 +336,11 @@ def _check_embed_init(cfg) -> None:
             f"generator.embed_dim ({cfg.generator.embed_dim}) and discriminator.embed_dim "
             f"({cfg.discriminator.embed_dim}) must be equal"
         )
-    embedding.load(cfg.train.embed_init, cfg.generator.num_classes, cfg.generator.embed_dim)
+    table = embedding.load(cfg.train.embed_init, cfg.generator.num_classes, cfg.generator.embed_dim)
+    for a, b, cos in embedding.statistics(table)["parallel"]:
+        print(
+            f"polyinr train: warning: classes {a} and {b} start nearly parallel in "
+            f"{cfg.train.embed_init} (cosine {cos:.3f}): they look alike to "
+            f"{embedding.NETWORK}, so G may draw them alike",
+            file=sys.stderr,
+        )
