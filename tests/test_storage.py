@@ -1,6 +1,7 @@
 """Tests for polyinr.core.storage and polyinr.training.checkpoints: local folders and real S3
 (moto)."""
 
+import hashlib
 import json
 import tempfile
 
@@ -288,6 +289,44 @@ def test_checksum_of_an_older_snapshot_is_checked_from_its_record(tmp_path, caps
     loaded, uri = store.load_latest()
     assert_state_equal(loaded, state(1))
     assert capsys.readouterr().err.count("fails its checksum") == 2
+
+
+def test_a_good_checkpoint_without_its_record_survives_two_fallback_resumes(tmp_path):
+    """Resume falls back past a corrupt newest snapshot to one whose record is missing: the
+    pointer it writes carries that checkpoint's hash, and the next resume loads it again
+    instead of moving it to corrupt/."""
+    store = local_store(tmp_path)
+    for step in (1, 2):
+        store.save(state(step), cur_nimg=step)
+    (store.root / checkpoints.snapshot_name(1)).with_suffix(".json").unlink()
+    newest = store.root / checkpoints.snapshot_name(2)
+    newest.write_bytes(newest.read_bytes()[:-40])  # cut short: fails its checksum
+    for _ in range(2):
+        loaded, uri = store.load_latest(move_aside=True)
+        assert_state_equal(loaded, state(1))
+        assert uri.endswith(checkpoints.snapshot_name(1))
+    pointer = json.loads((store.root / checkpoints.LATEST).read_text())
+    data = (store.root / checkpoints.snapshot_name(1)).read_bytes()
+    assert pointer["sha256"] == hashlib.sha256(data).hexdigest()
+    assert pointer["size"] == len(data)
+    assert sorted(p.name for p in (store.root / checkpoints.CORRUPT).iterdir()) == [
+        "snapshot-000000000002.json",
+        "snapshot-000000000002.pt",
+    ]
+
+
+def test_a_null_hash_in_the_pointer_is_no_mismatch(tmp_path):
+    """latest.json with sha256 null (as an older version wrote it) loads its checkpoint and
+    never moves it aside: only a hash that differs means corrupt."""
+    store = local_store(tmp_path)
+    store.save(state(1), cur_nimg=1)
+    (store.root / checkpoints.snapshot_name(1)).with_suffix(".json").unlink()
+    pointer = {"name": checkpoints.snapshot_name(1), "size": None, "sha256": None}
+    (store.root / checkpoints.LATEST).write_text(json.dumps(pointer))
+    loaded, _ = store.load_latest(move_aside=True)
+    assert_state_equal(loaded, state(1))
+    assert not (store.root / checkpoints.CORRUPT).exists()
+    assert [r["latest"] for r in store.records()] == []  # no record: nothing to list
 
 
 def test_tensors_sha256_is_stable_and_sensitive():
