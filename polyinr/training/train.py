@@ -407,6 +407,10 @@ def _train(
         if resuming:
             state.load_state_dict(resumed)
             state.mlflow_run_id, resumed = run_id, None
+            # issue 29: a kill between a commit and its mark_best left the FID in the
+            # history but unmarked; marking again from the history is idempotent.
+            if rank == 0 and fid is not None:
+                _mark_bests(store, state.history, fid.name, index)
         for module in (state.g, state.g_ema, state.d):
             distributed.broadcast(module, world)
         if cur_nimg >= ends[index]:
@@ -628,6 +632,21 @@ def _train_stage(
             )
     bar.close()
     return state.cur_nimg
+
+
+def _mark_bests(store, history: list[dict], name: str, stage: int) -> None:
+    """Mark stage `stage`'s best snapshot from the FIDs (column `name`) in the history.
+
+    The FID of a snapshot is in its checkpoint's history before `mark_best` runs, so a run
+    killed in between resumes with an FID that was never marked; `mark_best` keeps the lowest
+    per stage, so calling it again for every FID of the stage changes nothing otherwise.
+    Snapshots pruned since (never the best) are skipped.
+    """
+    present = set(store.folder.sizes())
+    for row in history:
+        snapshot = snapshot_name(round(row["kimg"] * 1000))
+        if row.get("stage") == stage and name in row and snapshot in present:
+            store.mark_best(snapshot, row[name], stage)
 
 
 def _fid_due(history: list[dict], name: str, cur_nimg: int, every: int) -> bool:
