@@ -329,6 +329,51 @@ def test_a_null_hash_in_the_pointer_is_no_mismatch(tmp_path):
     assert [r["latest"] for r in store.records()] == []  # no record: nothing to list
 
 
+def fill_disk_for(monkeypatch, fragment: str) -> None:
+    """Writes of a file whose name contains `fragment` fail as on a full disk, half written."""
+    import errno
+    import pathlib
+
+    original = pathlib.Path.write_bytes
+
+    def write_bytes(self, data):
+        if fragment in self.name:
+            original(self, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return original(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
+
+
+@pytest.mark.parametrize("where", ["local", "staging"])
+def test_a_full_disk_is_one_line_with_path_and_bytes_and_keeps_the_last_commit(
+    tmp_path, monkeypatch, where
+):
+    """ENOSPC while committing (the local folder, or S3's staging copy) raises one line naming
+    the path and the bytes needed, as transient (StorageUnavailable); no partial file is left
+    and the previous commit still loads."""
+    store = local_store(tmp_path)
+    store.save(state(1), cur_nimg=1)
+    fill_disk_for(monkeypatch, "snapshot-000000000002")
+    if where == "staging":  # S3's put_large stages the object on the local disk first
+        folder = storage.Folder(storage_config(str(tmp_path / "ckpt")), "run")
+        folder.staging, folder.s3 = tmp_path / "staging", object()  # S3 is never reached
+        with pytest.raises(storage.StorageUnavailable) as error:
+            folder.put_large(checkpoints.snapshot_name(2), b"x" * 1000)
+        path, needed = folder.staging / checkpoints.snapshot_name(2), 1000
+    else:
+        with pytest.raises(storage.StorageUnavailable) as error:
+            store.save(state(2), cur_nimg=2)
+        path, needed = store.root / checkpoints.snapshot_name(2), None
+    message = str(error.value)
+    assert "\n" not in message and "disk full" in message and str(path) in message
+    if needed is not None:
+        assert f"needs {needed} bytes" in message
+    assert not list(path.parent.glob("*snapshot-000000000002*"))
+    loaded, uri = store.load_latest(move_aside=True)
+    assert_state_equal(loaded, state(1))
+
+
 def test_tensors_sha256_is_stable_and_sensitive():
     """Equal tensors hash equal (fresh copies too); a changed value, name or order does not."""
     a = {"x": torch.arange(6.0).view(2, 3), "y": torch.ones(2, dtype=torch.int64)}

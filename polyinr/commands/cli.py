@@ -518,20 +518,21 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if hasattr(args, "overrides"):
         args.overrides = [*args.overrides, *extra, *overrides]
-    from polyinr.core.config import ConfigError
-    from polyinr.core.storage import StorageError
-    from polyinr.training.train import Preempted
+    from polyinr.core.errors import PREEMPTED, exit_code
 
     try:
         if getattr(args, "overrides", None):
             _config(args)  # a typo in an override is an error even where params are unused
         args.func(args)
-    except Preempted as e:
-        print(f"polyinr {args.command}: {e}", file=sys.stderr)
-        return 143  # 128 + SIGTERM: schedulers see an interrupted job and rerun it
-    except (ConfigError, FileNotFoundError, ValueError, StorageError) as e:
-        print(f"polyinr {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        # One line and the code of core/errors.py (2 usage, 75 transient, 143 pre-empted);
+        # anything else is a bug and keeps its traceback.
+        code = exit_code(e)
+        if code is None:
+            raise
+        error = "" if code == PREEMPTED else "error: "
+        print(f"polyinr {args.command}: {error}{e}", file=sys.stderr)
+        return code
     finally:
         if command_line:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)

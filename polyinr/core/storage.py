@@ -8,14 +8,16 @@ are staged on disk, then uploaded in parts. Checkpoints on top of it:
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from polyinr.core.config import StorageConfig
-from polyinr.core.errors import StorageError
+from polyinr.core.errors import StorageError, StorageUnavailable
 
 MiB = 1 << 20
 
@@ -72,8 +74,7 @@ class Folder:
             self._call("upload", self.s3.put_object, Body=data, Key=f"{self.prefix}/{name}")
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        with write_atomic(self.root / name) as tmp:
-            tmp.write_bytes(data)
+        write_file(self.root / name, data)
 
     def put_large(self, name: str, data: bytes) -> None:
         """A large object: an atomic file locally; on S3 staged on disk, then (multipart)
@@ -85,8 +86,7 @@ class Folder:
 
         self.staging.mkdir(parents=True, exist_ok=True)
         local = self.staging / name
-        with write_atomic(local) as tmp:
-            tmp.write_bytes(data)
+        write_file(local, data)
         part = self.multipart_mb * MiB
         transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part)
         key = f"{self.prefix}/{name}"
@@ -214,6 +214,23 @@ def write_atomic(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (write_atomic). A full disk is one line naming the
+    path and the bytes needed: StorageUnavailable (exit 75), since freeing space makes the
+    same command work, and the file it would have replaced (the previous commit) is intact."""
+    try:
+        with write_atomic(path) as tmp:
+            tmp.write_bytes(data)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageError(f"cannot write {path}: {e.strerror or e}") from None
+        free = shutil.disk_usage(path.parent).free
+        raise StorageUnavailable(
+            f"disk full: writing {path} needs {len(data)} bytes, {free} are free there; the "
+            "previous checkpoint is intact: free space and rerun the same command"
+        ) from None
 
 
 def _s3_client(endpoint_url: str | None, attempts: int):
