@@ -209,3 +209,30 @@ def _main(argv: list[str]) -> dict:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = cli.main(argv)
     return {"code": code, "out": out.getvalue(), "err": err.getvalue()}
+
+
+def test_a_second_trainer_of_one_run_exits_75_naming_the_holder(prepared, tmp_path, monkeypatch):
+    """`polyinr train` of a run whose lease another live trainer holds exits 75 in one line
+    naming the holder, before any step; once the lease is released it trains, and leaves no
+    lease behind."""
+    from polyinr.training.lease import LEASE, Lease
+
+    monkeypatch.chdir(tmp_path)
+    overrides = overrides_in(prepared, tmp_path, 0.008, str(tmp_path / "ckpt"))
+    cfg = config.load(REPO / "params.yaml", overrides)
+    holder = Lease(storage.Folder(cfg.storage, "test"))
+    holder.acquire("test")
+    steps = []
+    original = train.training_step
+    monkeypatch.setattr(train, "training_step", lambda *a, **k: steps.append(1) or original(*a))
+    argv = ["train", "--quiet", "--device", "cpu", "--params", str(REPO / "params.yaml")]
+    try:
+        done = _main(argv + overrides)
+    finally:
+        holder.release()
+    assert done["code"] == 75 and not steps, done["err"]
+    [line] = done["err"].strip().splitlines()
+    assert line.startswith("polyinr train: error: run test is being trained by ")
+    assert f"pid {holder.pid} since " in line
+    assert _main(argv + overrides)["code"] == 0 and steps
+    assert not (tmp_path / "ckpt/test" / LEASE).exists()

@@ -153,7 +153,9 @@ def cmd_train(args) -> None:
         cfg, until_stage, run_dir = _config(args), args.until_stage, args.run_dir
         distributed.from_rank0((cfg, until_stage, os.getcwd(), run_dir))
     try:
-        summary = train.train(cfg, device, run_dir, not args.quiet, until_stage, args.restart)
+        summary = train.train(
+            cfg, device, run_dir, not args.quiet, until_stage, args.restart, args.wait
+        )
         if dist.is_initialized() and dist.get_rank() > 0:
             return  # rank 0 reports for all (their weights are identical)
     finally:
@@ -385,6 +387,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start from image 0 when the run has checkpoints but none of them loads (they "
         "are moved to corrupt/); without it training stops with an error instead",
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="when another trainer holds the run's lease (storage.uri/tracking.run_name/"
+        "lease.json), wait for it to finish or expire instead of exiting 75",
     )
     p.add_argument(
         "--follow",

@@ -171,6 +171,49 @@ class Folder:
         self._call("copy", self.s3.copy_object, CopySource=source, Key=target)
         self.delete(name)
 
+    def swap(self, name: str, data: bytes | None, expected: bytes | None) -> bool:
+        """Compare and swap: replace object `name` by `data` (None: delete it) only if it now
+        holds `expected` (None: it does not exist); returns whether it did.
+
+        Locally under an flock on `.<name>.lock`. On S3 by conditional requests: a put with
+        If-None-Match: * creates, If-Match: <ETag> replaces or deletes; 412 or 409 is False.
+        A server that ignores these headers makes this a plain write: callers read back.
+        """
+        if self.s3 is None:
+            import fcntl
+
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(self.root / f".{name}.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if self.get(name) != expected:
+                    return False
+                if data is None:
+                    self.delete(name)
+                else:
+                    write_file(self.root / name, data)
+                return True
+        key, condition = f"{self.prefix}/{name}", {"IfNoneMatch": "*"}
+        if expected is not None:
+            try:
+                current = self._call("download", self.s3.get_object, Key=key)
+            except StorageError as e:
+                if _status(e) == 404:
+                    return False
+                raise
+            if current["Body"].read() != expected:
+                return False
+            condition = {"IfMatch": current["ETag"]}
+        try:
+            if data is None:
+                self._call("delete", self.s3.delete_object, Key=key, **condition)
+            else:
+                self._call("upload", self.s3.put_object, Key=key, Body=data, **condition)
+        except StorageError as e:
+            if _status(e) in (404, 409, 412):  # changed (or gone) since we read it
+                return False
+            raise
+        return True
+
     def _call(self, what: str, fn, *args, **kwargs):
         """One boto3 call (botocore retries it with back-off); a final failure -> StorageError."""
         import boto3.exceptions
@@ -187,6 +230,12 @@ class Folder:
         raise StorageError(
             f"S3 {what} failed for {self.uri} after {self.retries} attempts per request: {error}"
         ) from error
+
+
+def _status(error: StorageError) -> int | None:
+    """The HTTP status of the S3 answer behind a StorageError (None: no answer)."""
+    response = getattr(error.__cause__, "response", None) or {}
+    return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
 
 
 _TMP_IDS = itertools.count()  # with the pid, a unique temporary name per write_atomic call

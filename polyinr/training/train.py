@@ -28,7 +28,7 @@ from polyinr.evaluation import metrics
 from polyinr.model import augment, loss
 from polyinr.model.discriminator import ProjectedDiscriminator, head_accuracy, weights_label
 from polyinr.model.generator import Generator, render_grid, save_generator
-from polyinr.training import embedding, tracking
+from polyinr.training import embedding, lease, tracking
 from polyinr.training.checkpoints import (
     CheckpointStore,
     NoGoodCheckpoint,
@@ -276,6 +276,7 @@ def train(
     progress: bool = True,
     until_stage: int | None = None,
     restart: bool = False,
+    wait: bool = False,
 ) -> dict:
     """Run (or resume) the schedule of cfg.train.stages; returns a summary.
 
@@ -286,6 +287,7 @@ def train(
     complete and checkpointed, instead of running the whole schedule; the final generator is
     exported only when the last stage completes. The Prefect flow runs one stage per task so.
     restart: start from image 0 when the run has checkpoints but none of them loads.
+    wait: when another trainer holds the run's lease, wait for it instead of raising LeaseHeld.
     Under torchrun every rank calls this; rank 0 writes checkpoints, the run folder and MLflow.
     Raises Preempted after checkpointing when the process receives SIGTERM.
     """
@@ -300,7 +302,8 @@ def train(
     classes = cfg.generator.num_classes if cfg.generator.conditional else None
     for stage in stages[: last + 1]:
         data.check_prepared(cfg.data.out_dir, stage.resolution, classes)
-    with distributed.StopFlag() as stop:
+    # issue 29 hook: one trainer per run, its lease held (and renewed) around the whole run.
+    with distributed.StopFlag() as stop, lease.held(cfg, wait):
         try:
             return _train(cfg, device, RunDir(Path(run_dir)), progress, stop, last, restart)
         except BaseException as e:
