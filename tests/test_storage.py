@@ -241,6 +241,24 @@ def test_s3_missing_credentials_says_which_variables(s3_env, monkeypatch, tmp_pa
         store.check()
 
 
+def test_s3_forbidden_bucket_names_the_credential_variables_not_their_values(monkeypatch):
+    """A 403 on HeadBucket (S3 sends no reason with it) says wrong credentials are the usual
+    cause, naming AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY but never their values."""
+    from botocore.stub import Stubber
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAVALUE1234")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-value-5678")
+    store = CheckpointStore(storage_config("s3://guarded/prefix", "http://127.0.0.1:9"), "run")
+    with Stubber(store.folder.s3) as stub:
+        stub.add_client_error("head_bucket", "403", "Forbidden", http_status_code=403)
+        with pytest.raises(StorageError) as error:
+            store.check()
+    message = str(error.value)
+    assert "usually wrong credentials" in message and "guarded" in message
+    assert "AWS_ACCESS_KEY_ID" in message and "AWS_SECRET_ACCESS_KEY" in message
+    assert "AKIAVALUE1234" not in message and "secret-value-5678" not in message
+
+
 @pytest.mark.slow
 def test_s3_unreachable_endpoint_is_a_storage_error(s3_env):
     """An endpoint nobody listens on gives a StorageError, not a botocore traceback."""

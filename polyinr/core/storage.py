@@ -64,6 +64,13 @@ class Folder:
             what = (
                 "does not exist" if code in ("404", "NoSuchBucket") else f"cannot be used ({code})"
             )
+            if code in ("403", "Forbidden", "AccessDenied", "InvalidAccessKeyId"):
+                # HEAD answers carry no body, so S3 says only "Forbidden": name the usual cause.
+                what = (
+                    f"refused access ({code}), usually wrong credentials: check "
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and that they "
+                    "may use this bucket"
+                )
             raise StorageError(f"bucket {self.bucket!r} of storage.uri {what}: {e}") from None
         except botocore.exceptions.BotoCoreError as e:  # endpoint unreachable, bad URL, ...
             raise StorageError(f"cannot reach the S3 endpoint for {self.uri}: {e}") from None
