@@ -80,7 +80,8 @@ class Trials:
     def __init__(self, campaign: Campaign, name: str, extra=(), inject=()):
         self.c, self.name, self.extra, self.inject = campaign, name, list(extra), list(inject)
         self.trials: list[dict] = []
-        self.reference = self.finish(self.start("reference", self.dir("reference")))
+        reference = f"{name}-reference"  # run names are unique in the campaign's bucket
+        self.reference = self.finish(self.start(reference, self.dir(reference)))
 
     def dir(self, run_name: str) -> Path:
         where = self.c.root / self.name / run_name
@@ -92,7 +93,8 @@ class Trials:
         run = self.c.start(
             run_name, where, where / db, log, *self.extra, *flags, inject=[*self.inject, *inject]
         )
-        run.log, run.where, run.offset = log, where, RunDir(where / "run").offset()
+        run.log, run.where, run.name = log, where, run_name
+        run.offset = RunDir(where / "run").offset()
         return run
 
     def finish(self, run, timeout=600) -> dict:
@@ -111,7 +113,7 @@ class Trials:
             "started": began is not None,
             "weights": summary.get("weights_sha256") if summary else None,
             "tail": text.strip()[-400:],
-            "best0": self.best(run.where.name),
+            "best0": self.best(run.name),
         }
 
     def best(self, run_name: str) -> str | None:
@@ -159,7 +161,10 @@ def _lost(committed: int, run: dict) -> int:
 
 def fid_mark(t: Trials, rng: random.Random) -> None:
     """SIGKILL just before or just after a stage-0 snapshot is marked best, then rerun."""
-    nimg, when = rng.choice([8, 16, 24, 32]), rng.choice(["before", "after"])
+    # Every other trial kills around the mark of the reference's best (where it matters).
+    best = int(t.reference["best0"][len("snapshot-") : -len(".pt")])
+    nimg = best if len(t.trials) % 2 == 0 else rng.choice([8, 16, 24, 32])
+    when = rng.choice(["before", "after"])
     name = f"fid-{len(t.trials)}"
     where = t.dir(name)
     first = t.finish(t.start(name, where, inject=[f"kill-{when}-mark:{nimg}"]))
