@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from polyinr.commands.cli import GENERATOR
+from polyinr.commands.base import GENERATOR
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -153,7 +153,11 @@ class Campaign:
             return 0
         return int(json.loads(body.read())["name"].removeprefix("snapshot-").removesuffix(".pt"))
 
-    def start(self, run_name: str, where: Path, mlflow_db: Path, log: Path) -> Run:
+    def start(
+        self, run_name: str, where: Path, mlflow_db: Path, log: Path, *extra: str, inject=()
+    ) -> Run:
+        """A forked `polyinr train` of run_name; `extra`: more overrides or flags; `inject`:
+        faults the run does to itself (scripts/fault_scenarios.py's inject)."""
         overrides = tiny_overrides(self.root) + [
             f"storage.uri=s3://{BUCKET}/runs",
             f"storage.endpoint_url={self.proxy.url}",
@@ -161,14 +165,19 @@ class Campaign:
             f"tracking.artifact_location={where / 'mlartifacts'}",
             f"tracking.run_name={run_name}",
         ]
-        argv = ["train", "--quiet", "--params", str(REPO / "params.yaml"), *overrides]
-        process = self.forks.Process(target=_polyinr, args=(argv, str(where), str(log)))
+        argv = ["train", "--quiet", "--params", str(REPO / "params.yaml"), *overrides, *extra]
+        args = (argv, str(where), str(log), list(inject))
+        process = self.forks.Process(target=_polyinr, args=args)
         process.start()
         return Run(process)
 
 
-def _polyinr(argv: list[str], where: str, log: str) -> None:
+def _polyinr(argv: list[str], where: str, log: str, inject: list[str] = ()) -> None:
     """A forked `polyinr ARGV` run in `where`, its output to `log`: the command line's main."""
+    if inject:
+        from fault_scenarios import inject as inject_faults
+
+        inject_faults(inject)
     os.chdir(where)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
@@ -292,7 +301,17 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary one")
     parser.add_argument("--out", type=Path, default=Path("fault-campaign.json"))
     parser.add_argument("--jit", action="store_true", help="keep ffcv's numba compilation")
+    parser.add_argument(
+        "--scenario",
+        default="random",
+        help="random (kills and S3 faults, above) or one of scripts/fault_scenarios.py's: "
+        "fid-mark, records-missing, disk-full, two-trainers, two-stores, all",
+    )
     args = parser.parse_args(argv)
+    if args.scenario != "random":
+        from fault_scenarios import run_scenarios
+
+        return run_scenarios(args)
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="fault-campaign-"))
     root.mkdir(parents=True, exist_ok=True)

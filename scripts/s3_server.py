@@ -21,6 +21,7 @@ import sys
 import threading
 from pathlib import Path
 
+TOKEN_PATH = "/_polyinr/token"  # answers --token, so stack.sh knows the server is its own
 INDEX = ".etags.json"  # {bucket/key: etag} of the objects DIR holds, to copy only changes
 
 
@@ -102,6 +103,35 @@ class Mirror:
         os.replace(tmp, self.root / INDEX)
 
 
+def _listen(host: str, port: int, token: str | None):
+    """moto's S3 app listening on host:port, bound here in the main thread (moto's
+    ThreadedMotoServer binds in its thread and, when the port is taken, waits forever);
+    None, after one line on stderr, when the port cannot be bound."""
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import make_server
+
+    moto_app = DomainDispatcherApplication(create_backend_app)
+
+    def app(environ, start_response):
+        if token is not None and environ.get("PATH_INFO") == TOKEN_PATH:
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [token.encode()]
+        return moto_app(environ, start_response)
+
+    try:
+        # werkzeug reports a failed bind itself and raises SystemExit(1)
+        return make_server(host, port, app, threaded=True, request_handler=MotoRequestHandler)
+    except (OSError, SystemExit) as e:
+        print(
+            f"s3_server: cannot listen on {host}:{port} ({e}): is the port in use?", file=sys.stderr
+        )
+        return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", required=True, type=Path, help="folder holding the buckets")
@@ -109,15 +139,18 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--bucket", action="append", default=[], help="create if missing")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between syncs")
+    parser.add_argument(
+        "--token", default=None, help=f"answer GET {TOKEN_PATH} with this (stack.sh: it is ours)"
+    )
     args = parser.parse_args(argv)
-
-    from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     args.dir.mkdir(parents=True, exist_ok=True)
-    server = ThreadedMotoServer(ip_address=args.host, port=args.port, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    server = _listen(args.host, args.port, args.token)
+    if server is None:
+        return 1
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host, port = server.server_address[:2]
     endpoint = f"http://{host}:{port}"
     mirror = Mirror(args.dir, endpoint)
     restored = mirror.restore()
@@ -136,7 +169,7 @@ def main(argv=None) -> int:
         except Exception as e:  # keep serving; the next interval tries again
             print(f"s3_server: sync failed: {e}", file=sys.stderr, flush=True)
     mirror.sync()
-    server.stop()
+    server.shutdown()
     print("s3 server stopped; data synced to disk", flush=True)
     return 0
 

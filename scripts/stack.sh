@@ -56,10 +56,27 @@ start() {
     say "$name started (pid $!, log $STACK_DIR/$name.log)"
 }
 
-# wait_http NAME URL SECONDS: until URL answers 200, or fail showing the log's end.
+# claim NAME PORT VARIABLE: stop, naming the port, when another process listens on it (a
+# foreign server there would get the stack's data); a running part of the stack keeps its own.
+claim() {
+    alive "$1" && return 0
+    python - "$2" 2>/dev/null <<'PY' && return 0
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers: TIME_WAIT is free
+s.bind(("127.0.0.1", int(sys.argv[1])))
+PY
+    say "port $2 for $1 is in use by another process: stop it or set $3 to a free port"
+    exit 1
+}
+
+# wait_http NAME URL SECONDS [BODY]: until URL answers 200 (with BODY, when given: proof that
+# the answering server is ours, not another on the port), or fail showing the log's end.
 wait_http() {
-    local name=$1 url=$2 deadline=$((SECONDS + $3))
-    until python -c "import urllib.request as u; u.urlopen('$url', timeout=2)" 2>/dev/null; do
+    local name=$1 url=$2 deadline=$((SECONDS + $3)) body=${4:-}
+    until python -c "import urllib.request as u, sys
+answer = u.urlopen('$url', timeout=2).read().decode()
+sys.exit(bool(sys.argv[1]) and answer != sys.argv[1])" "$body" 2>/dev/null && alive "$name"; do
         if ! alive "$name" || ((SECONDS > deadline)); then
             say "$name did not come up at $url; last lines of $STACK_DIR/$name.log:"
             tail -n 30 "$STACK_DIR/$name.log" >&2
@@ -71,18 +88,24 @@ wait_http() {
 }
 
 up() {
+    claim s3 "$S3_PORT" POLYINR_S3_PORT
+    claim mlflow "$MLFLOW_PORT" POLYINR_MLFLOW_PORT
+    claim prefect "$PREFECT_PORT" POLYINR_PREFECT_PORT
     write_env
     # shellcheck disable=SC1091
     source "$STACK_DIR/env"
     export PREFECT_HOME=$STACK_DIR/prefect
+    # A token per server start, which only our S3 server answers (scripts/s3_server.py --token).
+    alive s3 || python -c "import secrets; print(secrets.token_hex(16))" >"$STACK_DIR/s3.token"
     start s3 python "$ROOT/scripts/s3_server.py" --dir "$STACK_DIR/s3" --port "$S3_PORT" \
-        --bucket "$BUCKET"
+        --bucket "$BUCKET" --token "$(<"$STACK_DIR/s3.token")"
     start prefect prefect server start --host 127.0.0.1 --port "$PREFECT_PORT"
     MLFLOW_S3_ENDPOINT_URL=$AWS_ENDPOINT_URL start mlflow mlflow server \
         --backend-store-uri "sqlite:///$STACK_DIR/mlflow.db" \
         --artifacts-destination "s3://$BUCKET/mlflow" \
         --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1
     # Servers start in parallel; MLflow's artifact store needs the bucket, so S3 comes first.
+    wait_http s3 "$AWS_ENDPOINT_URL/_polyinr/token" 30 "$(<"$STACK_DIR/s3.token")"
     wait_http s3 "$AWS_ENDPOINT_URL/$BUCKET" 30
     wait_http mlflow "$MLFLOW_TRACKING_URI/health" 120
     wait_http prefect "$PREFECT_API_URL/health" 120

@@ -177,3 +177,64 @@ def test_sigterm_while_resuming_stops_before_building_models(prepared, tmp_path,
     with pytest.raises(Preempted, match="during start-up"):
         train(cfg, CPU, "run", progress=False)
     assert not built
+
+
+def test_a_full_disk_exits_75_in_one_line_and_the_rerun_resumes(prepared, tmp_path, monkeypatch):
+    """`polyinr train` on a disk that fills up at the second commit: one stderr line naming the
+    checkpoint's path and the bytes needed, exit 75 (transient); the first commit is intact
+    and the rerun resumes from it."""
+    from test_storage import fill_disk_for
+
+    monkeypatch.chdir(tmp_path)
+    overrides = overrides_in(prepared, tmp_path, 0.016, str(tmp_path / "ckpt"))
+    argv = ["train", "--quiet", "--device", "cpu", "--params", str(REPO / "params.yaml")]
+    with monkeypatch.context() as patch:
+        fill_disk_for(patch, "snapshot-000000000016")
+        done = _main(argv + overrides)
+    assert done["code"] == 75, done["err"]
+    [line] = [x for x in done["err"].splitlines() if "disk full" in x]
+    assert "snapshot-000000000016.pt needs" in line and "bytes" in line
+    assert line.startswith("polyinr train: error: ") and "Traceback" not in done["err"]
+    latest = json.loads((tmp_path / "ckpt/test" / checkpoints.LATEST).read_text())
+    assert latest["name"] == checkpoints.snapshot_name(8)
+    again = _main(argv + overrides)
+    assert again["code"] == 0 and "resuming from" in again["err"]
+    assert json.loads(again["out"].splitlines()[-1])["cur_nimg"] == 16
+
+
+def _main(argv: list[str]) -> dict:
+    """cli.main(argv) in this process: its exit code and what it printed."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    return {"code": code, "out": out.getvalue(), "err": err.getvalue()}
+
+
+def test_a_second_trainer_of_one_run_exits_75_naming_the_holder(prepared, tmp_path, monkeypatch):
+    """`polyinr train` of a run whose lease another live trainer holds exits 75 in one line
+    naming the holder, before any step; once the lease is released it trains, and leaves no
+    lease behind."""
+    from polyinr.training.lease import LEASE, Lease
+
+    monkeypatch.chdir(tmp_path)
+    overrides = overrides_in(prepared, tmp_path, 0.008, str(tmp_path / "ckpt"))
+    cfg = config.load(REPO / "params.yaml", overrides)
+    holder = Lease(storage.Folder(cfg.storage, "test"))
+    holder.acquire("test")
+    steps = []
+    original = train.training_step
+    monkeypatch.setattr(train, "training_step", lambda *a, **k: steps.append(1) or original(*a))
+    argv = ["train", "--quiet", "--device", "cpu", "--params", str(REPO / "params.yaml")]
+    try:
+        done = _main(argv + overrides)
+    finally:
+        holder.release()
+    assert done["code"] == 75 and not steps, done["err"]
+    [line] = done["err"].strip().splitlines()
+    assert line.startswith("polyinr train: error: run test is being trained by ")
+    assert f"pid {holder.pid} since " in line
+    assert _main(argv + overrides)["code"] == 0 and steps
+    assert not (tmp_path / "ckpt/test" / LEASE).exists()

@@ -1,6 +1,7 @@
 """Tests for polyinr.core.storage and polyinr.training.checkpoints: local folders and real S3
 (moto)."""
 
+import hashlib
 import json
 import tempfile
 
@@ -266,6 +267,24 @@ def test_s3_missing_credentials_says_which_variables(s3_env, monkeypatch, tmp_pa
         store.check()
 
 
+def test_s3_forbidden_bucket_names_the_credential_variables_not_their_values(monkeypatch):
+    """A 403 on HeadBucket (S3 sends no reason with it) says wrong credentials are the usual
+    cause, naming AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY but never their values."""
+    from botocore.stub import Stubber
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAVALUE1234")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-value-5678")
+    store = CheckpointStore(storage_config("s3://guarded/prefix", "http://127.0.0.1:9"), "run")
+    with Stubber(store.folder.s3) as stub:
+        stub.add_client_error("head_bucket", "403", "Forbidden", http_status_code=403)
+        with pytest.raises(StorageError) as error:
+            store.check()
+    message = str(error.value)
+    assert "usually wrong credentials" in message and "guarded" in message
+    assert "AWS_ACCESS_KEY_ID" in message and "AWS_SECRET_ACCESS_KEY" in message
+    assert "AKIAVALUE1234" not in message and "secret-value-5678" not in message
+
+
 @pytest.mark.slow
 def test_s3_unreachable_endpoint_is_transient(s3_env):
     """An endpoint nobody listens on is StorageUnavailable (exit 75), not a traceback."""
@@ -314,6 +333,89 @@ def test_checksum_of_an_older_snapshot_is_checked_from_its_record(tmp_path, caps
     loaded, uri = store.load_latest()
     assert_state_equal(loaded, state(1))
     assert capsys.readouterr().err.count("fails its checksum") == 2
+
+
+def test_a_good_checkpoint_without_its_record_survives_two_fallback_resumes(tmp_path):
+    """Resume falls back past a corrupt newest snapshot to one whose record is missing: the
+    pointer it writes carries that checkpoint's hash, and the next resume loads it again
+    instead of moving it to corrupt/."""
+    store = local_store(tmp_path)
+    for step in (1, 2):
+        store.save(state(step), cur_nimg=step)
+    (store.root / checkpoints.snapshot_name(1)).with_suffix(".json").unlink()
+    newest = store.root / checkpoints.snapshot_name(2)
+    newest.write_bytes(newest.read_bytes()[:-40])  # cut short: fails its checksum
+    for _ in range(2):
+        loaded, uri = store.load_latest(move_aside=True)
+        assert_state_equal(loaded, state(1))
+        assert uri.endswith(checkpoints.snapshot_name(1))
+    pointer = json.loads((store.root / checkpoints.LATEST).read_text())
+    data = (store.root / checkpoints.snapshot_name(1)).read_bytes()
+    assert pointer["sha256"] == hashlib.sha256(data).hexdigest()
+    assert pointer["size"] == len(data)
+    assert sorted(p.name for p in (store.root / checkpoints.CORRUPT).iterdir()) == [
+        "snapshot-000000000002.json",
+        "snapshot-000000000002.pt",
+    ]
+
+
+def test_a_null_hash_in_the_pointer_is_no_mismatch(tmp_path):
+    """latest.json with sha256 null (as an older version wrote it) loads its checkpoint and
+    never moves it aside: only a hash that differs means corrupt."""
+    store = local_store(tmp_path)
+    store.save(state(1), cur_nimg=1)
+    (store.root / checkpoints.snapshot_name(1)).with_suffix(".json").unlink()
+    pointer = {"name": checkpoints.snapshot_name(1), "size": None, "sha256": None}
+    (store.root / checkpoints.LATEST).write_text(json.dumps(pointer))
+    loaded, _ = store.load_latest(move_aside=True)
+    assert_state_equal(loaded, state(1))
+    assert not (store.root / checkpoints.CORRUPT).exists()
+    assert [r["latest"] for r in store.records()] == []  # no record: nothing to list
+
+
+def fill_disk_for(monkeypatch, fragment: str) -> None:
+    """Writes of a file whose name contains `fragment` fail as on a full disk, half written."""
+    import errno
+    import pathlib
+
+    original = pathlib.Path.write_bytes
+
+    def write_bytes(self, data):
+        if fragment in self.name:
+            original(self, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return original(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
+
+
+@pytest.mark.parametrize("where", ["local", "staging"])
+def test_a_full_disk_is_one_line_with_path_and_bytes_and_keeps_the_last_commit(
+    tmp_path, monkeypatch, where
+):
+    """ENOSPC while committing (the local folder, or S3's staging copy) raises one line naming
+    the path and the bytes needed, as transient (StorageUnavailable); no partial file is left
+    and the previous commit still loads."""
+    store = local_store(tmp_path)
+    store.save(state(1), cur_nimg=1)
+    fill_disk_for(monkeypatch, "snapshot-000000000002")
+    if where == "staging":  # S3's put_large stages the object on the local disk first
+        folder = storage.Folder(storage_config(str(tmp_path / "ckpt")), "run")
+        folder.staging, folder.s3 = tmp_path / "staging", object()  # S3 is never reached
+        with pytest.raises(storage.StorageUnavailable) as error:
+            folder.put_large(checkpoints.snapshot_name(2), b"x" * 1000)
+        path, needed = folder.staging / checkpoints.snapshot_name(2), 1000
+    else:
+        with pytest.raises(storage.StorageUnavailable) as error:
+            store.save(state(2), cur_nimg=2)
+        path, needed = store.root / checkpoints.snapshot_name(2), None
+    message = str(error.value)
+    assert "\n" not in message and "disk full" in message and str(path) in message
+    if needed is not None:
+        assert f"needs {needed} bytes" in message
+    assert not list(path.parent.glob("*snapshot-000000000002*"))
+    loaded, uri = store.load_latest(move_aside=True)
+    assert_state_equal(loaded, state(1))
 
 
 def test_tensors_sha256_is_stable_and_sensitive():

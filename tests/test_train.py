@@ -282,6 +282,62 @@ def test_fid_during_training_marks_each_stage_best_and_the_next_stage_starts_fro
     assert listed["storage"]["best"] == {"stage": 1, "fid": 5.0, "kimg": 0.032}
 
 
+def test_a_kill_between_a_commit_and_its_best_mark_changes_nothing(prepared, tmp_path, monkeypatch):
+    """FID on, 2 stages: a run killed after the snapshot at kimg 0.016 is committed but before
+    its FID is marked best, then rerun, still marks it (stage 1 starts from it) and ends with
+    the uninterrupted run's weights."""
+    from polyinr.evaluation import metrics
+    from polyinr.training.checkpoints import CheckpointStore
+
+    stages = "[{resolution: 16, kimg: 0.024}, {resolution: 24, kimg: 0.008}]"
+
+    def cfg_in(where):
+        where.mkdir()
+        monkeypatch.chdir(where)
+        return config.load(
+            REPO / "params.yaml",
+            [
+                *(o for o in tiny_overrides(prepared, stages=stages) if "uri=" not in o),
+                f"storage.uri={where / 'checkpoints'}",
+                f"tracking.uri=sqlite:///{where / 'mlflow.db'}",
+                "storage.keep=1",
+                "train.snapshot_kimg=0.008",
+                "eval.every_kimg=0.008",
+            ],
+        )
+
+    fids = {8: 3.0, 16: 1.0, 24: 2.0, 32: 5.0}  # by the image count the FID is taken at
+    measured = iter(sorted(fids))
+
+    def scripted(self, g, res):
+        return fids[next(measured)]
+
+    monkeypatch.setattr(metrics.TrainingFID, "__call__", scripted)
+    whole = train(cfg_in(tmp_path / "a"), torch.device("cpu"), "run", progress=False)
+
+    measured = iter(sorted(fids))
+    original = CheckpointStore.mark_best
+
+    def killed_at_16(self, name, fid, stage=0):
+        if name == "snapshot-000000000016.pt":
+            raise KeyboardInterrupt("killed after the commit, before the mark")
+        return original(self, name, fid, stage)
+
+    monkeypatch.setattr(CheckpointStore, "mark_best", killed_at_16)
+    cfg = cfg_in(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, torch.device("cpu"), "run", progress=False)
+    monkeypatch.setattr(CheckpointStore, "mark_best", original)
+    measured = iter(sorted(fids)[2:])  # the rerun measures from kimg 0.024 on
+    resumed = train(cfg, torch.device("cpu"), "run", progress=False)
+    best = CheckpointStore(cfg.storage, "test").best(0)
+    assert best["name"] == "snapshot-000000000016.pt" and best["fid"] == 1.0
+    events = RunDir(Path("run")).read_events()
+    (stage1,) = [e for e in events if e["event"] == "stage_started" and e["stage"] == 1]
+    assert "best-FID snapshot of stage 0 (16px): kimg 0.016" in stage1["start"]
+    assert resumed["weights_sha256"] == whole["weights_sha256"]
+
+
 def test_schedule_with_a_repeated_resolution_is_refused(prepared):
     stages = "[{resolution: 16, kimg: 0.016}, {resolution: 16, kimg: 0.008}]"
     with pytest.raises(config.ConfigError, match="distinct resolutions"):

@@ -27,7 +27,7 @@ def cmd_train(args) -> None:
         cfg, until_stage, run_dir = base.config(args), args.until_stage, args.run_dir
         distributed.from_rank0((cfg, until_stage, os.getcwd(), run_dir))
     try:
-        summary = train(cfg, device, run_dir, not args.quiet, until_stage, args.restart)
+        summary = train(cfg, device, run_dir, not args.quiet, until_stage, args.restart, args.wait)
         if dist.is_initialized() and dist.get_rank() > 0:
             return  # rank 0 reports for all (their weights are identical)
     finally:
@@ -96,6 +96,12 @@ def add_parsers(sub) -> None:
         action="store_true",
         help="start from image 0 when the run has checkpoints but none of them loads (they "
         "are moved to corrupt/); without it training stops with an error instead",
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="when another trainer holds the run's lease (storage.uri/tracking.run_name/"
+        "lease.json), wait for it to finish or expire instead of exiting 75",
     )
     p.add_argument(
         "--follow",

@@ -35,6 +35,10 @@ class StorageUnavailable(StorageError):
     """Storage that did not answer, or answered 5xx, after every retry: transient."""
 
 
+class LeaseHeld(RuntimeError):
+    """Another live trainer holds the run's lease (polyinr/training/lease.py): transient."""
+
+
 class Preempted(RuntimeError):
     """Training stopped by SIGTERM (a pre-empted node) after saving a checkpoint."""
 
@@ -43,7 +47,7 @@ def exit_code(error: BaseException) -> int | None:
     """The exit code for an error the command reports in one line; None: a bug (traceback)."""
     if isinstance(error, Preempted):
         return PREEMPTED
-    if isinstance(error, StorageUnavailable):
+    if isinstance(error, StorageUnavailable | LeaseHeld):
         return TRANSIENT
     if isinstance(error, ConfigError | DataError | MissingWeightsError | StorageError):
         return USAGE

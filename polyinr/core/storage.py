@@ -8,8 +8,10 @@ are staged on disk, then uploaded in parts. Checkpoints on top of it:
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +67,13 @@ class Folder:
             what = (
                 "does not exist" if code in ("404", "NoSuchBucket") else f"cannot be used ({code})"
             )
+            if code in ("403", "Forbidden", "AccessDenied", "InvalidAccessKeyId"):
+                # HEAD answers carry no body, so S3 says only "Forbidden": name the usual cause.
+                what = (
+                    f"refused access ({code}), usually wrong credentials: check "
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and that they "
+                    "may use this bucket"
+                )
             raise kind(f"bucket {self.bucket!r} of storage.uri {what}: {e}") from None
 
     def put(self, name: str, data: bytes) -> None:
@@ -73,8 +82,7 @@ class Folder:
             self._call("upload", self.s3.put_object, Body=data, Key=f"{self.prefix}/{name}")
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        with write_atomic(self.root / name) as tmp:
-            tmp.write_bytes(data)
+        write_file(self.root / name, data)
 
     def put_large(self, name: str, data: bytes) -> None:
         """A large object: an atomic file locally; on S3 staged on disk, then (multipart)
@@ -86,8 +94,7 @@ class Folder:
 
         self.staging.mkdir(parents=True, exist_ok=True)
         local = self.staging / name
-        with write_atomic(local) as tmp:
-            tmp.write_bytes(data)
+        write_file(local, data)
         part = self.multipart_mb * MiB
         transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part)
         key = f"{self.prefix}/{name}"
@@ -194,6 +201,49 @@ class Folder:
         self._call("copy", self.s3.copy_object, CopySource=source, Key=target)
         self.delete(name)
 
+    def swap(self, name: str, data: bytes | None, expected: bytes | None) -> bool:
+        """Compare and swap: replace object `name` by `data` (None: delete it) only if it now
+        holds `expected` (None: it does not exist); returns whether it did.
+
+        Locally under an flock on `.<name>.lock`. On S3 by conditional requests: a put with
+        If-None-Match: * creates, If-Match: <ETag> replaces or deletes; 412 or 409 is False.
+        A server that ignores these headers makes this a plain write: callers read back.
+        """
+        if self.s3 is None:
+            import fcntl
+
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(self.root / f".{name}.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if self.get(name) != expected:
+                    return False
+                if data is None:
+                    self.delete(name)
+                else:
+                    write_file(self.root / name, data)
+                return True
+        key, condition = f"{self.prefix}/{name}", {"IfNoneMatch": "*"}
+        if expected is not None:
+            try:
+                current = self._call("download", self.s3.get_object, Key=key)
+            except StorageError as e:
+                if _status(e) == 404:
+                    return False
+                raise
+            if current["Body"].read() != expected:
+                return False
+            condition = {"IfMatch": current["ETag"]}
+        try:
+            if data is None:
+                self._call("delete", self.s3.delete_object, Key=key, **condition)
+            else:
+                self._call("upload", self.s3.put_object, Key=key, Body=data, **condition)
+        except StorageError as e:
+            if _status(e) in (404, 409, 412):  # changed (or gone) since we read it
+                return False
+            raise
+        return True
+
     def _call(self, what: str, fn, *args, **kwargs):
         """One boto3 call (botocore retries it with back-off); a final failure -> StorageError,
         StorageUnavailable when it is transient (see `failure`)."""
@@ -239,6 +289,12 @@ def failure(error: BaseException) -> type[StorageError]:
     return StorageError
 
 
+def _status(error: StorageError) -> int | None:
+    """The HTTP status of the S3 answer behind a StorageError (None: no answer)."""
+    response = getattr(error.__cause__, "response", None) or {}
+    return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
 _TMP_IDS = itertools.count()  # with the pid, a unique temporary name per write_atomic call
 
 
@@ -264,6 +320,23 @@ def write_atomic(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (write_atomic). A full disk is one line naming the
+    path and the bytes needed: StorageUnavailable (exit 75), since freeing space makes the
+    same command work, and the file it would have replaced (the previous commit) is intact."""
+    try:
+        with write_atomic(path) as tmp:
+            tmp.write_bytes(data)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageError(f"cannot write {path}: {e.strerror or e}") from None
+        free = shutil.disk_usage(path.parent).free
+        raise StorageUnavailable(
+            f"disk full: writing {path} needs {len(data)} bytes, {free} are free there; the "
+            "previous checkpoint is intact: free space and rerun the same command"
+        ) from None
 
 
 def _s3_client(endpoint_url: str | None, attempts: int):

@@ -21,8 +21,13 @@ from polyinr.core.errors import Preempted, StorageError
 from polyinr.evaluation import metrics
 from polyinr.model.discriminator import ProjectedDiscriminator, weights_label
 from polyinr.model.generator import Generator, save_generator
-from polyinr.training import embedding, tracking
-from polyinr.training.checkpoints import CheckpointStore, NoGoodCheckpoint, tensors_sha256
+from polyinr.training import embedding, lease, tracking
+from polyinr.training.checkpoints import (
+    CheckpointStore,
+    NoGoodCheckpoint,
+    snapshot_name,
+    tensors_sha256,
+)
 from polyinr.training.loop import (
     State,
     configure_backends,
@@ -42,6 +47,7 @@ def train(
     progress: bool = True,
     until_stage: int | None = None,
     restart: bool = False,
+    wait: bool = False,
 ) -> dict:
     """Run (or resume) the schedule of cfg.train.stages; returns a summary.
 
@@ -51,6 +57,7 @@ def train(
     complete and checkpointed, instead of running the whole schedule; the final generator is
     exported only when the last stage completes. The Prefect flow runs one stage per task so.
     restart: start from image 0 when the run has checkpoints but none of them loads.
+    wait: when another trainer holds the run's lease, wait for it instead of raising LeaseHeld.
     Under torchrun every rank calls this; rank 0 writes checkpoints, the run folder and MLflow.
     Raises Preempted after checkpointing when the process receives SIGTERM.
     """
@@ -64,7 +71,8 @@ def train(
     # The prepared data must fit the config: one line now, not an IndexError minutes later.
     for stage in stages[: last + 1]:
         data.check_prepared(cfg.data.out_dir, stage.resolution, cfg.generator.class_count or None)
-    with distributed.StopFlag() as stop:
+    # One trainer per run: its lease is held (and renewed) around the whole run (lease.py).
+    with distributed.StopFlag() as stop, lease.held(cfg, wait):
         try:
             return _run(cfg, device, RunDir(Path(run_dir)), progress, stop, last, restart)
         except BaseException as e:
@@ -139,6 +147,10 @@ def _run(cfg, device, run: RunDir, progress: bool, stop, last: int, restart: boo
         if resuming:
             state.load_state_dict(resumed)
             state.mlflow_run_id, resumed = run_id, None
+            # A kill between a commit and its mark_best left the FID in the history but
+            # unmarked; marking again from the history is idempotent.
+            if rank == 0 and fid is not None:
+                _mark_bests(store, state.history, fid.name, index)
         for module in (state.g, state.g_ema, state.d):
             distributed.broadcast(module, world)
         if cur_nimg >= ends[index]:
@@ -344,3 +356,18 @@ def _check_embed_init(cfg) -> None:
             f"{embedding.NETWORK}, so G may draw them alike",
             file=sys.stderr,
         )
+
+
+def _mark_bests(store, history: list[dict], name: str, stage: int) -> None:
+    """Mark stage `stage`'s best snapshot from the FIDs (column `name`) in the history.
+
+    The FID of a snapshot is in its checkpoint's history before `mark_best` runs, so a run
+    killed in between resumes with an FID that was never marked; `mark_best` keeps the lowest
+    per stage, so calling it again for every FID of the stage changes nothing otherwise.
+    Snapshots pruned since (never the best) are skipped.
+    """
+    present = set(store.folder.sizes())
+    for row in history:
+        snapshot = snapshot_name(round(row["kimg"] * 1000))
+        if row.get("stage") == stage and name in row and snapshot in present:
+            store.mark_best(snapshot, row[name], stage)

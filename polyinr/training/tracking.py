@@ -30,16 +30,44 @@ def _create_sqlite_store(path: Path) -> None:
 
     MLflow builds a new store in a series of migrations; a process killed in the middle left
     a store that no later run could open ("duplicate column name"), found by a fault campaign.
+    One process builds it, under an exclusive lock on `.<name>.lock` beside it: another first
+    run waits, then finds the store. So a temporary file seen while holding the lock is a
+    killed builder's, never a live one's, and only then is it removed.
     """
     if path.exists():
         return
+    import fcntl
+
     import mlflow
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # from a process killed here
-        stale.unlink(missing_ok=True)
-    with write_atomic(path) as tmp:
-        mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments()  # migrates
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if path.exists():  # built by the process that held the lock before us
+            return
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # from a process killed here
+            stale.unlink(missing_ok=True)
+        with write_atomic(path) as tmp:
+            mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments()  # migrates
+
+
+def _experiment_id(mlflow, cfg: TrackingConfig) -> str:
+    """The id of experiment cfg.experiment, created if missing (by us or a concurrent run)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    # A local artifact folder beside a local database; servers choose their own.
+    local = not cfg.uri.startswith(("http://", "https://", "databricks"))
+    location = Path(cfg.artifact_location).resolve().as_uri() if local else None
+    try:
+        return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    except MlflowException:
+        experiment = mlflow.get_experiment_by_name(cfg.experiment)  # another run made it first
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def start_run(cfg: TrackingConfig, run_id: str | None = None, params: dict | None = None):
@@ -47,14 +75,8 @@ def start_run(cfg: TrackingConfig, run_id: str | None = None, params: dict | Non
     mlflow = _connect(cfg)
     if run_id is not None:
         return mlflow.start_run(run_id=run_id)
-    experiment = mlflow.get_experiment_by_name(cfg.experiment)
-    if experiment is None:
-        # A local artifact folder beside a local database; servers choose their own.
-        local = not cfg.uri.startswith(("http://", "https://", "databricks"))
-        location = Path(cfg.artifact_location).resolve().as_uri() if local else None
-        experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
+    experiment = mlflow.get_experiment_by_name(cfg.experiment)  # None: this run creates it
+    experiment_id = _experiment_id(mlflow, cfg)
     _label_experiment(mlflow.MlflowClient(), experiment_id, experiment, params or {})
     run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.run_name)
     if params:
