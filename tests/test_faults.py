@@ -225,8 +225,8 @@ def test_a_second_trainer_of_one_run_exits_75_naming_the_holder(prepared, tmp_pa
     holder = Lease(storage.Folder(cfg.storage, "test"))
     holder.acquire("test")
     steps = []
-    original = train.training_step
-    monkeypatch.setattr(train, "training_step", lambda *a, **k: steps.append(1) or original(*a))
+    original = loop.training_step
+    monkeypatch.setattr(loop, "training_step", lambda *a, **k: steps.append(1) or original(*a))
     argv = ["train", "--quiet", "--device", "cpu", "--params", str(REPO / "params.yaml")]
     try:
         done = _main(argv + overrides)

@@ -440,10 +440,10 @@ def test_evaluate_takes_the_class_count_from_the_generator_not_the_params(tmp_pa
     cfg_eval = eval_config(tmp_path, reference_npz=str(tmp_path / "ref.npz"), num_samples=40)
     cfg = SimpleNamespace(
         eval=cfg_eval, storage=None, data=SimpleNamespace(out_dir=None),
-        generator=SimpleNamespace(num_classes=4, conditional=True),
+        generator=SimpleNamespace(num_classes=4, conditional=True, class_count=4),
     )  # fmt: skip
     generator = TinyGenerator(num_classes=10)
-    generator.cfg = SimpleNamespace(z_dim=8, num_classes=10, conditional=True)
+    generator.cfg = SimpleNamespace(z_dim=8, num_classes=10, conditional=True, class_count=10)
     result, seconds = metrics.evaluate_generator(
         cfg, generator, 32, "cpu", progress=False, nets=tiny_networks(cfg_eval)
     )
@@ -613,7 +613,7 @@ def test_training_fid_is_the_fid_of_train_samples_with_networks_loaded_once(tmp_
     training statistics at that resolution, which load once; it writes nothing."""
     adm_npz(tmp_path / "ref.npz")
     cfg_eval = eval_config(tmp_path, reference_npz=str(tmp_path / "ref.npz"), every_kimg=1.0)
-    generator = SimpleNamespace(num_classes=10, conditional=True)
+    generator = SimpleNamespace(num_classes=10, conditional=True, class_count=10)
     cfg = SimpleNamespace(
         eval=cfg_eval, storage=None, generator=generator, data=SimpleNamespace(out_dir=None)
     )
@@ -670,7 +670,7 @@ def test_evaluate_refuses_reference_data_of_other_classes_than_the_generator(tmp
     data.prepare(cfg_data, [8], progress=False)
     cfg = SimpleNamespace(eval=eval_config(tmp_path), storage=None, data=cfg_data)
     generator = TinyGenerator(num_classes=10)
-    generator.cfg = SimpleNamespace(z_dim=8, num_classes=10, conditional=True)
+    generator.cfg = SimpleNamespace(z_dim=8, num_classes=10, conditional=True, class_count=10)
     with pytest.raises(data.DataError, match="num_classes=10 but .* lists 2 classes"):
         metrics.evaluate_generator(
             cfg, generator, 8, "cpu", progress=False, nets=tiny_networks(cfg.eval)

@@ -109,6 +109,8 @@ NO_EFFECT = {
     "polyinr/training/rundir.py",
     "polyinr/training/tracking.py",
     "polyinr/core/errors.py",  # exception classes and exit codes: messages, never results
+    "polyinr/core/params.py",  # the run's name and the flat params MLflow logs
+    "polyinr/training/lease.py",  # who may train a run, never what it computes
 }
 # data.py's loader takes its rank and world from distributed.py; making files does not.
 DATA_ONLY = {"polyinr/core/distributed.py"}

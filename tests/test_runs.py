@@ -71,12 +71,12 @@ def test_tracked_runs_join_their_checkpoints_by_name(tmp_path, capsys, monkeypat
         "demo-cccc", "FAILED", None
     )  # fmt: skip
     assert newest["tracking"]["kimg"] == 6.0 and newest["tracking"]["eval_fid"] == 44.0
-    assert newest["tracking"]["best_fid"] == {"metric": "fid8", "value": 45.0, "kimg": 6.0}
+    assert newest["tracking"]["best_fid"] == {"metric": "fid/fid8", "value": 45.0, "kimg": 6.0}
     assert older["name"] == "demo-aaaa" and older["storage"]["best"]["fid"] == 12.25
     cells = runs.table_row(older)
     assert (cells["status"], cells["kimg"], cells["eval fid"]) == ("finished", "8.000", "44.00")
     assert cells["best fid"] == "12.25 (stage 1, kimg 8)"  # the checkpoints' record wins
-    assert runs.table_row(newest)["best fid"] == "45.00 (fid8, kimg 6)"
+    assert runs.table_row(newest)["best fid"] == "45.00 (fid/fid8, kimg 6)"
 
 
 def test_an_unreadable_source_is_one_warning_and_both_unreadable_exit_1(tmp_path, capsys):

@@ -277,7 +277,8 @@ def test_fid_during_training_marks_each_stage_best_and_the_next_stage_starts_fro
     (listed,), problems = runs.collect(cfg)
     assert problems == [] and listed["name"] == "test"
     assert listed["tracking"]["status"] == "FINISHED" and listed["tracking"]["kimg"] == 0.032
-    assert listed["tracking"]["best_fid"] == {"metric": name, "value": 1.0, "kimg": 0.016}
+    fid_metric = tracking.metric_key(name)
+    assert listed["tracking"]["best_fid"] == {"metric": fid_metric, "value": 1.0, "kimg": 0.016}
     assert listed["storage"]["latest"]["kimg"] == 0.032
     assert listed["storage"]["best"] == {"stage": 1, "fid": 5.0, "kimg": 0.032}
 
