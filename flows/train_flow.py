@@ -94,11 +94,10 @@ def _up_to_date(stage: str, logger, ws: Path) -> bool:
     return not changes
 
 
-def _task_name() -> str:
-    """A stage task's name: the stage's, with the resolution of a progressive stage."""
-    from prefect.runtime import task_run
-
-    name, resolution = task_run.parameters["name"], task_run.parameters.get("resolution")
+def _task_name(parameters: dict) -> str:
+    """A stage task's name (Prefect passes its parameters): the stage's, with the resolution
+    of a progressive stage."""
+    name, resolution = parameters["name"], parameters.get("resolution")
     return f"{name} ({resolution}px)" if resolution else name
 
 

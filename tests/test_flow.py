@@ -94,6 +94,8 @@ def test_stage_failures_retry_unless_the_inputs_are_wrong(train_flow):
     for code in (errors.TRANSIENT, errors.PREEMPTED, 1, -9):
         assert retried(StageFailed("train", code, [])) is True
     assert retried(OSError("connection reset")) is True
+    assert train_flow._task_name({"name": "train@1", "resolution": 32}) == "train@1 (32px)"
+    assert train_flow._task_name({"name": "evaluate", "resolution": None}) == "evaluate"
 
 
 def test_dvc_run_stage_reports_polyinrs_own_exit_code(tmp_path):
