@@ -19,13 +19,9 @@ from polyinr.core.errors import ConfigError
 DEFAULT_PARAMS = Path("params.yaml")
 # The valid values of the string-valued choices; the components map each name to its code.
 ENCODINGS = ("jpg", "raw")  # data.encoding
-# The procedural demo datasets (polyinr/data/demo.py): classes told apart by shape, by the
-# details of a character, or by colour alone.
-DEMO_KINDS = ("shapes", "glyphs", "colours")
-# generator.mixing, the C x C layers' parametrisation. plain: the reference's nn.Linear with
-# PyTorch's default init, lrelu without gain. equalized: StyleGAN's N(0, 1) weights scaled by
-# 1/sqrt(C) at run time, lrelu with gain sqrt(2). The same functions; Adam's effective step
-# on the weights differs by sqrt(C / 2) (docs/model.md).
+DEMO_KINDS = ("shapes", "glyphs", "colours")  # data.demo_kind (polyinr/data/demo.py)
+# generator.mixing, the C x C layers (docs/model.md): plain, the reference's nn.Linear (He
+# init here), lrelu without gain; equalized, StyleGAN's runtime-scaled N(0, 1), gain sqrt(2).
 MIXING = ("plain", "equalized")
 FEATURE_NETWORKS = ("tf_efficientnet_lite0", "deit_base_distilled_patch16_224")  # timm names
 DIFFAUGMENT_OPS = ("color", "translation", "cutout")  # discriminator.diffaugment
@@ -60,16 +56,13 @@ class DataConfig:
     demo_seed: int  # `polyinr demo-data`: seed of the drawn images
 
     def __post_init__(self):
-        if self.encoding not in ENCODINGS:
-            raise ValueError(f"encoding must be 'jpg' or 'raw', got {self.encoding!r}")
+        for name, valid in (("encoding", ENCODINGS), ("demo_kind", DEMO_KINDS)):
+            if (value := getattr(self, name)) not in valid:
+                raise ValueError(f"{name} must be one of {', '.join(valid)}, got {value!r}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0 (0: every available core), got {self.workers}")
-        if self.demo_kind not in DEMO_KINDS:
-            raise ValueError(
-                f"demo_kind must be one of {', '.join(DEMO_KINDS)}, got {self.demo_kind!r}"
-            )
 
 
 @dataclasses.dataclass(frozen=True)
