@@ -76,6 +76,18 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         raise ValueError(f"unknown demo shape {shape!r}")
 
 
+def _contrasting_colours(
+    rng: np.random.Generator, fg_sat: float, bg_sat: float, bg_val: float
+) -> tuple[tuple, tuple]:
+    """A bright foreground (saturation >= fg_sat) and a dark background (saturation <= bg_sat,
+    value <= bg_val) of unrelated random hues, as RGB 0-255."""
+    hue = rng.uniform(0, 1)
+    fg = colorsys.hsv_to_rgb(hue, rng.uniform(fg_sat, 1.0), rng.uniform(0.75, 1.0))
+    bg_hue = (hue + rng.uniform(0.25, 0.75)) % 1.0
+    bg = colorsys.hsv_to_rgb(bg_hue, rng.uniform(0.0, bg_sat), rng.uniform(0.05, bg_val))
+    return tuple(round(255 * v) for v in fg), tuple(round(255 * v) for v in bg)
+
+
 def _demo_image(label: int, rng: np.random.Generator, size: int) -> Image.Image:
     """Render one demo image of class `label`: its shape in a random colour, random jitter.
 
@@ -83,14 +95,10 @@ def _demo_image(label: int, rng: np.random.Generator, size: int) -> Image.Image:
     """
     shape = _DEMO_SHAPES[label % len(_DEMO_SHAPES)]
     tiles = 1 + label // len(_DEMO_SHAPES)
-    hue = rng.uniform(0, 1)
-    rgb = colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.75, 1.0))
-    bg_hue = (hue + rng.uniform(0.25, 0.75)) % 1.0
-    bg = colorsys.hsv_to_rgb(bg_hue, rng.uniform(0.0, 0.5), rng.uniform(0.05, 0.3))
+    fill, bg = _contrasting_colours(rng, fg_sat=0.6, bg_sat=0.5, bg_val=0.3)
     canvas = 2 * size  # draw at 2x, then downsample: cheap antialiasing
-    image = Image.new("RGB", (canvas, canvas), tuple(round(255 * v) for v in bg))
+    image = Image.new("RGB", (canvas, canvas), bg)
     draw, cell = ImageDraw.Draw(image), canvas / tiles
-    fill = tuple(round(255 * v) for v in rgb)
     r = cell * rng.uniform(0.22, 0.34)
     jitter = rng.uniform(-0.12, 0.12, size=2) * cell
     for i in range(tiles):
@@ -115,19 +123,10 @@ def _font_path() -> Path:
     return path
 
 
-def _contrasting_colours(rng: np.random.Generator) -> tuple[tuple, tuple]:
-    """A bright foreground and a dark background of unrelated random hues (RGB 0-255)."""
-    hue = rng.uniform(0, 1)
-    fg = colorsys.hsv_to_rgb(hue, rng.uniform(0.5, 1.0), rng.uniform(0.75, 1.0))
-    bg_hue = (hue + rng.uniform(0.25, 0.75)) % 1.0
-    bg = colorsys.hsv_to_rgb(bg_hue, rng.uniform(0.0, 0.6), rng.uniform(0.05, 0.35))
-    return tuple(round(255 * v) for v in fg), tuple(round(255 * v) for v in bg)
-
-
 def _glyph_image(label: int, rng: np.random.Generator, size: int) -> Image.Image:
     """One character of class `label`: random position, scale, rotation, stroke and colours,
     and a little noise."""
-    fg, bg = _contrasting_colours(rng)
+    fg, bg = _contrasting_colours(rng, fg_sat=0.5, bg_sat=0.6, bg_val=0.35)
     canvas = 2 * size
     font = ImageFont.truetype(str(_font_path()), round(canvas * rng.uniform(0.55, 0.8)))
     glyph = Image.new("L", (canvas, canvas), 0)
