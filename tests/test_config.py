@@ -27,7 +27,7 @@ SURFACE = {
     "discriminator": "networks pretrained weights_dir input_size proj_channels head_channels "
     "embed_dim cmap_dim diffaugment blur_sigma blur_kimg",
     "train": "stages batch batch_gpu lr_g lr_d betas eps ema_kimg ema_rampup mirror seed "
-    "snapshot_kimg sample_kimg sample_psi workers embed_init precision checkpoint_levels",
+    "snapshot_kimg sample_kimg sample_psi workers embed_init precision checkpoint_levels carry_d",
     "eval": "protocol num_samples batch psi seed inception_weights vgg16_weights "
     "allow_random_weights random_seed reference_npz cache_dir every_kimg train_samples "
     "grid_classes grid_seeds grid_psi",

@@ -145,8 +145,8 @@ def test_second_stage_starts_from_first_stage_ema(prepared, tmp_path, monkeypatc
     captured = {}
     original = run._stage_models
 
-    def spy(cfg_, stage, num_classes, device, g_ema_prev):
-        out = original(cfg_, stage, num_classes, device, g_ema_prev)
+    def spy(cfg_, stage, num_classes, device, g_ema_prev, d_prev=None):
+        out = original(cfg_, stage, num_classes, device, g_ema_prev, d_prev)
         if g_ema_prev is not None:
             captured["g"] = copy.deepcopy(out[0])
         return out
@@ -167,6 +167,46 @@ def test_second_stage_starts_from_first_stage_ema(prepared, tmp_path, monkeypatc
         assert g(z, c).shape[-2:] == (24, 24)  # the grid swapped for the new resolution
     logged = json.loads((tmp_path / "checkpoints/test/latest.json").read_text())
     assert logged["name"].endswith("000000000024.pt")
+
+
+@pytest.mark.parametrize("carry", [True, False])
+def test_carry_d_starts_the_next_stage_from_the_last_d_else_a_fresh_one(
+    prepared, tmp_path, monkeypatch, carry
+):
+    """train.carry_d: stage 2's D is stage 1's last D (weights); false: the reference's fresh D,
+    the one a stage builds from the seed."""
+    monkeypatch.chdir(tmp_path)
+    stages = "[{resolution: 16, kimg: 0.016}, {resolution: 24, kimg: 0.008}]"
+    cfg = run_cfg(prepared, tmp_path, stages=stages)
+    cfg = dataclasses.replace(
+        cfg,  # D's input 24 px at both stages: the same shapes
+        train=dataclasses.replace(cfg.train, carry_d=carry),
+        discriminator=dataclasses.replace(cfg.discriminator, input_size=24),
+    )
+    built, original = [], run._stage_models
+
+    def spy(cfg_, stage, num_classes, device, g_ema_prev, d_prev=None):
+        out = original(cfg_, stage, num_classes, device, g_ema_prev, d_prev)
+        built.append(copy.deepcopy(out[2].state_dict()))
+        return out
+
+    monkeypatch.setattr(run, "_stage_models", spy)
+    train(cfg, torch.device("cpu"), "run", progress=False)
+    last = torch.load(tmp_path / "checkpoints/test/snapshot-000000000016.pt", weights_only=True)
+    trained = [k for k, v in last["D"].items() if not torch.equal(built[0][k], v)]
+    assert trained  # stage 1 moved D, so the two cases differ
+    same = [torch.equal(built[1][k], last["D"][k]) for k in trained]
+    assert all(same) if carry else not any(same)
+
+
+def test_carry_d_starts_a_fresh_d_where_the_stage_changes_its_shapes(capsys):
+    """Where a stage's D input grows (the resolution above discriminator.input_size), its maps
+    and heads change shape: that stage starts a fresh D and says so."""
+    d, d_prev = torch.nn.Linear(2, 4), torch.nn.Linear(2, 3)
+    fresh = copy.deepcopy(d.state_dict())
+    assert not run._carry_weights(d, d_prev)
+    assert all(torch.equal(v, fresh[k]) for k, v in d.state_dict().items())
+    assert run._carry_weights(d, torch.nn.Linear(2, 4))
 
 
 def test_stage_by_stage_equals_the_whole_schedule(prepared, tmp_path, monkeypatch, capsys):
@@ -234,9 +274,9 @@ def test_fid_during_training_marks_each_stage_best_and_the_next_stage_starts_fro
     starts = []
     original = run._stage_models
 
-    def spy(cfg_, stage, num_classes, device, g_ema_prev):
+    def spy(cfg_, stage, num_classes, device, g_ema_prev, d_prev=None):
         starts.append(None if g_ema_prev is None else copy.deepcopy(g_ema_prev.state_dict()))
-        return original(cfg_, stage, num_classes, device, g_ema_prev)
+        return original(cfg_, stage, num_classes, device, g_ema_prev, d_prev)
 
     monkeypatch.setattr(run, "_stage_models", spy)
     stages = "[{resolution: 16, kimg: 0.024}, {resolution: 24, kimg: 0.008}]"

@@ -164,6 +164,7 @@ class TrainConfig:
     embed_init: str | None  # class-embedding table that initialises G and D; null: random
     precision: str  # fp32 (the reference) or bf16 autocast of the G/D forward passes
     checkpoint_levels: bool  # recompute G's levels in backward: less memory, ~1/3 more compute
+    carry_d: bool  # later stages start D from the stage before's (the reference: a fresh D)
 
     def __post_init__(self):
         if not self.stages:
@@ -175,9 +176,7 @@ class TrainConfig:
         if len(self.betas) != 2:
             raise ValueError(f"betas must be two numbers, got {self.betas}")
         if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}"
-            )
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}: {self.precision!r}")
         if self.batch < 1 or self.batch_gpu < 0:
             raise ValueError("batch must be >= 1 and batch_gpu >= 0")
         if self.seed < 0:

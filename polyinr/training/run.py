@@ -131,13 +131,15 @@ def _run(cfg, device, run: RunDir, progress: bool, stop, last: int, restart: boo
         resuming = resumed is not None and resumed["stage"] == index
         if cur_nimg >= ends[index] and not resuming:
             continue
-        g_ema_prev, how = None, "random initialisation"
+        g_ema_prev, d_prev, how = None, None, "random initialisation"
         if resuming:
             how = f"checkpoint {resumed_uri}"
         elif state is not None:
             g_ema_prev, how = _handoff(store, state.g_ema, index, t.stages)
+            if t.carry_d:
+                d_prev, how = state.d, how + f", D from stage {index - 1}'s last"
         state = State(
-            *_stage_models(cfg, stage, cfg.generator.class_count, device, g_ema_prev),
+            *_stage_models(cfg, stage, cfg.generator.class_count, device, g_ema_prev, d_prev),
             stage=index,
             cur_nimg=cur_nimg,
             history=list(state.history) if state else [],
@@ -241,8 +243,9 @@ def _export(cfg, state: State, run: RunDir, rank: int) -> dict:
     }
 
 
-def _stage_models(cfg, stage: Stage, num_classes: int, device, g_ema_prev):
-    """G, G_ema, D and their optimisers for a stage; later stages start from g_ema_prev."""
+def _stage_models(cfg, stage: Stage, num_classes: int, device, g_ema_prev, d_prev=None):
+    """G, G_ema, D and their optimisers for a stage; later stages start from g_ema_prev, and
+    with train.carry_d from d_prev's weights (its optimiser state starts afresh)."""
     table = None
     if cfg.train.embed_init:
         # The class-embedding init of G (docs/model.md 2) and of every D head (section 3).
@@ -264,11 +267,28 @@ def _stage_models(cfg, stage: Stage, num_classes: int, device, g_ema_prev):
         d = ProjectedDiscriminator(cfg.discriminator, stage.resolution, num_classes).to(device)
         if table is not None:
             d.init_class_embeddings(table.to(device))
+        # D's shapes follow its input size (discriminator.input_size): a stage that changes
+        # it starts a fresh D.
+        if d_prev is not None and not _carry_weights(d, d_prev):
+            print(
+                f"polyinr train: train.carry_d: D's shapes change at {stage.resolution}px "
+                "(its input grows with the stage), so this stage starts a fresh D",
+                file=sys.stderr,
+            )
     t = cfg.train
     opt_g = torch.optim.Adam(g.parameters(), lr=t.lr_g, betas=tuple(t.betas), eps=t.eps)
     d_params = [p for p in d.parameters() if p.requires_grad]
     opt_d = torch.optim.Adam(d_params, lr=t.lr_d, betas=tuple(t.betas), eps=t.eps)
     return g, g_ema, d, opt_g, opt_d
+
+
+def _carry_weights(d, d_prev) -> bool:
+    """d_prev's weights into d when they have the same shapes; False (d stays fresh) else."""
+    ours, theirs = d.state_dict(), d_prev.state_dict()
+    if any(k not in theirs or theirs[k].shape != v.shape for k, v in ours.items()):
+        return False
+    d.load_state_dict(theirs)
+    return True
 
 
 def _handoff(store, g_ema, index: int, stages) -> tuple[Generator, str]:
