@@ -2,10 +2,9 @@
 
 Ours: `metrics.evaluate_generator` from an empty cache, i.e. the reference pass over a
 prepared FFCV file, rendering the samples and every metric of the adm protocol (FID, sFID,
-IS, precision/recall, rFID). Baseline: the same real and generated images given to
-torch-fidelity as tensors: `calculate_metrics(fid, isc, prc)` with the Inception file plus
-`calculate_metrics(fid)` with the rFID network's file, so that both score the same metrics
-with the same networks (seeded random weights saved as files: speed only).
+IS, precision/recall). Baseline: the same real and generated images given to torch-fidelity
+as tensors: `calculate_metrics(fid, isc, prc)` with the Inception file, so that both score the
+same metrics with the same network (seeded random weights saved as a file: speed only).
 `python -m benchmarks.evaluate [--full]` prints the rows as JSON lines.
 """
 
@@ -45,12 +44,10 @@ class _Images(torch.utils.data.Dataset):
 def _setup(tmp: Path, n: int, resolution: int, batch: int):
     """Prepared demo data (n images), the evaluate config, weights files and a generator.
 
-    The Inception file holds seeded random weights; the rFID network (random weights of
-    eval.random_seed, built in memory by polyinr) is saved as a file for torch-fidelity.
+    The Inception file holds seeded random weights.
     """
-    weights = {name: tmp / name / featurenets.WEIGHTS_FILE for name in ("inception", "rinception")}
-    for path in weights.values():
-        path.parent.mkdir()
+    weights = {"inception": tmp / "inception" / featurenets.WEIGHTS_FILE}
+    weights["inception"].parent.mkdir()
     torch.save(featurenets._random_state_dict(seed=1), weights["inception"])
     overrides = [
         f"data.source={tmp / 'demo'}",
@@ -72,7 +69,6 @@ def _setup(tmp: Path, n: int, resolution: int, batch: int):
     data.prepare(cfg.data, [resolution], progress=False)
     torch.manual_seed(0)
     g = Generator(cfg.generator, resolution).eval().requires_grad_(False)
-    torch.save(featurenets._random_state_dict(cfg.eval.random_seed), weights["rinception"])
     return cfg, g, weights
 
 
@@ -90,7 +86,7 @@ def _ours(cfg, g, resolution: int, dev) -> tuple[dict, dict]:
 
 
 def _theirs(fakes, reals, weights: dict, batch: int, cuda: bool) -> dict:
-    """torch-fidelity over the same images: FID, IS, P/R, then the rFID network's FID."""
+    """torch-fidelity over the same images: FID, IS, P/R."""
     import torch_fidelity
 
     warnings.filterwarnings("ignore", "This DataLoader will create")  # its default workers
@@ -98,14 +94,10 @@ def _theirs(fakes, reals, weights: dict, batch: int, cuda: bool) -> dict:
         input1=_Images(fakes), input2=_Images(reals), cache=False, cuda=cuda, batch_size=batch,
         feature_extractor="inception-v3-compat", verbose=False,
     )  # fmt: skip
-    out = torch_fidelity.calculate_metrics(
+    return torch_fidelity.calculate_metrics(
         **common, fid=True, isc=True, prc=True,
         feature_extractor_weights_path=str(weights["inception"]),
     )  # fmt: skip
-    rfid = torch_fidelity.calculate_metrics(
-        **common, fid=True, feature_extractor_weights_path=str(weights["rinception"])
-    )
-    return out | {"rfid": rfid["frechet_inception_distance"]}
 
 
 def _samples(cfg, g, dev) -> torch.Tensor:
@@ -154,7 +146,7 @@ def run(quick: bool) -> list[dict]:
     case = f"{len(fakes)} samples + {len(reals)} reals, {resolution}px, batch {batch}"
     note = (
         f"whole evaluate stage (empty reference cache) vs torch-fidelity calculate_metrics "
-        f"(FID+IS+P/R, then rFID network FID; same weights files); FID relative difference "
+        f"(FID+IS+P/R; the same weights file); FID relative difference "
         f"{agree:.1e}; ours: {profile}; both calls {wall:.0f} s"
     )
     return [row("evaluate stage", case, ours, theirs, "img/s", note)]

@@ -27,6 +27,9 @@ PR_K = 3
 # the Frechet distances' low-rank trace term: exact, and O(N^2 D) instead of O(D^3) for N < D.
 FACTOR_ROWS = 2048
 PARTS = ("fid", "pr", "rfid")  # fid: FID + sFID (+ IS on samples); pr: precision/recall
+# The parts each protocol reports: rFID (a second, random Inception: as much compute again) is
+# in StyleGAN-XL's tables, not in the ADM suite.
+PROTOCOL_PARTS = {"adm": ("fid", "pr"), "stylegan-xl": PARTS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,15 +268,16 @@ def evaluate_generator(cfg, generator, resolution: int, device, progress=True, n
         owner = "the generator's num_classes"
         data.check_prepared(cfg.data.out_dir, resolution, num_classes or None, owner)
     nets = nets or Networks(cfg.eval, device)
+    parts = PROTOCOL_PARTS[cfg.eval.protocol]
     reference = load_reference(
-        cfg.eval, PARTS, resolution, nets, cfg.data.out_dir, cfg.storage, progress
+        cfg.eval, parts, resolution, nets, cfg.data.out_dir, cfg.storage, progress
     )
     seconds = collections.Counter({"reference": time.perf_counter() - start})
     seconds.update({f"reference_{k}": v for k, v in nets.seconds.items()})
     nets.seconds.clear()
     began = time.perf_counter()
     result = evaluate(
-        generator, reference, cfg.eval, num_classes, nets, device, progress=progress,
+        generator, reference, cfg.eval, num_classes, nets, device, parts, progress=progress,
         seconds=seconds,
     )  # fmt: skip
     seconds["samples"] = time.perf_counter() - began
