@@ -326,7 +326,7 @@ def test_run_name_hashes_the_params_that_change_the_result():
         "tracking.uri=http://127.0.0.1:5000",
         "eval.num_samples=16",
         "data.out_dir=elsewhere",
-        "train.stages=[{resolution: 16, kimg: 6.0}, {resolution: 32, kimg: 5.0}]",
+        "train.stages=[{resolution: 16, kimg: 4.0}, {resolution: 32, kimg: 5.0}]",
     ]
     for override in same_run:
         assert config.load(PARAMS, [override]).tracking.run_name == name, override
