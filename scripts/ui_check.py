@@ -285,16 +285,22 @@ def _get(url: str, timeout: float) -> bytes:
             time.sleep(0.2)
 
 
-def settled_dom(send, timeout: float = 90) -> str:
-    """The page's DOM once its text has not changed for 3 s (the app fetched and drew)."""
+def settled_dom(send, timeout: float = 120) -> str:
+    """The page's DOM once its text has not changed for 5 s (the app fetched and drew)."""
     text, since, deadline = None, time.monotonic(), time.monotonic() + timeout
-    while time.monotonic() < deadline and time.monotonic() - since < 3:
+    while time.monotonic() < deadline and time.monotonic() - since < 5:
         time.sleep(0.5)
-        now = send("Runtime.evaluate", expression="document.body.innerText", returnByValue=True)
-        if now["result"].get("value") != text:
-            text, since = now["result"].get("value"), time.monotonic()
-    html = send("Runtime.evaluate", expression="document.documentElement.outerHTML")
-    return html["result"]["value"]
+        now = evaluate(send, "document.body?.innerText")
+        if now != text:
+            text, since = now, time.monotonic()
+    return evaluate(send, "document.documentElement.outerHTML")
+
+
+def evaluate(send, expression: str):
+    """The value of a JavaScript expression in the page."""
+    return send("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get(
+        "value"
+    )
 
 
 def render_tabs(url: str, tabs: list[str], shot: Path | None, size: str) -> dict[str, _Text]:
@@ -304,13 +310,17 @@ def render_tabs(url: str, tabs: list[str], shot: Path | None, size: str) -> dict
     pages = {}
     with devtools(size) as send:
         send("Page.navigate", url=url)
+        deadline = time.monotonic() + 120  # the tabs are drawn once the run has loaded
+        while not evaluate(send, f"!!document.getElementById({json.dumps(tabs[0])})"):
+            if time.monotonic() > deadline:
+                break  # the checks say what is missing
+            time.sleep(0.5)
         settled_dom(send)
         if shot:
             png = send("Page.captureScreenshot", format="png")["data"]
             shot.write_bytes(base64.b64decode(png))
         for tab in tabs:
-            click = f"document.getElementById({json.dumps(tab)})?.click()"
-            send("Runtime.evaluate", expression=click)
+            evaluate(send, f"document.getElementById({json.dumps(tab)})?.click()")
             pages[tab] = _Text()
             pages[tab].feed(settled_dom(send))
     return pages
