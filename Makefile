@@ -33,8 +33,9 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# The MLflow UI as users see it: two tiny runs on a server on 127.0.0.1, pages rendered by
-# headless Chromium and checked (scripts/ui_check.py, docs/evaluation.md); screenshots to docs/.
+# The MLflow and Prefect UIs as users see them: two tiny runs on an MLflow server and a deployment
+# run on a Prefect server with a worker, all on 127.0.0.1, pages rendered by headless Chromium
+# and checked (scripts/ui_check.py, docs/evaluation.md, docs/prefect.md); screenshots to docs/.
 ui-check: setup
 	$(BIN)/python scripts/ui_check.py --shots docs
 

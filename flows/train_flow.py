@@ -223,7 +223,10 @@ def _publish(logger, trained: dict | None, register_as: str | None, push: bool, 
     url = tracking.run_url(cfg.tracking, run_id)
     out = {"mlflow_run_id": run_id, "mlflow_run": url, "run_name": cfg.tracking.run_name}
     if url.startswith("http"):
-        create_link_artifact(url, link_text=f"MLflow run {run_id}", key="mlflow-run")
+        # The description is what the flow-run page's Artifacts tab shows: the link itself.
+        link = f"MLflow run {run_id}"
+        described = f"The training's MLflow run: [{url}]({url})"
+        create_link_artifact(url, link_text=link, key="mlflow-run", description=described)
     else:
         create_markdown_artifact(f"MLflow run: {url}", key="mlflow-run")
 
