@@ -4,6 +4,7 @@ with another MLflow store, checkpoints that no longer load, SIGTERM during start
 The S3 server is real (moto over HTTP); scripts/fault_proxy.py sits in front of it."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -341,4 +342,50 @@ def test_an_outage_past_outage_minutes_exits_75_in_one_line_and_keeps_every_comm
     assert kept and str(staged) in line
     assert again["code"] == 0, again["err"]
     assert "resuming from" in again["err"] and "at kimg 0.016" in again["err"]
+    assert json.loads(again["out"].splitlines()[-1])["cur_nimg"] == 48
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_failing_upload_exits_143_soon_and_the_rerun_resumes(
+    prepared, tmp_path, s3_bucket, s3_env, monkeypatch
+):
+    """SIGTERM while snapshot 32's upload is failing: the trainer waits at most PREEMPT_WAIT_S
+    for it, leaves it, exits 143 without a new commit; `latest.json` still names snapshot 16,
+    and the rerun resumes from it and finishes."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loop, "PREEMPT_WAIT_S", 1.0)
+    proxy = FaultProxy(s3_env)
+    extra = (
+        "train.snapshot_kimg=0.016",
+        "storage.retries=2",
+        f"storage.endpoint_url={proxy.url}",
+        "storage.outage_minutes=0.05",
+    )
+    overrides = overrides_in(prepared, tmp_path, 0.048, f"s3://{s3_bucket}/runs", *extra)
+    argv = ["train", "--quiet", "--device", "cpu", "--params", str(REPO / "params.yaml")]
+    signalled = []
+    original = loop.training_step
+
+    def step(*args, **kwargs):
+        if outage and not signalled:  # the first step while snapshot 32's upload fails
+            signalled.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    try:
+        with monkeypatch.context() as patch:
+            outage = _outage_at(patch, proxy, 32, Fault("503", key=r"snapshot-", times=-1), None)
+            patch.setattr(loop, "training_step", step)
+            done = _main(argv + overrides)
+            took = time.monotonic() - signalled[0]
+        for thread in threading.enumerate():  # the left upload gives up (outage_minutes)
+            if thread.name == "checkpoint-upload":
+                thread.join()
+        proxy.clear()
+        again = _main(argv + overrides)
+    finally:
+        proxy.close()
+    assert done["code"] == 143 and took < 20, done["err"]
+    assert "not saving kimg 0.04" in done["err"] and "not saved" in done["err"]
+    assert again["code"] == 0 and "at kimg 0.016" in again["err"], again["err"]
     assert json.loads(again["out"].splitlines()[-1])["cur_nimg"] == 48
