@@ -305,7 +305,7 @@ def main(argv=None) -> int:
         "--scenario",
         default="random",
         help="random (kills and S3 faults, above) or one of scripts/fault_scenarios.py's: "
-        "fid-mark, records-missing, disk-full, two-trainers, two-stores, all",
+        "fid-mark, records-missing, disk-full, two-trainers, two-stores, long-outage, all",
     )
     args = parser.parse_args(argv)
     if args.scenario != "random":

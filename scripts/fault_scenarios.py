@@ -5,6 +5,7 @@
   disk-full        ENOSPC while a checkpoint is staged (exit 75), then a rerun
   two-trainers     a second `polyinr train` of a run in progress: exit 75, or `--wait`
   two-stores       two first runs on one fresh SQLite MLflow store, 0.3-1.5 s apart
+  long-outage      S3 down for 150 s from the start of an upload: training rides it out
 
 Each trial checks that no commit is lost and that the final EMA generator (and with FID on,
 stage 0's best snapshot) equals the uninterrupted run's. With FID on, the FID is a stand-in,
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 from fault_campaign import BUCKET, REPO, Campaign, _started, _summary, prepare, tiny_overrides
+from fault_proxy import Fault
 
 from polyinr.training.rundir import RunDir
 
@@ -39,7 +41,8 @@ FID_STAGES = [  # 2 stages, a checkpoint and an FID every 8 images, only the bes
 def inject(specs: list[str]) -> None:
     """Faults a forked run does to itself: `fid` (the stand-in FID), `kill-before-mark:N` /
     `kill-after-mark:N` (SIGKILL around marking snapshot N best), `enospc:TEXT` (writes of
-    files whose name holds TEXT fail as on a full disk)."""
+    files whose name holds TEXT fail as on a full disk), `outage-at:N` (snapshot N's upload
+    creates the file `outage-at`, then waits 1 s; every step appends its time to `steps.txt`)."""
     import pathlib
 
     from polyinr.evaluation import metrics
@@ -72,6 +75,24 @@ def inject(specs: list[str]) -> None:
                 return write_bytes(self, data)
 
             pathlib.Path.write_bytes = full
+        elif kind == "outage-at":
+            from polyinr.core.storage import Folder
+            from polyinr.training import loop
+
+            upload, step, target = Folder.upload, loop.training_step, snapshot_name(int(arg))
+
+            def signalling(self, name, local, upload=upload, target=target):
+                if name == target and not os.path.exists("outage-at"):
+                    pathlib.Path("outage-at").touch()
+                    time.sleep(1.0)  # the scenario starts the outage meanwhile
+                return upload(self, name, local)
+
+            def timed(*args, step=step, **kwargs):
+                with open("steps.txt", "a") as f:
+                    f.write(f"{time.time()}\n")
+                return step(*args, **kwargs)
+
+            Folder.upload, loop.training_step = signalling, timed
 
 
 class Trials:
@@ -226,7 +247,9 @@ def two_trainers(t: Trials, rng: random.Random) -> None:
     a, b = t.finish(first), t.finish(second)
     named = "is being trained by" in b["tail"] or wait
     t.record([a, b], [{0}, {0} if wait else {75}], 0, wait=wait, holder_named=named)
-    t.trials[-1]["equal"] &= not wait or b["weights"] == t.reference["weights"]
+    # The first trainer's weights (and with --wait the second's) equal the reference's.
+    ref = t.reference["weights"]
+    t.trials[-1]["equal"] = a["weights"] == ref and (not wait or b["weights"] == ref)
 
 
 def two_stores(t: Trials, rng: random.Random) -> None:
@@ -244,12 +267,42 @@ def two_stores(t: Trials, rng: random.Random) -> None:
     t.trials[-1]["equal"] &= b["weights"] == t.reference["weights"] and runs == 2
 
 
+OUTAGE = [  # a checkpoint every 24 images: two steps between commits; uploads retry 10 min
+    "train.snapshot_kimg=0.024",
+    "storage.outage_minutes=10.0",
+]
+OUTAGE_S = 150.0
+
+
+def long_outage(t: Trials, rng: random.Random) -> None:
+    """S3 answers 503 to every request of the run for 150 s from the start of snapshot 24's
+    upload: training steps on meanwhile, the commit lands after, the weights are equal."""
+    name = f"outage-{len(t.trials)}"
+    where = t.dir(name)
+    run = t.start(name, where, inject=["outage-at:24"])
+    t.wait_for(run, (where / "outage-at").exists)
+    began, served = time.time(), len(t.c.proxy.served)
+    t.c.proxy.add(Fault("503", key=f"/{name}/", times=-1))
+    while run.poll() is None and time.time() - began < OUTAGE_S:
+        time.sleep(0.5)
+    t.c.proxy.clear()
+    ended, served = time.time(), len(t.c.proxy.served) - served
+    result = t.finish(run)
+    steps = [float(x) for x in (where / "steps.txt").read_text().split()]
+    during = sum(began <= s <= ended for s in steps)
+    latest = t.c.committed_nimg(name)
+    facts = {"outage_s": round(ended - began), "faults_served": served, "steps_during": during}
+    t.record([result], [{0}], 0, **facts, latest=latest)
+    t.trials[-1]["equal"] &= during > 0 and latest == 48
+
+
 SCENARIOS = {
     "fid-mark": (fid_mark, FID_STAGES, ["fid"]),
     "records-missing": (records_missing, [], []),
     "disk-full": (disk_full, [], []),
     "two-trainers": (two_trainers, [], []),
     "two-stores": (two_stores, [], []),
+    "long-outage": (long_outage, OUTAGE, []),
 }
 
 

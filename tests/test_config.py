@@ -31,7 +31,7 @@ SURFACE = {
     "eval": "protocol num_samples batch psi seed inception_weights vgg16_weights "
     "allow_random_weights random_seed reference_npz cache_dir every_kimg train_samples "
     "grid_classes grid_seeds grid_psi",
-    "storage": "uri endpoint_url keep retries multipart_mb staging_dir",
+    "storage": "uri endpoint_url keep retries multipart_mb staging_dir outage_minutes",
     "tracking": "uri experiment artifact_location run_name",
 }
 GENERATOR_KEYS = SURFACE["generator"].split()

@@ -4,12 +4,15 @@ with another MLflow store, checkpoints that no longer load, SIGTERM during start
 The S3 server is real (moto over HTTP); scripts/fault_proxy.py sits in front of it."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import boto3
 import mlflow
 import pytest
 import torch
@@ -238,3 +241,151 @@ def test_a_second_trainer_of_one_run_exits_75_naming_the_holder(prepared, tmp_pa
     assert f"pid {holder.pid} since " in line
     assert _main(argv + overrides)["code"] == 0 and steps
     assert not (tmp_path / "ckpt/test" / LEASE).exists()
+
+
+def _outage_at(monkeypatch, proxy: FaultProxy, nimg: int, fault: Fault, seconds: float | None):
+    """Start `fault` (on every matching request) when snapshot nimg's upload begins; clear it
+    `seconds` later (None: never). Returns the outage's [start, end] times, filled in then."""
+    times = []
+    original = storage.Folder.upload
+
+    def upload(self, name, local):
+        if name == checkpoints.snapshot_name(nimg) and not times:
+            times.append(time.monotonic())
+            proxy.add(fault)
+            if seconds is not None:
+                threading.Timer(
+                    seconds, lambda: proxy.clear() or times.append(time.monotonic())
+                ).start()
+        return original(self, name, local)
+
+    monkeypatch.setattr(storage.Folder, "upload", upload)
+    return times
+
+
+@pytest.mark.slow
+def test_an_s3_outage_during_an_upload_is_ridden_out_while_training_goes_on(
+    prepared, tmp_path, s3_bucket, s3_env, monkeypatch
+):
+    """S3 answers 503 to everything for 4 s from the start of snapshot 32's upload: training
+    steps on meanwhile, `latest.json` keeps naming the uploaded snapshot 16 until 32 lands,
+    every commit lands, and the weights equal a fault-free run's."""
+    monkeypatch.chdir(tmp_path)
+    schedule = ("train.snapshot_kimg=0.016", "storage.retries=2")
+    solo = overrides_in(prepared, tmp_path / "solo", 0.048, str(tmp_path / "solo"), *schedule)
+    (tmp_path / "solo").mkdir()
+    reference = train(config.load(REPO / "params.yaml", solo), CPU, "solo", progress=False)
+
+    proxy = FaultProxy(s3_env)
+    client = boto3.session.Session().client("s3", endpoint_url=s3_env)  # around the proxy
+    extra = (*schedule, f"storage.endpoint_url={proxy.url}", "storage.outage_minutes=1.0")
+    overrides = overrides_in(prepared, tmp_path, 0.048, f"s3://{s3_bucket}/runs", *extra)
+    outage = _outage_at(monkeypatch, proxy, 32, Fault("503", times=-1), seconds=4.0)
+    steps = []  # (whether S3 was down, the name latest.json held) at each step
+    original = loop.training_step
+
+    def step(*args, **kwargs):
+        down = len(outage) == 1
+        if outage:  # snapshot 16 is committed: latest.json exists
+            body = client.get_object(Bucket=s3_bucket, Key="runs/test/latest.json")["Body"]
+            steps.append((down, json.loads(body.read())["name"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "training_step", step)
+    try:
+        result = train(config.load(REPO / "params.yaml", overrides), CPU, "run", progress=False)
+    finally:
+        proxy.close()
+    assert len(outage) == 2 and proxy.served, "the outage never started or ended"
+    during = [latest for down, latest in steps if down]
+    assert during and set(during) == {checkpoints.snapshot_name(16)}  # training went on
+    assert result["weights_sha256"] == reference["weights_sha256"]
+    body = client.get_object(Bucket=s3_bucket, Key="runs/test/latest.json")["Body"]
+    assert json.loads(body.read())["name"] == checkpoints.snapshot_name(48)
+    assert not list((tmp_path / "staging").rglob("*.pt"))  # every staged copy went up
+
+
+@pytest.mark.slow
+def test_an_outage_past_outage_minutes_exits_75_in_one_line_and_keeps_every_commit(
+    prepared, tmp_path, s3_bucket, s3_env, monkeypatch
+):
+    """Checkpoint uploads failing for longer than storage.outage_minutes (0.05: 3 s) end
+    `polyinr train` with exit 75 and one error line; snapshot 32 stays staged, `latest.json`
+    names snapshot 16, and the rerun resumes from it and finishes."""
+    monkeypatch.chdir(tmp_path)
+    proxy = FaultProxy(s3_env)
+    extra = (
+        "train.snapshot_kimg=0.016",
+        "storage.retries=2",
+        f"storage.endpoint_url={proxy.url}",
+        "storage.outage_minutes=0.05",
+    )
+    overrides = overrides_in(prepared, tmp_path, 0.048, f"s3://{s3_bucket}/runs", *extra)
+    argv = ["train", "--quiet", "--device", "cpu", "--params", str(REPO / "params.yaml")]
+    try:
+        with monkeypatch.context() as patch:
+            _outage_at(patch, proxy, 32, Fault("503", key=r"snapshot-", times=-1), None)
+            done = _main(argv + overrides)
+        staged = tmp_path / "staging" / "test" / checkpoints.snapshot_name(32)
+        kept = staged.is_file()  # before the rerun uploads its own snapshot 32
+        proxy.clear()
+        again = _main(argv + overrides)
+    finally:
+        proxy.close()
+    assert done["code"] == 75, done["err"]
+    [line] = [x for x in done["err"].splitlines() if x.startswith("polyinr train: error: ")]
+    assert (
+        line.startswith("polyinr train: error: S3 has failed for ")
+        and "Traceback" not in done["err"]
+    )
+    assert "storage.outage_minutes=0.05" in line and "the previous commit is intact" in line
+    assert kept and str(staged) in line
+    assert again["code"] == 0, again["err"]
+    assert "resuming from" in again["err"] and "at kimg 0.016" in again["err"]
+    assert json.loads(again["out"].splitlines()[-1])["cur_nimg"] == 48
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_failing_upload_exits_143_soon_and_the_rerun_resumes(
+    prepared, tmp_path, s3_bucket, s3_env, monkeypatch
+):
+    """SIGTERM while snapshot 32's upload is failing: the trainer waits at most PREEMPT_WAIT_S
+    for it, leaves it, exits 143 without a new commit; `latest.json` still names snapshot 16,
+    and the rerun resumes from it and finishes."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loop, "PREEMPT_WAIT_S", 1.0)
+    proxy = FaultProxy(s3_env)
+    extra = (
+        "train.snapshot_kimg=0.016",
+        "storage.retries=2",
+        f"storage.endpoint_url={proxy.url}",
+        "storage.outage_minutes=0.05",
+    )
+    overrides = overrides_in(prepared, tmp_path, 0.048, f"s3://{s3_bucket}/runs", *extra)
+    argv = ["train", "--quiet", "--device", "cpu", "--params", str(REPO / "params.yaml")]
+    signalled = []
+    original = loop.training_step
+
+    def step(*args, **kwargs):
+        if outage and not signalled:  # the first step while snapshot 32's upload fails
+            signalled.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    try:
+        with monkeypatch.context() as patch:
+            outage = _outage_at(patch, proxy, 32, Fault("503", key=r"snapshot-", times=-1), None)
+            patch.setattr(loop, "training_step", step)
+            done = _main(argv + overrides)
+            took = time.monotonic() - signalled[0]
+        for thread in threading.enumerate():  # the left upload gives up (outage_minutes)
+            if thread.name == "checkpoint-upload":
+                thread.join()
+        proxy.clear()
+        again = _main(argv + overrides)
+    finally:
+        proxy.close()
+    assert done["code"] == 143 and took < 20, done["err"]
+    assert "not saving kimg 0.04" in done["err"] and "not saved" in done["err"]
+    assert again["code"] == 0 and "at kimg 0.016" in again["err"], again["err"]
+    assert json.loads(again["out"].splitlines()[-1])["cur_nimg"] == 48

@@ -259,7 +259,7 @@ def tiny_networks(cfg):
 def storage_config(uri, endpoint_url, keep, tmp_path):
     return StorageConfig(
         uri=uri, endpoint_url=endpoint_url, keep=keep, retries=2, multipart_mb=64,
-        staging_dir=str(tmp_path / "staging"),
+        staging_dir=str(tmp_path / "staging"), outage_minutes=15.0,
     )  # fmt: skip
 
 

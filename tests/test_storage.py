@@ -32,7 +32,9 @@ def assert_state_equal(loaded: dict, expected: dict) -> None:
     assert loaded["cur_nimg"] == expected["cur_nimg"] and loaded["meta"] == expected["meta"]
 
 
-def storage_config(uri: str, endpoint_url=None, keep=3, retries=3, staging="staging"):
+def storage_config(
+    uri: str, endpoint_url=None, keep=3, retries=3, staging="staging", outage_minutes=0.0
+):
     return StorageConfig(
         uri=uri,
         endpoint_url=endpoint_url,
@@ -40,6 +42,7 @@ def storage_config(uri: str, endpoint_url=None, keep=3, retries=3, staging="stag
         retries=retries,
         multipart_mb=5,
         staging_dir=staging,
+        outage_minutes=outage_minutes,
     )
 
 
@@ -229,6 +232,7 @@ def test_s3_corrupt_latest_falls_back(s3_env, s3_bucket, capsys):
     store = s3_store(s3_env, s3_bucket, keep=3)
     store.save(state(1), cur_nimg=1)
     store.save(state(2), cur_nimg=2)
+    store.wait()  # the upload is in the background: let it land before tampering
     client = boto3.session.Session().client("s3", endpoint_url=s3_env)
     client.put_object(Bucket=s3_bucket, Key="prefix/run/snapshot-000000000002.pt", Body=b"junk")
     loaded, uri = store.load_latest()
@@ -435,6 +439,7 @@ def test_s3_large_checkpoint_goes_up_in_parts(s3_env, s3_bucket, tmp_path):
     store = s3_store(s3_env, s3_bucket, staging=tmp_path / "staging")
     big = {"w": torch.randn(11 * 2**20 // 4, generator=torch.Generator().manual_seed(0))}
     store.save(big, cur_nimg=7)
+    store.wait()
     client = boto3.session.Session().client("s3", endpoint_url=s3_env)
     head = client.head_object(Bucket=s3_bucket, Key=f"prefix/run/{checkpoints.snapshot_name(7)}")
     assert head["ETag"].strip('"').endswith("-3")  # S3's ETag of a 3-part upload
@@ -466,16 +471,19 @@ def test_s3_flaky_endpoint_still_commits(s3_env, s3_bucket, tmp_path):
 def test_s3_permanent_failure_is_a_clear_error_and_keeps_the_local_copy(
     s3_env, s3_bucket, tmp_path
 ):
-    """An endpoint that only answers 503 fails after `retries` attempts with a StorageError
-    naming the kept local copy; the previous commit stays the latest."""
+    """With storage.outage_minutes=0, an endpoint that only answers 503 fails the upload after
+    `retries` attempts with a StorageError naming the kept local copy (raised by the next
+    `wait`); the previous commit stays the latest."""
     proxy = FaultProxy(s3_env)
     try:
         store = s3_store(proxy.url, s3_bucket, retries=3, staging=tmp_path / "staging")
         store.save(state(1), cur_nimg=1)
+        store.wait()
         proxy.add(Fault("503", times=-1))
         before = proxy.requests
+        store.save(state(2), cur_nimg=2)  # returns: the upload is in the background
         with pytest.raises(StorageError, match="stays at") as e:
-            store.save(state(2), cur_nimg=2)
+            store.wait()
         assert proxy.requests - before == 3  # the configured attempts, then the error
     finally:
         proxy.close()
@@ -541,6 +549,7 @@ def test_s3_corrupt_checkpoints_are_moved_aside_and_never_pruned_over(s3_env, s3
     store = s3_store(s3_env, s3_bucket, keep=2)
     for step in (10, 20, 30):
         store.save(state(step), cur_nimg=step)
+    store.wait()
     corrupt_object(s3_env, s3_bucket, checkpoints.snapshot_name(30))
     loaded, uri = store.load_latest(move_aside=True)
     assert_state_equal(loaded, state(20))
@@ -556,6 +565,7 @@ def test_s3_corrupt_checkpoints_are_moved_aside_and_never_pruned_over(s3_env, s3
     assert store._json(checkpoints.LATEST) is None  # it named a checkpoint now in corrupt/
     for step in (1, 2, 3):  # a restart from image 0
         store.save(state(step), cur_nimg=step)
+        store.wait()
         assert f"prefix/run/{store._json(checkpoints.LATEST)['name']}" in s3_keys(s3_env, s3_bucket)
     loaded, uri = store.load_latest()
     assert_state_equal(loaded, state(3))
@@ -585,16 +595,19 @@ def test_s3_failing_deletes_are_logged_and_cleaned_on_the_next_commit(s3_env, s3
         store.save(state(1), cur_nimg=1)
         proxy.add(Fault("503", "DELETE", times=-1))
         store.save(state(2), cur_nimg=2)
+        store.wait()
         assert "pruning" in capsys.readouterr().err
         proxy.clear()
         proxy.add(Fault("drop", "DELETE", r"\.json", times=-1))
         store.save(state(3), cur_nimg=3)
+        store.wait()
         assert "snapshot-000000000002.json" in capsys.readouterr().err
         keys = s3_keys(s3_env, s3_bucket)
         assert "prefix/run/snapshot-000000000001.json" in keys  # an orphaned record
         assert "prefix/run/snapshot-000000000001.pt" not in keys
         proxy.clear()
         store.save(state(4), cur_nimg=4)
+        store.wait()
     finally:
         proxy.close()
     assert s3_keys(s3_env, s3_bucket) == [
@@ -610,6 +623,7 @@ def test_s3_listing_never_marks_a_corrupt_checkpoint_latest(s3_env, s3_bucket):
     store = s3_store(s3_env, s3_bucket, keep=3)
     for step in (1, 2):
         store.save(state(step), cur_nimg=step)
+    store.wait()
     corrupt_object(s3_env, s3_bucket, checkpoints.snapshot_name(2))
     records = store.records()
     assert [(r["latest"], r.get("corrupt")) for r in records] == [

@@ -229,16 +229,12 @@ class StorageConfig:
     retries: int  # S3: attempts per request (throttling, 5xx, dropped connections), >= 1
     multipart_mb: int  # S3: checkpoints above this many MiB upload in parts of it, >= 5
     staging_dir: str  # S3: local copy of a checkpoint before upload; kept if the upload fails
+    outage_minutes: float  # S3: how long a background upload may keep failing, then exit 75
 
     def __post_init__(self):
-        if self.keep < 1:
-            raise ValueError(f"keep must be >= 1, got {self.keep}")
-        if self.retries < 1:
-            raise ValueError(f"retries must be >= 1 (attempts per request), got {self.retries}")
-        if self.multipart_mb < 5:
-            raise ValueError(
-                f"multipart_mb must be >= 5 (S3's smallest part), got {self.multipart_mb}"
-            )
+        for key, low in (("keep", 1), ("retries", 1), ("multipart_mb", 5), ("outage_minutes", 0)):
+            if getattr(self, key) < low:
+                raise ValueError(f"{key} must be >= {low}, got {getattr(self, key)}")
 
 
 @dataclasses.dataclass(frozen=True)

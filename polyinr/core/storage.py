@@ -90,14 +90,23 @@ class Folder:
         if self.s3 is None:
             self.put(name, data)
             return
-        from boto3.s3.transfer import TransferConfig
+        self.upload(name, self.stage(name, data))
 
+    def stage(self, name: str, data: bytes) -> Path:
+        """S3: write the object's local copy under storage.staging_dir, to `upload` later."""
         self.staging.mkdir(parents=True, exist_ok=True)
         local = self.staging / name
         write_file(local, data)
+        return local
+
+    def upload(self, name: str, local: Path) -> None:
+        """S3: upload a staged copy (in parts above multipart_mb), check the stored size, then
+        remove the copy. A failed upload leaves it in place."""
+        from boto3.s3.transfer import TransferConfig
+
         part = self.multipart_mb * MiB
         transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part)
-        key = f"{self.prefix}/{name}"
+        key, expected = f"{self.prefix}/{name}", local.stat().st_size
         self._call(
             f"upload (the object stays at {local})",
             self.s3.upload_file,
@@ -107,8 +116,8 @@ class Folder:
             Config=transfer,
         )
         size = self._call("check", self.s3.head_object, Key=key)["ContentLength"]
-        if size != len(data):
-            raise StorageError(f"{self.uri}/{name} has {size} bytes, expected {len(data)}")
+        if size != expected:
+            raise StorageError(f"{self.uri}/{name} has {size} bytes, expected {expected}")
         local.unlink()
 
     def get(self, name: str) -> bytes | None:

@@ -1,10 +1,10 @@
 """Checkpoints of one run in a storage folder: commit, prune, keep each stage's best, resume.
 
-A checkpoint is committed in three writes: the checkpoint object, its record
-`snapshot-N.json` (size, sha256, stage, kimg, weights hash), then the `latest.json` pointer.
-A crash between writes leaves the previous commit intact. Loading verifies the checksum and
-falls back to the previous good checkpoint; it never runs code (`torch.load(weights_only=True)`).
-Checkpoints that fail their checksum or do not load are moved aside to `corrupt/`.
+A commit is three writes: the checkpoint object, its record `snapshot-N.json` (size, sha256,
+stage, kimg, weights hash), then `latest.json`; on S3 a background thread makes them while
+training goes on. A crash between writes leaves the previous commit intact. Loading verifies
+the checksum, falls back to the previous good checkpoint, never runs code (weights_only) and
+moves checkpoints that fail their checksum or do not load aside to `corrupt/`.
 """
 
 from __future__ import annotations
@@ -13,15 +13,19 @@ import hashlib
 import io
 import json
 import sys
+import threading
+import time
+from pathlib import Path
 
 import torch
 
 from polyinr.core.config import StorageConfig
-from polyinr.core.storage import Folder, StorageError
+from polyinr.core.storage import Folder, StorageError, StorageUnavailable
 
 LATEST = "latest.json"
 BEST = "best.json"
 CORRUPT = "corrupt"  # the folder that checkpoints failing their checksum are moved to
+_IN_FLIGHT = "the last upload is still in flight; a rerun resumes from it if it lands, else earlier"
 
 
 class NoGoodCheckpoint(StorageError):
@@ -59,14 +63,19 @@ class CheckpointStore:
         self.keep = cfg.keep
         self.uri = self.folder.uri
         self.root = self.folder.root  # the local folder; None on S3
+        self.outage_minutes = cfg.outage_minutes
+        self._upload: threading.Thread | None = None  # the commit in flight (S3)
+        self._failure: Exception | None = None  # what ended the last one, for `wait`
 
     def check(self) -> None:
         """Fail now, with one clear message, if the storage cannot be written."""
         self.folder.check()
 
-    def _names(self, suffix: str = ".pt") -> list[str]:
+    def _names(self) -> list[str]:
+        """The checkpoints stored, once the upload in flight has landed: reads see commits."""
+        self.wait()
         names = self.folder.sizes()
-        return sorted(n for n in names if n.startswith("snapshot-") and n.endswith(suffix))
+        return sorted(n for n in names if n.startswith("snapshot-") and n.endswith(".pt"))
 
     def _move_aside(self, name: str, reason: str) -> None:
         """Move a checkpoint that fails its checks (and its record) to `corrupt/`."""
@@ -97,11 +106,19 @@ class CheckpointStore:
         """A small object written with `write`, or None when absent."""
         return self.folder.get(name)
 
-    def save(self, state: dict, cur_nimg: int, info: dict | None = None) -> str:
+    def save(
+        self, state: dict, cur_nimg: int, info: dict | None = None, patience: float | None = None
+    ) -> str | None:
         """Commit a checkpoint (object, record, then `latest.json`); prune old ones. -> its URI.
 
         `info` (stage, kimg, weights hash, ...) goes into the record that `records()` lists.
+        On S3 the object is staged on disk (a full disk fails here), then committed by a thread
+        while training goes on; a save first waits for the previous one, so commits land in
+        order. `patience` (SIGTERM): wait at most this long for each upload (None: not saved).
         """
+        if not self.wait(patience):
+            print(f"warning: not saving kimg {cur_nimg / 1000:g}: {_IN_FLIGHT}", file=sys.stderr)
+            return None
         buffer = io.BytesIO()
         torch.save(state, buffer)
         data = buffer.getvalue()
@@ -113,12 +130,69 @@ class CheckpointStore:
             "sha256": hashlib.sha256(data).hexdigest(),
             **(info or {}),
         }
-        self.folder.put_large(name, data)
-        self.folder.put(_record_name(name), json.dumps(record).encode())
+        if self.folder.s3 is None:
+            self.folder.put_large(name, data)
+            self._commit(record)
+            self._prune(name)
+            return record["uri"]
+        local = self.folder.stage(name, data)
+        self._upload = threading.Thread(
+            target=self._upload_commit, args=(local, record), name="checkpoint-upload", daemon=True
+        )
+        self._upload.start()
+        if patience is not None and not self.wait(patience):
+            print(f"warning: leaving the upload of {name} (SIGTERM): {_IN_FLIGHT}", file=sys.stderr)
+        return record["uri"]
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the upload in flight, at most `timeout` seconds; whether none is left.
+        Raises the error that ended the last one: it did not land, the previous commit holds."""
+        if self._upload is not None:
+            self._upload.join(timeout)
+            if self._upload.is_alive():
+                return False
+            self._upload = None
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+        return True
+
+    def _upload_commit(self, local: Path, record: dict) -> None:
+        """The upload thread: the staged copy, record and `latest.json`, then prune. Transient
+        failures are retried (back-off up to 30 s) for storage.outage_minutes, then kept for
+        `wait` to raise, as is any other error."""
+        name, failing_since, delay = record["name"], None, 1.0
+        while True:
+            try:
+                if local.exists():  # not yet uploaded (a retry after it was skips it)
+                    self.folder.upload(name, local)
+                self._commit(record)
+                break
+            except StorageUnavailable as e:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since >= self.outage_minutes * 60:
+                    self._failure = StorageUnavailable(
+                        f"S3 has failed for {now - failing_since:.0f} s "
+                        f"(storage.outage_minutes={self.outage_minutes:g}): {e}; the previous "
+                        "commit is intact: rerun the same command once S3 answers"
+                    )
+                    return
+                if failing_since == now:
+                    limit = f"{self.outage_minutes:g} min (storage.outage_minutes)"
+                    print(f"warning: {e}; retrying for up to {limit}", file=sys.stderr)
+                time.sleep(delay)
+                delay = min(2 * delay, 30.0)
+            except Exception as e:  # StorageError: not transient, no retry
+                self._failure = e
+                return
+        self._prune(name)
+
+    def _commit(self, record: dict) -> None:
+        """The record, then the `latest.json` that names the checkpoint (already stored)."""
+        self.folder.put(_record_name(record["name"]), json.dumps(record).encode())
         pointer = {k: record[k] for k in ("name", "size", "sha256")}
         self.folder.put(LATEST, json.dumps(pointer).encode())
-        self._prune(name)
-        return record["uri"]
 
     def _prune(self, newest: str | None) -> None:
         """Keep the newest `keep` commits up to `newest` (the latest commit) and each stage's best.
@@ -178,6 +252,7 @@ class CheckpointStore:
         None when none was marked, or when the marked one is gone (moved to `corrupt/`):
         as in `mark_best`, a checkpoint that is not there is no best.
         """
+        self.wait()
         current = self._bests().get(str(stage))
         if current is None or current["name"] not in self._names():
             return None
@@ -210,6 +285,7 @@ class CheckpointStore:
         `latest` marks the newest checkpoint that matches its record (size and sha256); newer
         ones that do not carry `corrupt` with the reason, as resume skips them.
         """
+        self.wait()
         latest = (self._json(LATEST) or {}).get("name")
         best = {b["name"]: b["fid"] for b in self._bests().values()}
         sizes = self.folder.sizes()
@@ -248,6 +324,7 @@ class CheckpointStore:
         loads. With `move_aside` (one process only), checkpoints that fail their checksum or
         do not load go to `corrupt/`, and `latest.json` names the one that loaded.
         """
+        self.wait()
         pointer = self._json(LATEST)
         if pointer is not None and not {"name", "sha256"} <= set(pointer):
             print(f"warning: {self.uri}/{LATEST} has no name or sha256", file=sys.stderr)
@@ -293,6 +370,7 @@ class CheckpointStore:
 
     def load(self, name: str, expected: dict | None = None) -> dict | None:
         """Checkpoint `name` if it matches its recorded sha256 and loads safely; else None."""
+        self.wait()
         state, problem, _ = self._try_load(name, expected)
         if problem is not None:
             print(f"warning: {self.uri}/{name} {problem}", file=sys.stderr)

@@ -30,6 +30,9 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 # Under torchrun, ranks agree on SIGTERM (an all-reduce) every this many steps, not every
 # step; a stop still lands on a step boundary with a checkpoint, so resume stays exact.
 STOP_EVERY = 8
+# SIGTERM: how long each checkpoint upload may take before it is left unfinished (schedulers
+# give ~30 s); a rerun resumes from it if it landed, else from the commit before.
+PREEMPT_WAIT_S = 10.0
 CURVE_KEYS = ("kimg", "stage", "resolution")  # a curve row's position, the rest are numbers
 
 
@@ -282,7 +285,8 @@ def training_loop(cfg, state: State, store, run: RunDir, fid, stop, progress: bo
             "kimg": cur_nimg / 1000,
             "weights_sha256": tensors_sha256(g_ema.state_dict()),
         }
-        save = functools.partial(store.save, checkpoint, cur_nimg, info)
+        patience = PREEMPT_WAIT_S if stopping else None
+        save = functools.partial(store.save, checkpoint, cur_nimg, info, patience)
         uri = distributed.on_rank0(save, rank, world)
         if rank == 0:
             where = {"stage": index, "resolution": resolution, "nimg": cur_nimg}
@@ -315,8 +319,8 @@ def training_loop(cfg, state: State, store, run: RunDir, fid, stop, progress: bo
             if rank == 0:
                 run.emit("preempted", stage=index, nimg=cur_nimg, uri=uri)
             raise Preempted(
-                f"stopped by SIGTERM at kimg {cur_nimg / 1000:g}; checkpoint {uri}; "
-                "rerun the same command to resume"
+                f"stopped by SIGTERM at kimg {cur_nimg / 1000:g}; checkpoint "
+                f"{uri or 'not saved (an upload was in flight)'}; rerun the same command to resume"
             )
     bar.close()
 

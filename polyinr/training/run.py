@@ -162,6 +162,7 @@ def _run(cfg, device, run: RunDir, progress: bool, stop, last: int, restart: boo
             message = f"stage {index} ({stage.resolution}px) starts from {how}" if index else None
             say(run, "stage_started", message, **where, nimg=cur_nimg, start=how)
         training_loop(cfg, state, store, run, fid, stop, progress)
+        distributed.on_rank0(store.wait, rank, world)  # the stage's last upload lands first
         cur_nimg = state.cur_nimg
         if rank == 0:
             say(run, "stage_done", **where, nimg=cur_nimg)
