@@ -4,11 +4,13 @@ deployment run on a real Prefect server with a worker pass them in Chromium."""
 
 import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ui_check.py"
+sys.path.insert(0, str(SCRIPT.parent))  # its modules browser and ui_servers, as when run
 spec = importlib.util.spec_from_file_location("ui_check", SCRIPT)
 ui_check = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ui_check)
@@ -35,8 +37,8 @@ FLOW_RUN = {
 }
 
 
-def page(*text: str, images=(), links=()) -> "ui_check._Text":
-    p = ui_check._Text()
+def page(*text: str, images=(), links=()) -> "ui_check.PageText":
+    p = ui_check.PageText()
     p.text, p.images, p.links = list(text), list(images), list(links)
     return p
 
