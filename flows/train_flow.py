@@ -2,11 +2,12 @@
 
 Each flow run works in its own workspace (polyinr/commands/pipeline.py), a clean tree of the
 deployment's commit with the run's overrides in its params.yaml. DVC owns the DAG and decides
-what is up to date (those tasks end `Skipped`). The tasks are demo_data, prepare@i, train@i
-(one per progressive stage: `polyinr train --until-stage i`, the last one the DVC stage) and
-evaluate, then publish. After each stage params.yaml and dvc.lock are recorded beside the
-run's checkpoints, so a rerun redoes only what is missing. Stage failures are retried by exit
-code (docs/errors.md); SIGTERM reaches training, which checkpoints, and the run ends Crashed.
+what is up to date (those tasks end `Skipped`). The tasks are workspace, demo_data,
+prepare@i, class_embeddings, train@i (one per progressive stage: `polyinr train
+--until-stage i`, the last one the DVC stage) and evaluate, then publish. After each stage
+params.yaml and dvc.lock are recorded beside the run's checkpoints, so a rerun redoes only
+what is missing. Stage failures are retried by exit code (docs/errors.md); SIGTERM reaches
+training, which checkpoints, and the run ends Crashed.
 """
 
 from __future__ import annotations
@@ -289,7 +290,8 @@ def train_poly_inr(
     named ones), then publish.
 
     The tasks, in `dvc dag` order: workspace, demo_data, prepare@i (one per resolution),
-    train@i (one per progressive stage of the DVC stage `train`), evaluate; then publish.
+    class_embeddings, train@i (one per progressive stage of the DVC stage `train`), evaluate;
+    then publish.
     overrides: `section.key=value` strings, after those of $POLYINR_OVERRIDES.
     stages: run only these (DVC stage names, `prepare` or `train` for all of theirs, or
     `train@i`); no publish unless `evaluate` is among them.
