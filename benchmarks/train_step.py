@@ -190,8 +190,15 @@ def limit_and_syncs(params: str, resolution: int, batch: int, reps: int, steps: 
     step, hidden, heads = _setup(params, resolution, batch)
     dev = device()
     step()  # counted after a warm-up, as the timed steps run
-    with FlopCounterMode(display=False) as counter, Products() as products:
-        step()
+    # On one thread: fast_synthesis spreads no-grad chunks over worker threads, where a
+    # dispatch mode (thread-local) would not see their products.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with FlopCounterMode(display=False) as counter, Products() as products:
+            step()
+    finally:
+        torch.set_num_threads(threads)
     shapes = products.shapes
     t = interleaved({"step": step, "limit": _matmul_limit(shapes, dev)}, reps, dev)
     out = {
