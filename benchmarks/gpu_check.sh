@@ -2,9 +2,11 @@
 # GPU checks, for whenever a CUDA device is at hand: the generator benchmark on CUDA in
 # fp32 and bf16 autocast (outputs checked against the plain version; model FLOP
 # utilisation against the device's dense bf16 peak), then the training-step benchmark
-# (images/s, peak CUDA memory), then the metrics (feature networks vs the device's own
-# convolution and matmul throughput on the same shapes, channels-last vs NCHW, bf16;
-# the Frechet distance; extraction vs torch-fidelity) and the whole evaluate stage.
+# (images/s, peak CUDA memory, the step vs the matmul limit of its products, the loop's
+# device-side sums vs a host read per step), then the metrics (feature networks vs the
+# device's own convolution and matmul throughput on the same shapes, channels-last vs
+# NCHW, bf16; the Frechet distance; extraction vs torch-fidelity) and the whole evaluate
+# stage.
 # Paste the output into docs/benchmarks.md.
 #
 #   bash benchmarks/gpu_check.sh            # PYTHON=.venv/bin/python by default

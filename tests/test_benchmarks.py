@@ -170,3 +170,35 @@ def test_learning_rows_report_mean_worst_seed_and_floors():
     assert rows[0]["ours"] == pytest.approx(0.8) and "worst seed 0.700" in rows[0]["note"]
     assert rows[3]["ours"] == pytest.approx(30.0) and rows[3]["baseline"] == 10.0
     assert "worst seed 40.0" in rows[3]["note"] and "chance 0.10" in rows[0]["note"]
+
+
+def test_train_step_limit_replays_the_products_flop_counter_counts():
+    """The train-step benchmark's recorder finds every product FlopCounterMode counts (linear,
+    transposed convolutions, forward and backward) with the same FLOPs, a grouped convolution
+    as a product per group, and its matmul limit runs them."""
+    import torch
+    import torch.nn as nn
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks import train_step
+
+    def record(net, x):
+        with FlopCounterMode(display=False) as counter, train_step.Products() as products:
+            net(x).square().sum().backward()
+        flops = sum(2 * g * m * k * n for g, m, k, n in products.shapes)
+        return products.shapes, flops, counter.get_flop_counts()["Global"]
+
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ConvTranspose2d(8, 4, 2, 2),
+        nn.Flatten(),
+        nn.Linear(4 * 16 * 16, 5),
+    )
+    shapes, flops, counts = record(net, torch.randn(2, 3, 8, 8, requires_grad=True))
+    assert len(shapes) == 9 and flops == sum(counts.values()) > 0
+    train_step._matmul_limit(shapes, torch.device("cpu"))()
+    # FlopCounterMode counts a grouped convolution's weight gradient as an ungrouped one's.
+    grouped = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+    shapes, _, counts = record(grouped, torch.randn(2, 8, 8, 8))
+    assert shapes == [(4, 128, 18, 2), (4, 18, 128, 2)]  # 4 x [128, 18] x [18, 2], its grad
+    assert 2 * 4 * 128 * 18 * 2 == counts[torch.ops.aten.convolution]
